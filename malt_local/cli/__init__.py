@@ -1,0 +1,62 @@
+"""The `malt` command line: parses flags, calls the library, prints. No logic lives here.
+
+\b
+Each command group sits in its own module of this package and is registered below.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from malt_local import __version__
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+class MaltGroup(click.Group):
+    """A click group whose errors are one line on stderr.
+
+    click prints usage lines before a bad-flag error; a user who mistyped a value wants the one
+    line that says what is wrong. Ctrl-C exits 130 (the shell's convention), after the command
+    has had its chance to say what was kept.
+    """
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except (KeyboardInterrupt, click.Abort):
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=MaltGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="malt")
+def cli() -> None:
+    """MALT training data on your own machine, with llama.cpp.
+
+    \b
+    Quick start:
+        malt pull smollm2-135m
+        malt run --n 3 --model smollm2-135m questions.jsonl
+        malt status
+        malt export --role all --out export/
+    """
+
+
+def _register() -> None:
+    # Command modules: one per group, each exposing `register(cli)`.
+    from malt_local.cli import run as run_cmds
+
+    run_cmds.register(cli)
+    # -- more command modules register here (one line each) --
+
+
+_register()

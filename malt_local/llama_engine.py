@@ -1,0 +1,186 @@
+"""llama.cpp through llama-cpp-python: loading a GGUF, prompts to tokens, and the node-by-node
+engine on the high-level API.
+
+`LocalModel` owns the loaded weights and the prompt side (the GGUF's chat template, rendered in a
+sandbox, then tokenised once). Engines built on it only generate. The high-level engine here is
+the simple path: one completion at a time through `Llama.create_completion`, which reuses the KV
+cache of the previous call's prompt prefix. It is the reference the batched engine is measured
+and tested against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from malt_local.chat import ChatTemplate
+from malt_local.engine import Completion, GenRequest, RequestQueue, SamplingParams
+from malt_local.errors import MaltError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> None:
+    """A clear error for a path that is missing or is not a GGUF file, before llama.cpp sees it."""
+    if not path.exists():
+        raise MaltError(f"model file not found: {path}")
+    if not path.is_file():
+        raise MaltError(f"model path is not a file: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise MaltError(f"{path} is not a GGUF model file")
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """llama.cpp logs from C straight to fd 2; keep a user's terminal readable."""
+    if os.environ.get("MALT_DEBUG"):
+        yield
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class LocalModel:
+    """A GGUF loaded once, with its tokenizer and chat template."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int | None = None,
+        n_batch: int = 512,
+    ) -> None:
+        import llama_cpp
+
+        self.path = Path(path)
+        check_gguf(self.path)
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        self.n_threads = n_threads or default_threads()
+        try:
+            with _quiet_stderr():
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    n_gpu_layers=n_gpu_layers,
+                    verbose=False,
+                )
+        except (ValueError, RuntimeError) as exc:
+            raise MaltError(f"llama.cpp could not load {self.path}: {exc}") from exc
+        self.n_gpu_layers = n_gpu_layers
+        self.n_ctx = self.llm.n_ctx()
+        self.n_ctx_train = self.llm._model.n_ctx_train()
+        vocab = self.llm._model.vocab
+        self.bos_id = self.llm.token_bos()
+        self.add_bos = bool(self.llm._model.add_bos_token()) and self.bos_id >= 0
+        self.eog_ids = [
+            t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)
+        ]
+        bos = self._piece(self.bos_id)
+        eos = self._piece(self.llm.token_eos())
+        self.chat = ChatTemplate(self.llm.metadata.get("tokenizer.chat_template"), bos, eos)
+
+    def _piece(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return self.chat.render(messages, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt text to tokens with exactly one BOS where the model wants one.
+
+        Templates that write the BOS text themselves (Llama 3) would otherwise get a second one
+        from the tokenizer.
+        """
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if self.add_bos and (not tokens or tokens[0] != self.bos_id):
+            tokens.insert(0, self.bos_id)
+        return tokens
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenize(self.render(messages))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.llm.close()
+
+
+class HighLevelEngine:
+    """One completion at a time through `Llama.create_completion` (the simple path)."""
+
+    name = "simple"
+
+    def __init__(self, model: LocalModel) -> None:
+        self.model = model
+        self.model_path = model.path
+
+    def complete(self, tokens: list[int], seed: int, params: SamplingParams) -> Completion:
+        llm = self.model.llm
+        room = self.model.n_ctx - len(tokens)
+        if room <= 0:
+            # The prompt alone fills the context: record an empty, truncated node rather
+            # than fail the whole run; it grades as wrong.
+            return Completion("", "", "length", len(tokens), 0)
+        max_tokens = min(params.max_tokens, room)
+        bias = {t: -1e30 for t in self.model.eog_ids} if params.ignore_eos else None
+        t0 = time.perf_counter()
+        out = llm.create_completion(
+            tokens,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            seed=seed,
+            logit_bias=bias,
+        )
+        choice = out["choices"][0]
+        usage = out["usage"]
+        return Completion(
+            "",
+            choice["text"],
+            "length" if choice["finish_reason"] == "length" else "stop",
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            time.perf_counter() - t0,
+        )
+
+    def generate(self, queue: RequestQueue) -> Iterator[Completion]:
+        while (request := queue.pop()) is not None:
+            yield from self._run(request)
+
+    def _run(self, request: GenRequest) -> Iterator[Completion]:
+        tokens = self.model.prompt_tokens(request.messages)
+        for key, seed in zip(request.keys, request.seeds, strict=True):
+            done = self.complete(tokens, seed, request.params)
+            done.key = key
+            yield done
+
+    def close(self) -> None:
+        self.model.close()

@@ -1,0 +1,243 @@
+"""Questions in: `.jsonl`, `.json`, `.csv` and `.txt`, in the shapes the benchmarks ship.
+
+The shape of a row decides the task (and so the grader): GSM8K rows have an `answer` ending in
+`#### N`, MATH rows a `problem` and an `answer` or a `\\boxed{}` solution, CSQA rows `options`
+and a letter. Anything else with `question` and `answer`/`ground_truth` is graded by exact match.
+A question's id is a hash of its content, so re-running a grown file only adds the new rows.
+
+`.txt`: one question per line, the ground truth after a TAB; blank lines and lines starting
+with `#` are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from malt_local.errors import MaltError
+
+TASKS = ("gsm8k", "math", "csqa", "exact")
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Ja-j])[.):]\s*(.+?)\s*$")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question with its normalised ground truth and the task that grades it."""
+
+    text: str
+    ground_truth: str
+    task: str
+    options: tuple[tuple[str, str], ...] = ()
+    source: str = ""
+    line: int = 0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def id(self) -> str:
+        return question_id(self.text, self.ground_truth, self.options)
+
+
+def question_id(text: str, ground_truth: str, options: tuple[tuple[str, str], ...] = ()) -> str:
+    """Stable id from the content only (not the file or line), so files can grow and move."""
+    payload = json.dumps([text.strip(), ground_truth.strip(), [list(o) for o in options]])
+    return "q" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
+    """Read and validate every row; any bad row is a `MaltError` naming the line."""
+    p = Path(path)
+    if task is not None and task not in TASKS:
+        raise MaltError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    if not p.exists():
+        raise MaltError(f"questions file not found: {p}")
+    if p.is_dir():
+        raise MaltError(f"questions path is a folder, not a file: {p}")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MaltError(f"cannot read questions file {p}: {exc}") from exc
+    suffix = p.suffix.lower()
+    readers = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".txt": _rows_txt}
+    if suffix not in readers:
+        raise MaltError(f"unsupported questions file type '{suffix}': use .jsonl, .json, .csv or .txt")
+    questions = [
+        _to_question(row, line, task, str(p)) for line, row in readers[suffix](raw, p)
+    ]
+    if not questions:
+        raise MaltError(f"no questions in {p}")
+    # The same question twice is one tree: ids are content hashes.
+    unique: dict[str, Question] = {}
+    for q in questions:
+        unique.setdefault(q.id, q)
+    return list(unique.values())
+
+
+def _rows_jsonl(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MaltError(f"{p}:{n}: malformed JSON: {exc.msg}") from exc
+        if not isinstance(row, dict):
+            raise MaltError(f"{p}:{n}: expected a JSON object per line")
+        yield n, row
+
+
+def _rows_json(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        data = json.loads(raw) if raw.strip() else []
+    except json.JSONDecodeError as exc:
+        raise MaltError(f"{p}:{exc.lineno}: malformed JSON: {exc.msg}") from exc
+    if isinstance(data, dict):
+        # {"questions": [...]} or {"examples": [...]}, the shapes people tend to wrap lists in.
+        for key in ("questions", "examples", "data", "rows"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+        else:
+            data = [data]
+    if not isinstance(data, list):
+        raise MaltError(f"{p}: expected a JSON list of objects")
+    for n, row in enumerate(data, 1):
+        if not isinstance(row, dict):
+            raise MaltError(f"{p}: item {n} is not an object")
+        yield n, row
+
+
+def _rows_csv(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
+    if not raw.strip():
+        return
+    reader = csv.DictReader(raw.splitlines())
+    if not reader.fieldnames or not any(reader.fieldnames):
+        raise MaltError(f"{p}:1: CSV has no header row")
+    try:
+        for row in reader:
+            n = reader.line_num
+            if None in row or any(v is None for v in row.values()):
+                raise MaltError(f"{p}:{n}: malformed CSV: wrong number of fields")
+            if not any((v or "").strip() for v in row.values()):
+                continue
+            yield n, {k.strip(): v for k, v in row.items() if k}
+    except csv.Error as exc:
+        raise MaltError(f"{p}:{reader.line_num}: malformed CSV: {exc}") from exc
+
+
+def _rows_txt(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if "\t" not in line:
+            raise MaltError(f"{p}:{n}: expected 'question<TAB>ground truth'")
+        question, _, answer = line.rpartition("\t")
+        yield n, {"question": question.strip(), "answer": answer.strip()}
+
+
+def detect_task(row: dict) -> str:
+    """The task a row's shape implies."""
+    if row.get("options") or row.get("choices"):
+        return "csqa"
+    if "problem" in row:
+        return "math"
+    answer = str(row.get("answer", ""))
+    if "####" in answer:
+        return "gsm8k"
+    if "\\boxed" in str(row.get("solution", "")):
+        return "math"
+    return "exact"
+
+
+def _to_question(row: dict, line: int, forced: str | None, source: str) -> Question:
+    where = f"{source}:{line}"
+    text = str(row.get("question") or row.get("problem") or row.get("prompt") or "").strip()
+    if not text:
+        raise MaltError(f"{where}: no question (expected a 'question' or 'problem' field)")
+    shape = detect_task(row)
+    task = forced or shape
+    options = _parse_options(row.get("options") or row.get("choices"), where)
+    truth = _ground_truth(row, shape, task, where)
+    if task == "csqa":
+        if not options:
+            raise MaltError(f"{where}: task csqa needs 'options'")
+        truth = _csqa_letter(truth, options, where)
+    extra = {k: v for k, v in row.items() if k in ("subject", "level", "unique_id", "id")}
+    return Question(text, truth, task, options, source, line, extra)
+
+
+def _ground_truth(row: dict, shape: str, task: str, where: str) -> str:
+    for key in ("ground_truth", "answer", "target", "label"):
+        value = row.get(key)
+        if value is not None and str(value).strip():
+            answer = str(value).strip()
+            break
+    else:
+        answer = ""
+    if not answer and "\\boxed" in str(row.get("solution", "")):
+        answer = last_boxed(str(row["solution"])) or ""
+    if not answer:
+        raise MaltError(f"{where}: missing ground truth (expected 'answer' or 'ground_truth')")
+    if "####" in answer:
+        answer = answer.rsplit("####", 1)[1].strip()
+        answer = answer.replace(",", "")
+    return answer
+
+
+def _parse_options(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    if not value:
+        return ()
+    if isinstance(value, dict):
+        # {"label": [...], "text": [...]} (HF CommonsenseQA) or {"A": "...", ...}
+        if "label" in value and "text" in value:
+            return tuple(zip(map(str, value["label"]), map(str, value["text"]), strict=False))
+        return tuple((str(k).upper(), str(v)) for k, v in value.items())
+    if isinstance(value, list):
+        out = []
+        for i, item in enumerate(value):
+            m = _OPTION_LINE.match(str(item))
+            out.append((m.group(1).upper(), m.group(2)) if m else (chr(65 + i), str(item)))
+        return tuple(out)
+    lines = [ln for ln in str(value).splitlines() if ln.strip()]
+    out = []
+    for ln in lines:
+        m = _OPTION_LINE.match(ln)
+        if not m:
+            raise MaltError(f"{where}: cannot read option line {ln!r} (expected 'A. text')")
+        out.append((m.group(1).upper(), m.group(2)))
+    return tuple(out)
+
+
+def _csqa_letter(truth: str, options: tuple[tuple[str, str], ...], where: str) -> str:
+    m = _OPTION_LINE.match(truth)
+    letter = m.group(1).upper() if m else truth.strip().strip("().").upper()
+    letters = {lt for lt, _ in options}
+    if letter in letters:
+        return letter
+    for lt, text in options:
+        if text.strip().lower() == truth.strip().lower():
+            return lt
+    raise MaltError(f"{where}: ground truth {truth!r} is not one of the options")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` with balanced braces."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j].strip()
+    return None

@@ -1,0 +1,211 @@
+"""What `malt status` and `malt show` read from the database, and how they print it.
+
+The data functions return plain dicts (the `--json` output); the print functions only format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from malt_local.errors import MaltError
+from malt_local.store import Store
+from malt_local.tree import tree_size
+
+ROLE_ORDER = ("generator", "verifier", "refiner")
+
+
+def status(db_path: Path, run_id: str | None = None) -> dict:
+    store = Store(db_path, create=False)
+    try:
+        runs = store.runs()
+        if run_id is not None:
+            runs = [r for r in runs if r["id"] == run_id]
+            if not runs:
+                raise MaltError(f"no run '{run_id}' in {db_path}")
+        return {"db": str(db_path), "runs": [_run_status(store, r) for r in runs]}
+    finally:
+        store.close()
+
+
+def _run_status(store: Store, run: dict) -> dict:
+    db = store.db
+    n = run["n"]
+    n_questions = db.execute(
+        "SELECT COUNT(*) FROM run_questions WHERE run_id = ?", [run["id"]]
+    ).fetchone()[0]
+    roles = {}
+    for row in db.execute(
+        """SELECT role, COUNT(*), SUM(label = 1), SUM(label IS NOT NULL), AVG(correct),
+                  SUM(prompt_tokens), SUM(completion_tokens), SUM(duration_ms)
+           FROM nodes WHERE run_id = ? GROUP BY role""",
+        [run["id"]],
+    ):
+        role, count, pos, labelled, acc, ptok, ctok, ms = row
+        roles[role] = {
+            "nodes": count,
+            "expected": n_questions * n ** (ROLE_ORDER.index(role) + 1),
+            "labelled": labelled or 0,
+            "positives": pos or 0,
+            "positive_rate": (pos or 0) / labelled if labelled else None,
+            "accuracy": acc,
+            "prompt_tokens": ptok or 0,
+            "completion_tokens": ctok or 0,
+            "generation_seconds": (ms or 0) / 1000,
+        }
+    for role in ROLE_ORDER:
+        roles.setdefault(
+            role,
+            {"nodes": 0, "expected": n_questions * n ** (ROLE_ORDER.index(role) + 1),
+             "labelled": 0, "positives": 0, "positive_rate": None, "accuracy": None,
+             "prompt_tokens": 0, "completion_tokens": 0, "generation_seconds": 0.0},
+        )
+    leaf = db.execute(
+        "SELECT AVG(reward) FROM nodes WHERE run_id = ? AND role = 'refiner'", [run["id"]]
+    ).fetchone()[0]
+    complete = db.execute(
+        """SELECT COUNT(*) FROM (SELECT question_id FROM nodes WHERE run_id = ? AND depth = 3
+           GROUP BY question_id HAVING COUNT(*) = ?)""",
+        [run["id"], n**3],
+    ).fetchone()[0]
+    span = db.execute(
+        "SELECT MIN(created_at), MAX(created_at) FROM nodes WHERE run_id = ?", [run["id"]]
+    ).fetchone()
+    done = sum(r["nodes"] for r in roles.values())
+    return {
+        "run_id": run["id"],
+        "created_at": run["created_at"],
+        "model": run["model"],
+        "model_sha256": run["model_sha256"],
+        "n": n,
+        "theta": run["theta"],
+        "temperature": run["temperature"],
+        "max_tokens": run["max_tokens"],
+        "questions": n_questions,
+        "questions_complete": complete,
+        "nodes": done,
+        "nodes_expected": n_questions * tree_size(n),
+        "leaf_accuracy": leaf,
+        "completion_tokens": sum(r["completion_tokens"] for r in roles.values()),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in roles.values()),
+        "generation_seconds": sum(r["generation_seconds"] for r in roles.values()),
+        "first_node_at": span[0],
+        "last_node_at": span[1],
+        "roles": {role: roles[role] for role in ROLE_ORDER},
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_status(data: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not data["runs"]:
+        console.print(f"No runs in {data['db']}.")
+        return
+    for run in data["runs"]:
+        console.print(
+            f"[bold]run {run['run_id']}[/] {run['created_at'][:19]}  model {Path(run['model']).name}"
+            f"  n={run['n']} θ={run['theta']} T={run['temperature']} max_tokens={run['max_tokens']}"
+        )
+        console.print(
+            f"  questions {run['questions_complete']}/{run['questions']} complete, "
+            f"nodes {run['nodes']}/{run['nodes_expected']}, leaf accuracy "
+            f"{_pct(run['leaf_accuracy'])}, {run['completion_tokens']} tokens generated in "
+            f"{run['generation_seconds']:.1f} s"
+        )
+        table = Table(show_edge=False)
+        for col in ("role", "nodes", "answer accuracy", "positives", "positive rate", "tokens"):
+            table.add_column(col, justify="left" if col == "role" else "right")
+        for role, r in run["roles"].items():
+            table.add_row(
+                role,
+                f"{r['nodes']}/{r['expected']}",
+                _pct(r["accuracy"]),
+                f"{r['positives']}/{r['labelled']}",
+                _pct(r["positive_rate"]),
+                str(r["completion_tokens"]),
+            )
+        console.print(table)
+
+
+def tree(db_path: Path, question_id: str, run_id: str | None = None) -> dict:
+    store = Store(db_path, create=False)
+    try:
+        matches = store.find_question(question_id)
+        if not matches:
+            raise MaltError(f"no question '{question_id}' in {db_path} (see `malt status`)")
+        if len(matches) > 1:
+            raise MaltError(f"'{question_id}' matches {len(matches)} questions; give more of the id")
+        q = matches[0]
+        if run_id is None:
+            row = store.db.execute(
+                """SELECT run_id FROM nodes WHERE question_id = ? ORDER BY created_at DESC
+                   LIMIT 1""",
+                [q["id"]],
+            ).fetchone()
+            if row is None:
+                raise MaltError(f"question {q['id']} has no nodes yet")
+            run_id = row[0]
+        nodes = [
+            {
+                "id": r.id,
+                "parent_id": r.parent_id,
+                "role": r.role,
+                "path": r.path,
+                "output": r.output,
+                "answer": r.answer,
+                "correct": r.correct,
+                "reward": r.reward,
+                "value": r.value,
+                "label": r.label,
+                "finish_reason": r.finish_reason,
+                "completion_tokens": r.completion_tokens,
+            }
+            for r in store.nodes(run_id, q["id"])
+        ]
+        return {
+            "run_id": run_id,
+            "question_id": q["id"],
+            "question": q["question"],
+            "ground_truth": q["ground_truth"],
+            "task": q["task"],
+            "options": json.loads(q["options"]) if q["options"] else None,
+            "nodes": nodes,
+        }
+    finally:
+        store.close()
+
+
+def print_tree(data: dict, width: int = 100) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    def snippet(text: str) -> str:
+        flat = " ".join(text.split())
+        return escape(flat if len(flat) <= width else flat[: width - 1] + "…")
+
+    def label(node: dict) -> str:
+        mark = {1: "[green]✓[/]", 0: "[red]✗[/]"}.get(node["label"], "[dim]·[/]")
+        value = "-" if node["value"] is None else f"{node['value']:.2f}"
+        extra = f" reward={node['reward']:.0f}" if node["reward"] is not None else ""
+        answer = escape(str(node["answer"])) if node["answer"] is not None else "—"
+        return (
+            f"{mark} [bold]{node['role'][0].upper()}{node['path']}[/] value={value}{extra} "
+            f"answer={answer}  [dim]{snippet(node['output'])}[/]"
+        )
+
+    root = Tree(
+        f"[bold]{data['question_id']}[/] ({data['task']}, run {data['run_id']}) "
+        f"{escape(data['question'][:width])}\n ground truth: [bold]{escape(data['ground_truth'])}[/]"
+    )
+    branches = {None: root}
+    for node in sorted(data["nodes"], key=lambda n: [int(b) for b in n["path"].split(".")]):
+        parent = branches.get(node["parent_id"], root)
+        branches[node["id"]] = parent.add(label(node))
+    Console().print(root)

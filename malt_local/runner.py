@@ -1,0 +1,189 @@
+"""One `malt run`, start to finish: choose the run, check the model, load it, build the trees.
+
+Everything a user can get wrong is checked before the database is written: the questions were
+read by the caller, the model path or alias is resolved and its header checked, the templates
+rendered once, and the model loaded, all before the run row goes in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from malt_local.errors import MaltError
+from malt_local.hashing import cached_sha256
+from malt_local.llama_engine import HighLevelEngine, LocalModel, check_gguf
+from malt_local.prompts import PromptSet
+from malt_local.questions import load_questions
+from malt_local.runs import (
+    RunSettings,
+    RunSpec,
+    check_same,
+    choose_run,
+    new_run_id,
+    prompts_digest,
+    settings_from_run,
+    with_defaults,
+)
+from malt_local.store import Store
+from malt_local.tree import Progress, TreeRunner, tree_size
+
+
+def resolve_model_path(spec: str) -> tuple[Path, str | None]:
+    """A GGUF path and its known sha256 (None: hash it) from a path or a pulled alias."""
+    from malt_local.registry import resolve_model
+
+    resolved = resolve_model(spec)
+    check_gguf(Path(resolved.path))
+    return Path(resolved.path), resolved.sha256
+
+
+def context_size(max_tokens: int, requested: int | None) -> int:
+    """Room for the refiner's prompt: question, answer, critique, and its own output."""
+    if requested is not None:
+        if requested < 256:
+            raise MaltError(f"--ctx {requested} is too small (at least 256)")
+        return requested
+    return 3 * max_tokens + 2048
+
+
+def run_tree(
+    questions_path: Path,
+    given: RunSettings,
+    *,
+    db_path: Path,
+    model_spec: str | None,
+    prompts_dir: Path | None,
+    limit: int | None = None,
+    run_id: str | None = None,
+    new_run: bool = False,
+    ctx: int | None = None,
+    threads: int | None = None,
+    gpu_layers: int | None = None,
+    show_progress: bool = False,
+) -> dict:
+    run: dict | None = None
+    if db_path.exists() or run_id:
+        store = Store(db_path, create=False)
+        try:
+            run = choose_run(store, run_id, new_run)
+        finally:
+            store.close()
+    if run is not None:
+        settings = settings_from_run(run, given)
+        model_spec = model_spec or run["model"]
+    else:
+        settings = with_defaults(given)
+    questions = load_questions(questions_path, settings.task)[:limit]
+    prompts = PromptSet(prompts_dir)
+    prompts.check(questions)
+    hashes = prompts.hashes()
+    if not model_spec:
+        raise MaltError(
+            "no model: pass --model PATH.gguf or a pulled alias "
+            "(`malt pull smollm2-135m`), or set MALT_MODEL"
+        )
+    model_path, known_sha = resolve_model_path(model_spec)
+    spec = RunSpec(
+        model=str(model_path),
+        model_sha256=known_sha or cached_sha256(model_path),
+        n=settings.n,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        max_tokens=settings.max_tokens,
+        seed=settings.seed,
+        theta=settings.theta,
+        task=settings.task,
+        prompts_sha256=prompts_digest(hashes),
+        prompt_hashes=hashes,
+        ignore_eos=bool(settings.ignore_eos),
+    )
+    if run is not None:
+        check_same(run, spec, str(db_path))
+
+    model = LocalModel(
+        model_path,
+        n_ctx=context_size(spec.max_tokens, ctx),
+        n_threads=threads,
+        n_gpu_layers=gpu_layers,
+    )
+    engine = HighLevelEngine(model)
+    store = Store(db_path)
+    try:
+        if run is None:
+            rid = new_run_id()
+            store.insert_run(spec.row(rid))
+            run = store.run(rid)
+        assert run is not None
+        store.add_questions(run["id"], questions)
+        with progress_display(show_progress, len(questions) * tree_size(spec.n)) as on_progress:
+            runner = TreeRunner(store, run, questions, engine, prompts, on_progress)
+            started = time.monotonic()
+            final = runner.execute()
+        elapsed = time.monotonic() - started
+    finally:
+        engine.close()
+        store.close()
+    return {
+        "run_id": run["id"],
+        "db": str(db_path),
+        "questions": len(questions),
+        "questions_complete": final.questions_complete,
+        "nodes_total": final.done,
+        "nodes_expected": final.total,
+        "nodes_generated": final.generated_nodes,
+        "completion_tokens": final.completion_tokens,
+        "seconds": round(elapsed, 3),
+        "tokens_per_second": final.completion_tokens / elapsed if elapsed > 0 else 0.0,
+        "config": asdict(spec),
+    }
+
+
+class progress_display:  # noqa: N801 - used as a context manager
+    """A rich bar on stderr (nodes done/total, tok/s, ETA), only on a terminal."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as Bar,
+        )
+
+        self._progress = Bar(
+            TextColumn("[bold]malt run"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("nodes"),
+            TextColumn("{task.fields[tps]:.1f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("run", total=self.total, tps=0.0)
+        return self.update
+
+    def update(self, p: Progress) -> None:
+        assert self._progress is not None
+        self._progress.update(self._task, completed=p.done, total=p.total, tps=p.tokens_per_second)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,188 @@
+"""Which run a `malt run` continues, and what makes two runs the same.
+
+A run is fixed by everything that shapes its nodes: model file (by sha256), n, sampling settings,
+seed, θ, task and the prompt templates (by hash). Re-running continues the latest run; a flag the
+user leaves out is taken from that run, a flag that contradicts it is an error that names the
+difference. Mixing two configurations in one tree would corrupt its values silently, so
+`--new-run` is the only way to change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+
+from malt_local import __version__
+from malt_local.errors import MaltError
+from malt_local.store import Store, utcnow
+
+# Settings that change the nodes, in the order a mismatch message lists them.
+IDENTITY = (
+    "model_sha256",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "seed",
+    "theta",
+    "task",
+    "prompts_sha256",
+    "ignore_eos",
+)
+
+
+@dataclass
+class RunSettings:
+    """The settings a user can give; None means 'not given'."""
+
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    theta: float | None = None
+    task: str | None = None
+    ignore_eos: bool | None = None
+
+    DEFAULTS = {
+        "n": 3,
+        "temperature": 0.3,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_tokens": 512,
+        "seed": 0,
+        "theta": 0.5,
+        "ignore_eos": False,
+    }
+
+    def validate(self) -> None:
+        if self.n is not None and self.n < 1:
+            raise MaltError(f"--n must be at least 1 (got {self.n})")
+        if self.n is not None and self.n > 6:
+            raise MaltError(f"--n {self.n} gives {self.n ** 3} leaves per question; use n <= 6")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise MaltError(f"--max-tokens must be positive (got {self.max_tokens})")
+        if self.temperature is not None and self.temperature < 0:
+            raise MaltError(f"--temperature must be >= 0 (got {self.temperature})")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise MaltError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.top_k is not None and self.top_k < 0:
+            raise MaltError(f"--top-k must be >= 0 (got {self.top_k})")
+        if self.theta is not None and not 0 <= self.theta <= 1:
+            raise MaltError(f"--theta must be in [0, 1] (got {self.theta})")
+
+
+@dataclass
+class RunSpec:
+    """A complete run configuration, as stored in `runs`."""
+
+    model: str
+    model_sha256: str
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    seed: int
+    theta: float
+    task: str | None
+    prompts_sha256: str
+    prompt_hashes: dict = field(default_factory=dict)
+    ignore_eos: bool = False
+
+    def row(self, run_id: str) -> dict:
+        cfg = asdict(self)
+        return {
+            "id": run_id,
+            "created_at": utcnow(),
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "theta": self.theta,
+            "task": self.task,
+            "prompts_sha256": self.prompts_sha256,
+            "prompt_hashes": json.dumps(self.prompt_hashes, sort_keys=True),
+            "tool_version": __version__,
+            "config": json.dumps(cfg, sort_keys=True),
+        }
+
+
+def prompts_digest(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def new_run_id() -> str:
+    return "r" + secrets.token_hex(4)
+
+
+def stored_spec(run: dict) -> RunSpec:
+    cfg = json.loads(run["config"])
+    names = {f.name for f in fields(RunSpec)}
+    return RunSpec(**{k: v for k, v in cfg.items() if k in names})
+
+
+def settings_from_run(run: dict, given: RunSettings) -> RunSettings:
+    """The user's settings with every unset one taken from the run being continued."""
+    spec = stored_spec(run)
+    merged = RunSettings()
+    for f in fields(RunSettings):
+        value = getattr(given, f.name)
+        setattr(merged, f.name, getattr(spec, f.name) if value is None else value)
+    return merged
+
+
+def with_defaults(given: RunSettings) -> RunSettings:
+    merged = RunSettings()
+    for f in fields(RunSettings):
+        value = getattr(given, f.name)
+        setattr(merged, f.name, RunSettings.DEFAULTS.get(f.name) if value is None else value)
+    return merged
+
+
+def differences(old: RunSpec, new: RunSpec) -> list[str]:
+    out = []
+    for name in IDENTITY:
+        a, b = getattr(old, name), getattr(new, name)
+        if a != b:
+            label = {"model_sha256": "model", "prompts_sha256": "prompts"}.get(name, name)
+            if name == "model_sha256":
+                a, b = old.model, new.model
+            elif name == "prompts_sha256":
+                a, b = "templates " + a[:8], "templates " + b[:8]
+            out.append(f"{label} {a} (now {b})")
+    return out
+
+
+def choose_run(
+    store: Store, run_id: str | None, new_run: bool
+) -> dict | None:
+    """The run to continue, or None for a new one."""
+    if run_id and new_run:
+        raise MaltError("--run and --new-run exclude each other")
+    if run_id:
+        run = store.run(run_id)
+        if run is None:
+            known = ", ".join(r["id"] for r in store.runs()) or "none"
+            raise MaltError(f"no run '{run_id}' in {store.path} (runs: {known})")
+        return run
+    if new_run:
+        return None
+    return store.latest_run()
+
+
+def check_same(run: dict, spec: RunSpec, db_path: str) -> None:
+    diffs = differences(stored_spec(run), spec)
+    if diffs:
+        raise MaltError(
+            f"run {run['id']} in {db_path} was made with {', '.join(diffs)}; "
+            "pass --new-run to start a new run, or leave the flag out to continue it"
+        )

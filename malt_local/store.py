@@ -1,0 +1,178 @@
+"""The SQLite file: runs, questions and every tree node, written as they are made.
+
+One file per project (`./malt.db` unless `--db`), WAL so `malt status` and Datasette can read
+while a run writes, foreign keys on. A node is inserted in its own transaction the moment it is
+generated, with an id that follows from its place in the tree, so a killed run loses at most the
+nodes in flight and a resumed run cannot store one twice (the primary key refuses it).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from malt_local.errors import MaltError
+from malt_local.migrations import migrations
+from malt_local.questions import Question
+
+ROLE_BY_DEPTH = {1: "generator", 2: "verifier", 3: "refiner"}
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass
+class NodeRecord:
+    """One row of `nodes`."""
+
+    id: str
+    run_id: str
+    question_id: str
+    parent_id: str | None
+    role: str
+    depth: int
+    branch: int
+    path: str
+    messages: str
+    output: str
+    finish_reason: str
+    answer: str | None
+    correct: int | None
+    reward: float | None
+    value: float | None
+    label: int | None
+    prompt_tokens: int
+    completion_tokens: int
+    seed: int
+    duration_ms: int | None
+    created_at: str
+
+    @property
+    def branches(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.path.split("."))
+
+
+def node_id(run_id: str, question_id: str, path: tuple[int, ...]) -> str:
+    """The node's id is its address in the tree: run, question, branch path."""
+    return f"{run_id}/{question_id}/" + ".".join(str(b) for b in path)
+
+
+class Store:
+    """Typed access to one malt database."""
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise MaltError(f"no database at {self.path} (run `malt run` first, or pass --db)")
+        if self.path.is_dir():
+            raise MaltError(f"database path is a folder: {self.path}")
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            self.db = Database(conn)
+            self.db.execute("PRAGMA foreign_keys = ON")
+            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self.db.enable_wal()
+            migrations.apply(self.db)
+        except sqlite3.DatabaseError as exc:
+            raise MaltError(f"{self.path} is not a malt database: {exc}") from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+    # runs ---------------------------------------------------------------------------------
+
+    def insert_run(self, row: dict) -> None:
+        with self.db.atomic():
+            self.db["runs"].insert(row)
+
+    def run(self, run_id: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        return rows[0] if rows else None
+
+    def runs(self) -> list[dict]:
+        return list(self.db.query("SELECT * FROM runs ORDER BY created_at, id"))
+
+    def latest_run(self) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM runs ORDER BY created_at DESC, id DESC LIMIT 1"))
+        return rows[0] if rows else None
+
+    # questions ----------------------------------------------------------------------------
+
+    def add_questions(self, run_id: str, questions: Iterable[Question]) -> None:
+        """Record the questions and their place in the run; existing ones are kept as they are."""
+        with self.db.atomic():
+            next_pos = self.db.execute(
+                "SELECT COALESCE(MAX(position), -1) + 1 FROM run_questions WHERE run_id = ?",
+                [run_id],
+            ).fetchone()[0]
+            for q in questions:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO questions "
+                    "(id, task, question, ground_truth, options, source, metadata, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        q.id,
+                        q.task,
+                        q.text,
+                        q.ground_truth,
+                        json.dumps([list(o) for o in q.options]) if q.options else None,
+                        q.source,
+                        json.dumps(q.extra) if q.extra else None,
+                        utcnow(),
+                    ],
+                )
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO run_questions (run_id, question_id, position) "
+                    "VALUES (?, ?, ?)",
+                    [run_id, q.id, next_pos],
+                )
+                next_pos += cur.rowcount
+
+    def question(self, question_id: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM questions WHERE id = ?", [question_id]))
+        return rows[0] if rows else None
+
+    def find_question(self, prefix: str) -> list[dict]:
+        return list(
+            self.db.query("SELECT * FROM questions WHERE id LIKE ? ORDER BY id", [prefix + "%"])
+        )
+
+    def run_question_ids(self, run_id: str) -> list[str]:
+        return [
+            r["question_id"]
+            for r in self.db.query(
+                "SELECT question_id FROM run_questions WHERE run_id = ? ORDER BY position",
+                [run_id],
+            )
+        ]
+
+    # nodes --------------------------------------------------------------------------------
+
+    def insert_node(self, node: NodeRecord) -> None:
+        """One node, one transaction: committed before the next node is generated."""
+        with self.db.atomic():
+            self.db["nodes"].insert(asdict(node))
+
+    def nodes(self, run_id: str, question_id: str | None = None) -> Iterator[NodeRecord]:
+        sql = "SELECT * FROM nodes WHERE run_id = ?"
+        args: list = [run_id]
+        if question_id is not None:
+            sql += " AND question_id = ?"
+            args.append(question_id)
+        for row in self.db.query(sql + " ORDER BY question_id, depth, path", args):
+            yield NodeRecord(**row)
+
+    def set_credit(self, updates: Iterable[tuple[str, float, int]]) -> None:
+        """Values and labels of one question's nodes, all in one transaction."""
+        with self.db.atomic():
+            self.db.conn.executemany(
+                "UPDATE nodes SET value = ?, label = ? WHERE id = ?",
+                [(value, label, nid) for nid, value, label in updates],
+            )

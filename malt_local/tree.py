@@ -1,0 +1,241 @@
+"""The MALT tree: n generator answers, n critiques each, n refinements each, graded and valued.
+
+The scheduler looks at what the database already holds for a run, asks the engine only for the
+nodes that are missing (a node's children are requested as soon as it is stored), stores each
+completion the moment it arrives, grades the leaves, and assigns credit to a question's whole
+tree once its last leaf is in. Everything it does is idempotent: a killed run re-planned from
+the database continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from malt_local import credit
+from malt_local.engine import Completion, Engine, GenRequest, RequestQueue, SamplingParams
+from malt_local.grading import grade
+from malt_local.prompts import ROLES, PromptSet, TreeContext
+from malt_local.questions import Question
+from malt_local.store import NodeRecord, Store, node_id, utcnow
+
+Path = tuple[int, ...]
+
+
+def derive_seed(run_seed: int, question_id: str, path: Path) -> int:
+    """Each node's own seed, from the run seed and its place in the tree (stable across runs)."""
+    text = f"{run_seed}:{question_id}:{'.'.join(map(str, path))}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def tree_size(n: int) -> int:
+    return n + n * n + n**3
+
+
+@dataclass
+class _Pending:
+    question: Question
+    qindex: int
+    path: Path
+    messages: list[dict[str, str]]
+    seed: int
+
+
+@dataclass
+class Progress:
+    """What the progress display needs; updated after every stored node."""
+
+    total: int
+    done: int
+    generated_nodes: int = 0
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    questions_complete: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.completion_tokens / elapsed if elapsed > 0 else 0.0
+
+
+class TreeRunner:
+    """Builds the trees of one run over a list of questions."""
+
+    def __init__(
+        self,
+        store: Store,
+        run: dict,
+        questions: list[Question],
+        engine: Engine,
+        prompts: PromptSet,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.run_id: str = run["id"]
+        self.n: int = run["n"]
+        self.theta: float = run["theta"]
+        self.seed: int = run["seed"]
+        self.params = SamplingParams(
+            temperature=run["temperature"],
+            top_p=run["top_p"],
+            top_k=run["top_k"],
+            max_tokens=run["max_tokens"],
+            ignore_eos=bool(json.loads(run["config"]).get("ignore_eos", False)),
+        )
+        self.questions = questions
+        self._qindex = {q.id: i for i, q in enumerate(questions)}
+        self.engine = engine
+        self.prompts = prompts
+        self.on_progress = on_progress
+        self._pending: dict[str, _Pending] = {}
+        self._leaves: dict[str, int] = {}
+        self.queue = RequestQueue()
+
+    # planning -----------------------------------------------------------------------------
+
+    def plan(self) -> Progress:
+        """Queue a request for every missing node whose parent is stored."""
+        done = 0
+        for qi, q in enumerate(self.questions):
+            stored = {r.branches: r for r in self.store.nodes(self.run_id, q.id)}
+            done += len(stored)
+            self._leaves[q.id] = sum(1 for p in stored if len(p) == 3)
+            self._request_children(q, qi, (), None, stored)
+            for path, record in sorted(stored.items()):
+                if len(path) < 3:
+                    self._request_children(q, qi, path, record, stored)
+            if self._leaves[q.id] == self.n**3:
+                self._assign_credit(q)
+        progress = Progress(total=tree_size(self.n) * len(self.questions), done=done)
+        progress.questions_complete = sum(
+            1 for q in self.questions if self._leaves[q.id] == self.n**3
+        )
+        return progress
+
+    def _request_children(
+        self,
+        q: Question,
+        qi: int,
+        path: Path,
+        parent: NodeRecord | None,
+        stored: dict[Path, NodeRecord],
+    ) -> None:
+        depth = len(path) + 1
+        missing = [b for b in range(self.n) if path + (b,) not in stored]
+        if not missing:
+            return
+        role = ROLES[depth - 1]
+        if parent is None:
+            ctx = TreeContext(q)
+        elif depth == 2:
+            ctx = TreeContext(q, generation=parent.output)
+        else:
+            ctx = TreeContext(q, generation=stored[path[:1]].output, critique=parent.output)
+        messages = self.prompts.messages(role, ctx)
+        keys, seeds = [], []
+        for b in missing:
+            child = path + (b,)
+            key = node_id(self.run_id, q.id, child)
+            seed = derive_seed(self.seed, q.id, child)
+            self._pending[key] = _Pending(q, qi, child, messages, seed)
+            keys.append(key)
+            seeds.append(seed)
+        self.queue.push(
+            GenRequest(
+                messages=messages,
+                keys=keys,
+                seeds=seeds,
+                params=self.params,
+                parent_key=parent.id if parent else None,
+                expects_children=depth < 3,
+            ),
+            priority=(-depth, qi, path),
+        )
+
+    # execution ----------------------------------------------------------------------------
+
+    def execute(self) -> Progress:
+        """Generate every missing node; returns the final progress."""
+        progress = self.plan()
+        if self.on_progress:
+            self.on_progress(progress)
+        for completion in self.engine.generate(self.queue):
+            record = self._store(completion)
+            progress.done += 1
+            progress.generated_nodes += 1
+            progress.completion_tokens += completion.completion_tokens
+            info_q = self._question_of(record)
+            if record.depth < 3:
+                stored = self._stored_path_map(info_q, record)
+                self._request_children(
+                    info_q, self._qindex[info_q.id], record.branches, record, stored
+                )
+            else:
+                self._leaves[info_q.id] += 1
+                if self._leaves[info_q.id] == self.n**3:
+                    self._assign_credit(info_q)
+                    progress.questions_complete += 1
+            if self.on_progress:
+                self.on_progress(progress)
+        return progress
+
+    def _question_of(self, record: NodeRecord) -> Question:
+        return self.questions[self._qindex[record.question_id]]
+
+    def _stored_path_map(self, q: Question, record: NodeRecord) -> dict[Path, NodeRecord]:
+        """What `_request_children` needs: the node itself and, for a verifier, its generator."""
+        out = {record.branches: record}
+        if record.depth == 2:
+            gen_id = node_id(self.run_id, q.id, record.branches[:1])
+            row = self.store.db.execute("SELECT * FROM nodes WHERE id = ?", [gen_id])
+            cols = [d[0] for d in row.description]
+            out[record.branches[:1]] = NodeRecord(**dict(zip(cols, row.fetchone(), strict=True)))
+        return out
+
+    def _store(self, c: Completion) -> NodeRecord:
+        info = self._pending.pop(c.key)
+        q = info.question
+        depth = len(info.path)
+        answer, correct = grade(c.text, q.ground_truth, q.task, list(q.options) or None)
+        is_leaf = depth == 3
+        reward = float(correct) if is_leaf else None
+        record = NodeRecord(
+            id=c.key,
+            run_id=self.run_id,
+            question_id=q.id,
+            parent_id=node_id(self.run_id, q.id, info.path[:-1]) if depth > 1 else None,
+            role=ROLES[depth - 1],
+            depth=depth,
+            branch=info.path[-1],
+            path=".".join(map(str, info.path)),
+            messages=json.dumps(info.messages, ensure_ascii=False),
+            output=c.text,
+            finish_reason=c.finish_reason,
+            answer=answer,
+            correct=int(correct) if answer is not None or is_leaf else None,
+            reward=reward,
+            value=reward,
+            label=int(credit.label_for(reward, self.theta)) if reward is not None else None,
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+            seed=info.seed,
+            duration_ms=int(c.seconds * 1000),
+            created_at=utcnow(),
+        )
+        self.store.insert_node(record)
+        return record
+
+    def _assign_credit(self, q: Question) -> None:
+        rewards: dict[Path, float] = {}
+        ids: dict[Path, str] = {}
+        for r in self.store.nodes(self.run_id, q.id):
+            ids[r.branches] = r.id
+            if r.depth == 3:
+                rewards[r.branches] = r.reward or 0.0
+        values = credit.assign(rewards, self.n, self.theta)
+        self.store.set_credit(
+            (ids[path], c.value, int(c.label)) for path, c in values.items() if path in ids
+        )
