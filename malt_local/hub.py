@@ -348,7 +348,9 @@ def head_file(cfg: HubConfig, t: _Target) -> RemoteFile:
     raise MaltError(f"too many redirects for {t.repo}/{t.file} at {cfg.endpoint}")
 
 
-def _remote_from(cfg: HubConfig, headers: Any, url: str, redirected: bool, t: _Target) -> RemoteFile:
+def _remote_from(
+    cfg: HubConfig, headers: Any, url: str, redirected: bool, t: _Target
+) -> RemoteFile:
     commit = headers.get("X-Repo-Commit")
     etag = _strip_etag(headers.get("X-Linked-Etag") or headers.get("ETag") or "")
     if not commit or not etag:
@@ -359,7 +361,9 @@ def _remote_from(cfg: HubConfig, headers: Any, url: str, redirected: bool, t: _T
         )
     if not _SAFE_ETAG_RE.match(etag):
         raise MaltError(f"{cfg.endpoint} sent an unusable ETag {etag!r} for {t.repo}/{t.file}")
-    raw_size = headers.get("X-Linked-Size") or (None if redirected else headers.get("Content-Length"))
+    raw_size = headers.get("X-Linked-Size")
+    if raw_size is None and not redirected:
+        raw_size = headers.get("Content-Length")
     try:
         size = int(raw_size) if raw_size is not None else None
     except ValueError:
@@ -405,6 +409,7 @@ class _Partial:
         self.fh: BinaryIO = path.open("ab")
         self.hasher = hashlib.sha256()
         self.have = 0
+        self.received = 0  # bytes this process got from the network
         self._unsynced = 0
 
     def hash_existing(self, limit: int | None, progress: Progress) -> int:
@@ -432,6 +437,7 @@ class _Partial:
         self.fh.write(chunk)
         self.hasher.update(chunk)
         self.have += len(chunk)
+        self.received += len(chunk)
         self._unsynced += len(chunk)
         if self._unsynced >= FSYNC_EVERY:
             self.sync()
@@ -625,7 +631,9 @@ def pull(
         remote = head_file(cfg, t)
     except (_Unreachable, _Transient) as exc:
         if usable is not None:
-            progress.note(f"cannot reach the Hub ({exc}); using the copy recorded {usable.recorded_at}")
+            progress.note(
+                f"cannot reach the Hub ({exc}); using the copy recorded {usable.recorded_at}"
+            )
             return PullResult(usable, "cached")
         cached = _from_cache(cfg, spec, progress, home)
         if cached is not None:
@@ -696,7 +704,6 @@ def _fetch(cfg: HubConfig, t: _Target, remote: RemoteFile, part_path: Path,
            progress: Progress) -> tuple[str, int, int | None]:
     """Fill `part_path` to `remote.size` bytes, resuming; returns (sha256, received, resumed at)."""
     part = _Partial(part_path)
-    received = 0
     try:
         resumed_from = part.hash_existing(remote.size, progress) or None
         if resumed_from:
@@ -706,27 +713,26 @@ def _fetch(cfg: HubConfig, t: _Target, remote: RemoteFile, part_path: Path,
         _check_space(part_path.parent, remote.size, part.have)
         url, failures = remote.url, 0
         while True:
-            before = part.have
+            before = part.received
             try:
                 _get_into(cfg, t, url, part, remote.size, progress)
                 break
             except _Transient as exc:
-                received += max(0, part.have - before)
-                failures = 0 if part.have > before else failures + 1
-                if part.have <= before and failures > cfg.retries or cfg.retries == 0:
+                # Consecutive failures without a byte of progress end the attempt; a flaky link
+                # that keeps delivering keeps going.
+                failures = 1 if part.received > before else failures + 1
+                if failures > cfg.retries:
                     raise MaltError(
                         f"download of {t.file} stopped at {human_size(part.have)} of "
                         f"{human_size(remote.size)} ({exc}); run `malt pull {t.display}` again "
                         "to resume"
                     ) from None
                 progress.note(f"{exc}; retrying from byte {part.have}")
-                time.sleep(cfg.retry_wait * 2 ** max(0, failures - 1))
+                time.sleep(cfg.retry_wait * 2 ** (failures - 1))
                 with contextlib.suppress(_Unreachable, _Transient, MaltError):
                     url = head_file(cfg, t).url  # signed CDN URLs expire: ask again
-            before = part.have
-        received += part.have - before
         part.sync()
-        return part.hasher.hexdigest(), received, resumed_from
+        return part.hasher.hexdigest(), part.received, resumed_from
     except KeyboardInterrupt:
         part.close()
         raise PullInterrupted(part_path, part.have, remote.size) from None

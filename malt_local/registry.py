@@ -285,7 +285,9 @@ def parse_spec(
     name, _, quant = spec.partition(":")
     entry = _find_alias(name, catalog)
     if entry is None:
-        raise MaltError(f"unknown model '{name}'{suggest(name, list(catalog))}; `malt models` lists them")
+        raise MaltError(
+            f"unknown model '{name}'{suggest(name, list(catalog))}; `malt models` lists them"
+        )
     qf = entry.quant_file(quant or None)
     return ModelSpec(
         repo=entry.repo,

@@ -1,0 +1,41 @@
+# malt: the two commands a fresh clone needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= $(HOME)/.cache/malt/models
+SMALL_MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+export MALT_TEST_MODEL ?= $(SMALL_MODEL)
+
+.PHONY: install model demo test bench lint clean
+
+install: $(VENV)/.installed
+
+# The first install compiles llama.cpp (llama-cpp-python has no wheel on PyPI): about ten
+# minutes on two cores. pip caches the built wheel, so later installs take seconds.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+model: $(SMALL_MODEL)
+
+$(SMALL_MODEL): | install
+	$(BIN)/python scripts/fetch_small_model.py $(MODEL_DIR)
+
+demo: install model
+	rm -f demo.db demo.db-wal demo.db-shm
+	$(BIN)/malt run --n 2 --max-tokens 96 --model $(SMALL_MODEL) --db demo.db examples/questions.jsonl
+	$(BIN)/malt status --db demo.db
+
+test: install model
+	$(BIN)/python -m pytest -q
+
+bench: install model
+	$(BIN)/python -m malt_local.bench --model $(SMALL_MODEL)
+
+lint: install
+	$(BIN)/ruff check malt_local tests scripts
+	$(BIN)/ruff format --check malt_local tests scripts
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info demo.db demo.db-wal demo.db-shm

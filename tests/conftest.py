@@ -1,0 +1,71 @@
+"""Shared fixtures.
+
+Every test runs with its own MALT_HOME and no MALT_DB/MALT_MODEL from the caller's shell. The
+end-to-end tests use the real SmolLM2-135M model (`make model` fetches it); when it is missing
+they fail, never skip, so CI cannot pass without real inference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+DEFAULT_MODEL = Path.home() / ".cache/malt/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def small_model_path() -> Path:
+    return Path(os.environ.get("MALT_TEST_MODEL") or DEFAULT_MODEL)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("malt_home")
+    monkeypatch.setenv("MALT_HOME", str(home))
+    for var in ("MALT_DB", "MALT_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def small_model() -> Path:
+    path = small_model_path()
+    if not path.is_file():
+        pytest.fail(
+            f"the small test model is missing at {path}: run `make model` "
+            "(or set MALT_TEST_MODEL to SmolLM2-135M-Instruct.Q4_1.gguf)"
+        )
+    return path
+
+
+def malt(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
+    """Run `python -m malt_local` in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "malt_local", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def real_run_db(tmp_path_factory, small_model) -> Path:
+    """One real n = 2 run over GSM8K and CSQA example questions, shared by read-only tests."""
+    d = tmp_path_factory.mktemp("real_run")
+    db = d / "malt.db"
+    env = {"MALT_HOME": str(d / "home")}
+    r = malt(
+        "run", "--n", "2", "--max-tokens", "40", "--model", str(small_model), "--db", str(db),
+        "--limit", "4", str(EXAMPLES / "questions.jsonl"), env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    return db
