@@ -202,13 +202,17 @@ def _parse_options(value: object, where: str) -> tuple[tuple[str, str], ...]:
             m = _OPTION_LINE.match(str(item))
             out.append((m.group(1).upper(), m.group(2)) if m else (chr(65 + i), str(item)))
         return tuple(out)
-    lines = [ln for ln in str(value).splitlines() if ln.strip()]
-    out = []
-    for ln in lines:
+    # "\nA. bank\nB. library": lines before the first option are noise (real CSQA rows
+    # have a stray "."), a line that is not an option continues the previous one.
+    out: list[tuple[str, str]] = []
+    for ln in (ln.strip() for ln in str(value).splitlines()):
         m = _OPTION_LINE.match(ln)
-        if not m:
-            raise MaltError(f"{where}: cannot read option line {ln!r} (expected 'A. text')")
-        out.append((m.group(1).upper(), m.group(2)))
+        if m:
+            out.append((m.group(1).upper(), m.group(2)))
+        elif ln and out:
+            out[-1] = (out[-1][0], f"{out[-1][1]} {ln}")
+    if not out:
+        raise MaltError(f"{where}: cannot read the options (expected lines like 'A. text')")
     return tuple(out)
 
 
