@@ -24,7 +24,8 @@ $(SMALL_MODEL): | install
 
 demo: install model
 	rm -f demo.db demo.db-wal demo.db-shm
-	$(BIN)/malt run --n 2 --max-tokens 96 --model $(SMALL_MODEL) --db demo.db examples/questions.jsonl
+	$(BIN)/malt pull smollm2-135m --file $(SMALL_MODEL)
+	$(BIN)/malt run --n 2 --max-tokens 96 --model smollm2-135m --db demo.db examples/questions.jsonl
 	$(BIN)/malt status --db demo.db
 
 test: install model

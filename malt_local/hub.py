@@ -406,7 +406,9 @@ class _Partial:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fh: BinaryIO = path.open("ab")
+        # Unbuffered: every received chunk is in the file at once, so a kill or a power cut
+        # loses at most what the kernel had not written yet, and a resume starts from there.
+        self.fh: BinaryIO = path.open("ab", buffering=0)
         self.hasher = hashlib.sha256()
         self.have = 0
         self.received = 0  # bytes this process got from the network
@@ -443,7 +445,6 @@ class _Partial:
             self.sync()
 
     def sync(self) -> None:
-        self.fh.flush()
         os.fsync(self.fh.fileno())
         self._unsynced = 0
 
@@ -556,8 +557,9 @@ class PullResult:
         }
 
 
-def _make_record(spec: ModelSpec, path: Path, sha: str, against: str, source: str,
-                 commit: str | None) -> Record:
+def _make_record(
+    spec: ModelSpec, path: Path, sha: str, against: str, source: str, commit: str | None
+) -> Record:
     st = path.stat()
     return Record(
         repo=spec.repo,
@@ -629,10 +631,16 @@ def pull(
 
     try:
         remote = head_file(cfg, t)
+    except MaltError as exc:
+        if usable is None:
+            raise
+        # Renamed upstream, token revoked...: the verified copy here is still what was asked.
+        progress.note(f"{exc.format_message()}; using the copy verified {usable.recorded_at}")
+        return PullResult(usable, "cached")
     except (_Unreachable, _Transient) as exc:
         if usable is not None:
             progress.note(
-                f"cannot reach the Hub ({exc}); using the copy recorded {usable.recorded_at}"
+                f"cannot reach the Hub ({exc}); using the copy verified {usable.recorded_at}"
             )
             return PullResult(usable, "cached")
         cached = _from_cache(cfg, spec, progress, home)
@@ -659,8 +667,14 @@ def pull(
     return _download(cfg, spec, t, remote, progress, home)
 
 
-def _download(cfg: HubConfig, spec: ModelSpec, t: _Target, remote: RemoteFile,
-              progress: Progress, home: Path | None) -> PullResult:
+def _download(
+    cfg: HubConfig,
+    spec: ModelSpec,
+    t: _Target,
+    remote: RemoteFile,
+    progress: Progress,
+    home: Path | None,
+) -> PullResult:
     folder = repo_folder(cfg.cache_dir, spec.repo)
     blobs = folder / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -700,16 +714,15 @@ def _download(cfg: HubConfig, spec: ModelSpec, t: _Target, remote: RemoteFile,
     return PullResult(record, action, transferred, resumed_from)
 
 
-def _fetch(cfg: HubConfig, t: _Target, remote: RemoteFile, part_path: Path,
-           progress: Progress) -> tuple[str, int, int | None]:
+def _fetch(
+    cfg: HubConfig, t: _Target, remote: RemoteFile, part_path: Path, progress: Progress
+) -> tuple[str, int, int | None]:
     """Fill `part_path` to `remote.size` bytes, resuming; returns (sha256, received, resumed at)."""
     part = _Partial(part_path)
     try:
         resumed_from = part.hash_existing(remote.size, progress) or None
         if resumed_from:
-            progress.note(
-                f"resuming at {human_size(resumed_from)} of {human_size(remote.size)}"
-            )
+            progress.note(f"resuming at {human_size(resumed_from)} of {human_size(remote.size)}")
         _check_space(part_path.parent, remote.size, part.have)
         url, failures = remote.url, 0
         while True:
@@ -745,8 +758,9 @@ def _content_range_start(value: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _get_into(cfg: HubConfig, t: _Target, url: str, part: _Partial, total: int | None,
-              progress: Progress) -> None:
+def _get_into(
+    cfg: HubConfig, t: _Target, url: str, part: _Partial, total: int | None, progress: Progress
+) -> None:
     """One GET from `part.have` on, appended to `part`; _Transient when the attempt broke."""
     offset = part.have
     if total is not None and offset == total:
@@ -773,9 +787,10 @@ def _get_into(cfg: HubConfig, t: _Target, url: str, part: _Partial, total: int |
             progress.note("the server ignored the resume request (HTTP 200): starting from zero")
             part.reset()
         progress.start(t.display, total, part.have)
+        read = getattr(response, "read1", response.read)  # what has arrived, not a full MiB
         while True:
             try:
-                chunk = response.read(CHUNK)
+                chunk = read(CHUNK)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise _Transient(f"connection lost: {_reason(exc)}") from None
             if not chunk:
@@ -788,12 +803,14 @@ def _get_into(cfg: HubConfig, t: _Target, url: str, part: _Partial, total: int |
                     f"the server sent more than the {total} bytes it announced for {t.file}"
                 )
         progress.done()
-    if total is not None and part.have < total:
+        cut = bool(getattr(response, "length", None))  # bytes of Content-Length never came
+    if cut or (total is not None and part.have < total):
         raise _Transient("the connection closed early")
 
 
-def _from_cache(cfg: HubConfig, spec: ModelSpec, progress: Progress,
-                home: Path | None) -> PullResult | None:
+def _from_cache(
+    cfg: HubConfig, spec: ModelSpec, progress: Progress, home: Path | None
+) -> PullResult | None:
     """The file in the HF cache for `spec.revision`, verified and recorded, without network.
 
     Picks up files fetched by an earlier pull whose record was lost, by `hf download` or by
@@ -811,9 +828,7 @@ def _from_cache(cfg: HubConfig, spec: ModelSpec, progress: Progress,
         return None
     blob = Path(os.path.realpath(snapshot))
     expected = spec.sha256 or (blob.name if is_sha256(blob.name) else None)
-    against = (
-        VERIFIED_MODELS_TOML if spec.sha256 else VERIFIED_ETAG if expected else VERIFIED_NONE
-    )
+    against = VERIFIED_MODELS_TOML if spec.sha256 else VERIFIED_ETAG if expected else VERIFIED_NONE
     digest = sha256_file(snapshot, progress, f"verifying {spec.display}")
     if expected is not None and digest != expected:
         blob.unlink(missing_ok=True)

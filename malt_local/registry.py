@@ -489,8 +489,11 @@ def resolve_model(spec: str, home: Path | None = None) -> ResolvedModel:
                 return _resolved(record, parsed.entry)
         raise MaltError(
             f"model file {spec} does not exist"
-            + (f" (to fetch it from the Hub: `malt pull {spec}`)" if _looks_like_hub_path(spec)
-               else "")
+            + (
+                f" (to fetch it from the Hub: `malt pull {spec}`)"
+                if _looks_like_hub_path(spec)
+                else ""
+            )
         )
     parsed = parse_spec(spec, catalog)  # unknown alias or quantisation: MaltError
     entry = parsed.entry
@@ -512,8 +515,10 @@ def resolve_model(spec: str, home: Path | None = None) -> ResolvedModel:
         elif broken is None:
             broken = problem
     if pulled:
-        best = pulled[0] if quant_given else max(
-            pulled, key=lambda r: (r.quant == entry.default_quant, r.recorded_at)
+        best = (
+            pulled[0]
+            if quant_given
+            else max(pulled, key=lambda r: (r.quant == entry.default_quant, r.recorded_at))
         )
         return _resolved(best, entry)
     if broken is not None:
@@ -529,3 +534,91 @@ def licence_notice_for(alias: str | None, home: Path | None = None) -> str | Non
         return None
     entry = _find_alias(alias.partition(":")[0], load_catalog(home))
     return entry.licence_notice if entry else None
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of `malt models`: an alias's quantisation, or a file pulled by Hub path."""
+
+    alias: str | None
+    quant: str | None
+    default: bool
+    repo: str
+    file: str
+    pulled: bool
+    status: str  # yes | no | yes, unverified | yes, trusted | missing | changed
+    size: int | None
+    path: str | None
+    sha256: str | None
+    verified_against: str | None
+    licence: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _status(record: Record | None) -> tuple[bool, str]:
+    if record is None:
+        return False, "no"
+    problem = record.problem()
+    if problem is not None:
+        return False, "missing" if "gone" in problem else "changed"
+    if record.verified_against == VERIFIED_TRUSTED:
+        return True, "yes, trusted"
+    if record.verified_against == VERIFIED_NONE:
+        return True, "yes, unverified"
+    return True, "yes"
+
+
+def model_rows(home: Path | None = None) -> list[ModelRow]:
+    """Every quantisation of every alias, then records that belong to no alias."""
+    catalog = load_catalog(home)
+    records = load_records(home)
+    rows: list[ModelRow] = []
+    seen: set[str] = set()
+    for alias in sorted(catalog):
+        entry = catalog[alias]
+        for quant, qf in entry.files.items():
+            key = record_key(entry.repo, qf.file)
+            seen.add(key)
+            record = records.get(key)
+            pulled, status = _status(record)
+            rows.append(
+                ModelRow(
+                    alias=alias,
+                    quant=quant,
+                    default=quant == entry.default_quant,
+                    repo=entry.repo,
+                    file=qf.file,
+                    pulled=pulled,
+                    status=status,
+                    size=record.size if record else qf.size,
+                    path=record.path if record else None,
+                    sha256=record.sha256 if record else qf.sha256,
+                    verified_against=record.verified_against if record else None,
+                    licence=entry.licence,
+                )
+            )
+    for key in sorted(set(records) - seen):
+        record = records[key]
+        pulled, status = _status(record)
+        rows.append(
+            ModelRow(
+                alias=None,
+                quant=None,
+                default=False,
+                repo=record.repo,
+                file=record.file,
+                pulled=pulled,
+                status=status,
+                size=record.size,
+                path=record.path,
+                sha256=record.sha256,
+                verified_against=record.verified_against,
+                licence=None,
+            )
+        )
+    return rows

@@ -160,6 +160,10 @@ class Store:
         with self.db.atomic():
             self.db["nodes"].insert(asdict(node))
 
+    def node(self, nid: str) -> NodeRecord | None:
+        rows = list(self.db.query("SELECT * FROM nodes WHERE id = ?", [nid]))
+        return NodeRecord(**rows[0]) if rows else None
+
     def nodes(self, run_id: str, question_id: str | None = None) -> Iterator[NodeRecord]:
         sql = "SELECT * FROM nodes WHERE run_id = ?"
         args: list = [run_id]

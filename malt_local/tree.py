@@ -189,10 +189,9 @@ class TreeRunner:
         """What `_request_children` needs: the node itself and, for a verifier, its generator."""
         out = {record.branches: record}
         if record.depth == 2:
-            gen_id = node_id(self.run_id, q.id, record.branches[:1])
-            row = self.store.db.execute("SELECT * FROM nodes WHERE id = ?", [gen_id])
-            cols = [d[0] for d in row.description]
-            out[record.branches[:1]] = NodeRecord(**dict(zip(cols, row.fetchone(), strict=True)))
+            generator = self.store.node(node_id(self.run_id, q.id, record.branches[:1]))
+            assert generator is not None, "a verifier is stored only after its generator"
+            out[record.branches[:1]] = generator
         return out
 
     def _store(self, c: Completion) -> NodeRecord:

@@ -57,6 +57,9 @@ def _register() -> None:
 
     run_cmds.register(cli)
     # -- more command modules register here (one line each) --
+    from malt_local.cli import pull as pull_cmds
+
+    pull_cmds.register(cli)
 
 
 _register()

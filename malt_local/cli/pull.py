@@ -87,15 +87,16 @@ class _RichProgress:
         self.done()
 
 
-def _progress(quiet: bool) -> Any:
-    if quiet:
-        return _PlainQuiet()
-    return _RichProgress() if sys.stderr.isatty() else _PlainProgress()
-
-
-class _PlainQuiet(NullProgress):
+class _Quiet(NullProgress):
     def close(self) -> None:
         pass
+
+
+def _progress(quiet: bool) -> Any:
+    """A bar only for a human watching stderr; notes for logs; nothing with --quiet."""
+    if quiet:
+        return _Quiet()
+    return _RichProgress() if sys.stderr.isatty() else _PlainProgress()
 
 
 _AGAINST = {
@@ -211,10 +212,17 @@ def models_cmd(json_: bool) -> None:
             f"{quant} (default)" if row.default else quant,
             row.status,
             human_size(row.size) if row.size else "-",
-            row.path or "-",
+            _home_relative(row.path) if row.path else "-",
             (row.sha256[:12] + "…") if row.sha256 else "-",
         )
-    Console(highlight=False).print(table)
+    # Piped, rich would wrap to 80 columns and fold every path; --json is for programs, but
+    # `malt models | grep` should still see one line per row.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 400).print(table)
+
+
+def _home_relative(path: str) -> str:
+    home = str(Path.home())
+    return "~" + path[len(home) :] if path.startswith(home + "/") else path
 
 
 def register(cli: click.Group) -> None:
