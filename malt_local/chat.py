@@ -33,9 +33,7 @@ class ChatTemplate:
         self.source = source or CHATML
         self.bos_token = bos_token
         self.eos_token = eos_token
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, autoescape=False
-        )
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(self.source)

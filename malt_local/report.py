@@ -56,9 +56,17 @@ def _run_status(store: Store, run: dict) -> dict:
     for role in ROLE_ORDER:
         roles.setdefault(
             role,
-            {"nodes": 0, "expected": n_questions * n ** (ROLE_ORDER.index(role) + 1),
-             "labelled": 0, "positives": 0, "positive_rate": None, "accuracy": None,
-             "prompt_tokens": 0, "completion_tokens": 0, "generation_seconds": 0.0},
+            {
+                "nodes": 0,
+                "expected": n_questions * n ** (ROLE_ORDER.index(role) + 1),
+                "labelled": 0,
+                "positives": 0,
+                "positive_rate": None,
+                "accuracy": None,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "generation_seconds": 0.0,
+            },
         )
     leaf = db.execute(
         "SELECT AVG(reward) FROM nodes WHERE run_id = ? AND role = 'refiner'", [run["id"]]
@@ -109,7 +117,8 @@ def print_status(data: dict) -> None:
         return
     for run in data["runs"]:
         console.print(
-            f"[bold]run {run['run_id']}[/] {run['created_at'][:19]}  model {Path(run['model']).name}"
+            f"[bold]run {run['run_id']}[/] {run['created_at'][:19]}"
+            f"  model {Path(run['model']).name}"
             f"  n={run['n']} θ={run['theta']} T={run['temperature']} max_tokens={run['max_tokens']}"
         )
         console.print(
@@ -140,7 +149,9 @@ def tree(db_path: Path, question_id: str, run_id: str | None = None) -> dict:
         if not matches:
             raise MaltError(f"no question '{question_id}' in {db_path} (see `malt status`)")
         if len(matches) > 1:
-            raise MaltError(f"'{question_id}' matches {len(matches)} questions; give more of the id")
+            raise MaltError(
+                f"'{question_id}' matches {len(matches)} questions; give more of the id"
+            )
         q = matches[0]
         if run_id is None:
             row = store.db.execute(
@@ -202,7 +213,8 @@ def print_tree(data: dict, width: int = 100) -> None:
 
     root = Tree(
         f"[bold]{data['question_id']}[/] ({data['task']}, run {data['run_id']}) "
-        f"{escape(data['question'][:width])}\n ground truth: [bold]{escape(data['ground_truth'])}[/]"
+        f"{escape(data['question'][:width])}\n"
+        f" ground truth: [bold]{escape(data['ground_truth'])}[/]"
     )
     branches = {None: root}
     for node in sorted(data["nodes"], key=lambda n: [int(b) for b in n["path"].split(".")]):

@@ -63,7 +63,7 @@ class RunSettings:
         if self.n is not None and self.n < 1:
             raise MaltError(f"--n must be at least 1 (got {self.n})")
         if self.n is not None and self.n > 6:
-            raise MaltError(f"--n {self.n} gives {self.n ** 3} leaves per question; use n <= 6")
+            raise MaltError(f"--n {self.n} gives {self.n**3} leaves per question; use n <= 6")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise MaltError(f"--max-tokens must be positive (got {self.max_tokens})")
         if self.temperature is not None and self.temperature < 0:
@@ -162,9 +162,7 @@ def differences(old: RunSpec, new: RunSpec) -> list[str]:
     return out
 
 
-def choose_run(
-    store: Store, run_id: str | None, new_run: bool
-) -> dict | None:
+def choose_run(store: Store, run_id: str | None, new_run: bool) -> dict | None:
     """The run to continue, or None for a new one."""
     if run_id and new_run:
         raise MaltError("--run and --new-run exclude each other")

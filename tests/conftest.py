@@ -64,8 +64,19 @@ def real_run_db(tmp_path_factory, small_model) -> Path:
     db = d / "malt.db"
     env = {"MALT_HOME": str(d / "home")}
     r = malt(
-        "run", "--n", "2", "--max-tokens", "40", "--model", str(small_model), "--db", str(db),
-        "--limit", "4", str(EXAMPLES / "questions.jsonl"), env=env,
+        "run",
+        "--n",
+        "2",
+        "--max-tokens",
+        "40",
+        "--model",
+        str(small_model),
+        "--db",
+        str(db),
+        "--limit",
+        "4",
+        str(EXAMPLES / "questions.jsonl"),
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     return db

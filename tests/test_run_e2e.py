@@ -82,8 +82,21 @@ def test_rerun_of_a_complete_run_generates_nothing(real_run_db, tmp_path, small_
     conn.execute(f"VACUUM INTO '{db}'")
     conn.close()
     before = rows(db, "SELECT id, output, created_at FROM nodes ORDER BY id")
-    r = malt("run", "--n", "2", "--max-tokens", "40", "--model", str(small_model), "--db", str(db),
-             "--limit", "4", "--json", str(EXAMPLES / "questions.jsonl"))
+    r = malt(
+        "run",
+        "--n",
+        "2",
+        "--max-tokens",
+        "40",
+        "--model",
+        str(small_model),
+        "--db",
+        str(db),
+        "--limit",
+        "4",
+        "--json",
+        str(EXAMPLES / "questions.jsonl"),
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["nodes_generated"] == 0 and out["questions_complete"] == 4
@@ -120,10 +133,28 @@ def test_appended_questions_only_add_new_trees(tmp_path, small_model):
 
 def _start(db, small_model, extra=()):
     return subprocess.Popen(
-        [sys.executable, "-m", "malt_local", "run", "--n", "2", "--max-tokens", "24",
-         "--model", str(small_model), "--db", str(db), "--limit", "3", *extra,
-         str(EXAMPLES / "questions.jsonl")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        [
+            sys.executable,
+            "-m",
+            "malt_local",
+            "run",
+            "--n",
+            "2",
+            "--max-tokens",
+            "24",
+            "--model",
+            str(small_model),
+            "--db",
+            str(db),
+            "--limit",
+            "3",
+            *extra,
+            str(EXAMPLES / "questions.jsonl"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
     )
 
 
@@ -162,8 +193,21 @@ def test_sigkill_then_resume_keeps_every_stored_node(tmp_path, small_model):
     ids = {n["id"] for n in before}
     assert all(n["parent_id"] is None or n["parent_id"] in ids for n in before)
 
-    r = malt("run", "--n", "2", "--max-tokens", "24", "--model", str(small_model), "--db",
-             str(db), "--limit", "3", "--json", str(EXAMPLES / "questions.jsonl"))
+    r = malt(
+        "run",
+        "--n",
+        "2",
+        "--max-tokens",
+        "24",
+        "--model",
+        str(small_model),
+        "--db",
+        str(db),
+        "--limit",
+        "3",
+        "--json",
+        str(EXAMPLES / "questions.jsonl"),
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["nodes_generated"] == 42 - len(before)
     after = {n["id"]: n for n in rows(db, "SELECT id, output, created_at, parent_id FROM nodes")}
@@ -199,10 +243,16 @@ def test_ctrl_c_exits_130_and_keeps_nodes(tmp_path, small_model):
         ('{"question": "a", "answer": "1"}\n', ["--n", "0", "q.jsonl"], "--n must be at least 1"),
         ('{"question": "a", "answer": "1"}\n', ["--max-tokens", "-5", "q.jsonl"], "--max-tokens"),
         ('{"question": "a", "answer": "1"}\n', ["--theta", "2", "q.jsonl"], "--theta"),
-        ('{"question": "a", "answer": "1"}\n', ["--model", "notgguf.bin", "q.jsonl"],
-         "is not a GGUF model file"),
-        ('{"question": "a", "answer": "1"}\n', ["--model", "absent.gguf", "q.jsonl"],
-         "does not exist"),
+        (
+            '{"question": "a", "answer": "1"}\n',
+            ["--model", "notgguf.bin", "q.jsonl"],
+            "is not a GGUF model file",
+        ),
+        (
+            '{"question": "a", "answer": "1"}\n',
+            ["--model", "absent.gguf", "q.jsonl"],
+            "does not exist",
+        ),
         ('{"question": "a", "answer": "1"}\n', ["q.jsonl"], "no model"),
         ('{"question": "a", "answer": "1"}\n', ["--n", "x", "q.jsonl"], "'x' is not a valid"),
     ],
@@ -263,8 +313,21 @@ def test_new_run_flag_starts_a_separate_run(real_run_db, tmp_path, small_model):
     conn = sqlite3.connect(real_run_db)
     conn.execute(f"VACUUM INTO '{db}'")
     conn.close()
-    r = malt("run", "--n", "1", "--max-tokens", "8", "--new-run", "--limit", "1",
-             "--model", str(small_model), "--db", str(db), str(EXAMPLES / "capitals.txt"))
+    r = malt(
+        "run",
+        "--n",
+        "1",
+        "--max-tokens",
+        "8",
+        "--new-run",
+        "--limit",
+        "1",
+        "--model",
+        str(small_model),
+        "--db",
+        str(db),
+        str(EXAMPLES / "capitals.txt"),
+    )
     assert r.returncode == 0, r.stderr
     runs = rows(db, "SELECT id, n FROM runs ORDER BY created_at")
     assert [x["n"] for x in runs] == [2, 1]

@@ -23,8 +23,18 @@ def script(request, key, seed):
 
 def make_run(store, n=2, theta=0.5):
     spec = RunSpec(
-        model="fake.gguf", model_sha256="0" * 64, n=n, temperature=0.3, top_p=1.0, top_k=0,
-        max_tokens=16, seed=7, theta=theta, task=None, prompts_sha256="p", prompt_hashes={},
+        model="fake.gguf",
+        model_sha256="0" * 64,
+        n=n,
+        temperature=0.3,
+        top_p=1.0,
+        top_k=0,
+        max_tokens=16,
+        seed=7,
+        theta=theta,
+        task=None,
+        prompts_sha256="p",
+        prompt_hashes={},
     )
     store.insert_run(spec.row("rtest"))
     return store.run("rtest")
