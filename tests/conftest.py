@@ -57,26 +57,21 @@ def malt(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: 
     )
 
 
+def run_argv(db, model, *extra, n=2, max_tokens=24, limit=3, questions=None) -> list[str]:
+    """`malt run` arguments for a small real run over the example questions."""
+    return [
+        "run", "--n", str(n), "--max-tokens", str(max_tokens), "--model", str(model),
+        "--db", str(db), "--limit", str(limit), *extra,
+        str(questions or EXAMPLES / "questions.jsonl"),
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def real_run_db(tmp_path_factory, small_model) -> Path:
     """One real n = 2 run over GSM8K and CSQA example questions, shared by read-only tests."""
     d = tmp_path_factory.mktemp("real_run")
     db = d / "malt.db"
     env = {"MALT_HOME": str(d / "home")}
-    r = malt(
-        "run",
-        "--n",
-        "2",
-        "--max-tokens",
-        "40",
-        "--model",
-        str(small_model),
-        "--db",
-        str(db),
-        "--limit",
-        "4",
-        str(EXAMPLES / "questions.jsonl"),
-        env=env,
-    )
+    r = malt(*run_argv(db, small_model, max_tokens=40, limit=4), env=env)
     assert r.returncode == 0, r.stderr
     return db

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from malt_local.cli import cli
-from tests.conftest import EXAMPLES, malt
+from tests.conftest import EXAMPLES, malt, run_argv
 
 N = 2
 
@@ -82,21 +82,7 @@ def test_rerun_of_a_complete_run_generates_nothing(real_run_db, tmp_path, small_
     conn.execute(f"VACUUM INTO '{db}'")
     conn.close()
     before = rows(db, "SELECT id, output, created_at FROM nodes ORDER BY id")
-    r = malt(
-        "run",
-        "--n",
-        "2",
-        "--max-tokens",
-        "40",
-        "--model",
-        str(small_model),
-        "--db",
-        str(db),
-        "--limit",
-        "4",
-        "--json",
-        str(EXAMPLES / "questions.jsonl"),
-    )
+    r = malt(*run_argv(db, small_model, "--json", max_tokens=40, limit=4))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["nodes_generated"] == 0 and out["questions_complete"] == 4
@@ -133,24 +119,7 @@ def test_appended_questions_only_add_new_trees(tmp_path, small_model):
 
 def _start(db, small_model, extra=()):
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "malt_local",
-            "run",
-            "--n",
-            "2",
-            "--max-tokens",
-            "24",
-            "--model",
-            str(small_model),
-            "--db",
-            str(db),
-            "--limit",
-            "3",
-            *extra,
-            str(EXAMPLES / "questions.jsonl"),
-        ],
+        [sys.executable, "-m", "malt_local", *run_argv(db, small_model, *extra)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -193,21 +162,7 @@ def test_sigkill_then_resume_keeps_every_stored_node(tmp_path, small_model):
     ids = {n["id"] for n in before}
     assert all(n["parent_id"] is None or n["parent_id"] in ids for n in before)
 
-    r = malt(
-        "run",
-        "--n",
-        "2",
-        "--max-tokens",
-        "24",
-        "--model",
-        str(small_model),
-        "--db",
-        str(db),
-        "--limit",
-        "3",
-        "--json",
-        str(EXAMPLES / "questions.jsonl"),
-    )
+    r = malt(*run_argv(db, small_model, "--json"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["nodes_generated"] == 42 - len(before)
     after = {n["id"]: n for n in rows(db, "SELECT id, output, created_at, parent_id FROM nodes")}
