@@ -19,6 +19,11 @@ Tasks:
   its letter through ``options``.
 - ``exact``: any string; compared case-insensitively, whitespace-collapsed, trailing punctuation
   stripped.
+- ``judge``: free-form answers no rule can check ("Why is Paris significant?"). There is no
+  deterministic grade: a run's leaf rewards for this task come from the LLM judge
+  (`malt_local.judge`), and the tree stores them as NULL until it has judged. The functions here
+  treat it like ``exact`` (the stated answer is still extracted and recorded, and voting can
+  group equal answers), so ``grade`` on a judge question is only a rough exact-match check.
 
 All public functions are pure and safe to call from any thread: ``math_verify`` implements its
 timeouts with ``SIGALRM``, which only works in the main thread, so timeouts are used there and
@@ -39,7 +44,9 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-TASKS = ("gsm8k", "math", "csqa", "exact")
+TASKS = ("gsm8k", "math", "csqa", "exact", "judge")
+# Tasks without rules of their own, and the task whose rules stand in for theirs.
+_RULES_OF = {"judge": "exact"}
 
 Options = Sequence[tuple[str, str]] | None
 
@@ -506,6 +513,7 @@ def extract_answer(text: str, task: str, options: Options = None) -> str | None:
     thousands separators ("1000", "18.50"), CSQA answers as the option letter.
     """
     _check_task(task)
+    task = _RULES_OF.get(task, task)
     if not text or not text.strip():
         return None
     markers = [m.end() for m in _FINAL_INLINE_RE.finditer(text)]
@@ -554,6 +562,7 @@ def normalize_answer(answer: str | None, task: str, options: Options = None) -> 
     also knows symbolic equivalences no string key can.
     """
     _check_task(task)
+    task = _RULES_OF.get(task, task)
     if answer is None or not answer.strip():
         return None
     if task == "gsm8k":
@@ -570,6 +579,7 @@ def normalize_answer(answer: str | None, task: str, options: Options = None) -> 
 def answers_equal(a: str | None, b: str | None, task: str, options: Options = None) -> bool:
     """Whether two extracted answers are the same answer for this task (None never equals)."""
     _check_task(task)
+    task = _RULES_OF.get(task, task)
     if a is None or b is None:
         return False
     if task == "gsm8k":

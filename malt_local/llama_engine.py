@@ -54,6 +54,25 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
+def set_context_adapters(ctx: object, adapters: list[tuple[object, float]]) -> None:
+    """Set exactly these LoRA adapters, with their scales, on a llama.cpp context.
+
+    llama.cpp drops adapters with scale 0, so a scale of 0 gives the base model's computation.
+    Any engine that owns a context uses this, then invalidates whatever KV it keeps.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    if not adapters:
+        llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+        return
+    handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*(h for h, _ in adapters))
+    scales = (ctypes.c_float * len(adapters))(*(float(s) for _, s in adapters))
+    if llama_cpp.llama_set_adapters_lora(ctx, handles, len(adapters), scales) != 0:
+        raise MaltError("llama.cpp could not set the LoRA adapters on the context")
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
@@ -102,6 +121,7 @@ class LocalModel:
         bos = self._piece(self.bos_id)
         eos = self._piece(self.llm.token_eos())
         self.chat = ChatTemplate(self.llm.metadata.get("tokenizer.chat_template"), bos, eos)
+        self._lora_handles: list[object] = []
 
     def _piece(self, token: int) -> str:
         if token < 0:
@@ -125,7 +145,41 @@ class LocalModel:
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenize(self.render(messages))
 
+    def load_adapter(self, path: str | Path) -> object:
+        """Load a LoRA adapter GGUF onto these weights and return its handle.
+
+        The base weights stay loaded once; an adapter adds only its low-rank tensors, and it is
+        applied per context (`set_context_adapters`), so one model serves every role. Check the
+        file first (`adapters.check_adapter`) for a clear message; a NULL from llama.cpp is
+        still reported here. Handles live until `close`.
+        """
+        import llama_cpp
+
+        with _quiet_stderr():
+            handle = llama_cpp.llama_adapter_lora_init(
+                self.llm._model.model, str(path).encode("utf-8")
+            )
+        if not handle:
+            raise MaltError(
+                f"llama.cpp could not load the LoRA adapter {path} for {self.path.name}"
+            )
+        self._lora_handles.append(handle)
+        return handle
+
+    def _free_adapters(self) -> None:
+        """Detach and free adapters before the model: llama.cpp's model frees the ones left."""
+        import llama_cpp
+
+        handles = getattr(self, "_lora_handles", [])
+        if handles:
+            set_context_adapters(self.llm._ctx.ctx, [])
+            for handle in handles:
+                llama_cpp.llama_adapter_lora_free(handle)
+            handles.clear()
+
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._free_adapters()
         with contextlib.suppress(Exception):
             self.llm.close()
 
@@ -170,6 +224,15 @@ class HighLevelEngine:
             usage["completion_tokens"],
             time.perf_counter() - t0,
         )
+
+    def use_adapters(self, adapters: list[tuple[object, float]]) -> None:
+        """Generate with these (LoRA handle, scale) pairs from now on; [] is the base model.
+
+        Adapters act per context, so callers switch them between batches of one role's work.
+        The cached prompt prefix is dropped: KV computed under other adapters is wrong for these.
+        """
+        set_context_adapters(self.model.llm._ctx.ctx, adapters)
+        self.model.llm.reset()
 
     def generate(self, queue: RequestQueue) -> Iterator[Completion]:
         while (request := queue.pop()) is not None:

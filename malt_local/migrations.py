@@ -87,3 +87,114 @@ def m001_initial(db: Database) -> None:
     db.execute("CREATE INDEX nodes_run_question ON nodes(run_id, question_id)")
     db.execute("CREATE INDEX nodes_parent ON nodes(parent_id)")
     db.execute("CREATE INDEX nodes_run_role ON nodes(run_id, role)")
+
+
+@migrations()
+def m003_eval(db: Database) -> None:
+    """`malt eval`: evaluation runs, their adapter sets, sampled questions and every turn.
+
+    An eval run's id is a hash of what shapes its generations (model sha256, sampling, seed,
+    task, prompts), so the same command resumes it; a generation's id is its place (run,
+    adapter set, seed index, question, pass, role), so a resumed evaluation cannot store one
+    twice. `adapter_set` is 'base' (no adapters) or 'lora-<digest>' of the role adapters.
+    """
+    db.execute(
+        """
+        CREATE TABLE eval_runs (
+            id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            model_sha256 TEXT NOT NULL,
+            temperature REAL NOT NULL,
+            top_p REAL NOT NULL,
+            top_k INTEGER NOT NULL,
+            max_tokens INTEGER NOT NULL,
+            seed INTEGER NOT NULL,
+            task TEXT,
+            prompts_sha256 TEXT NOT NULL,
+            prompt_hashes TEXT NOT NULL,
+            tool_version TEXT NOT NULL,
+            config TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE eval_adapter_sets (
+            eval_run_id TEXT NOT NULL REFERENCES eval_runs(id),
+            id TEXT NOT NULL,
+            adapters TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (eval_run_id, id)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE eval_samples (
+            eval_run_id TEXT NOT NULL REFERENCES eval_runs(id),
+            benchmark TEXT NOT NULL,
+            seed_index INTEGER NOT NULL,
+            position INTEGER NOT NULL,
+            question_id TEXT NOT NULL REFERENCES questions(id),
+            PRIMARY KEY (eval_run_id, benchmark, seed_index, position)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE eval_generations (
+            id TEXT PRIMARY KEY,
+            eval_run_id TEXT NOT NULL REFERENCES eval_runs(id),
+            adapter_set TEXT NOT NULL,
+            seed_index INTEGER NOT NULL,
+            question_id TEXT NOT NULL REFERENCES questions(id),
+            pass_index INTEGER NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('generator', 'verifier', 'refiner')),
+            parent_id TEXT REFERENCES eval_generations(id),
+            messages TEXT NOT NULL,
+            output TEXT NOT NULL,
+            finish_reason TEXT NOT NULL,
+            answer TEXT,
+            correct INTEGER,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            seed INTEGER NOT NULL,
+            duration_ms INTEGER,
+            created_at TEXT NOT NULL,
+            FOREIGN KEY (eval_run_id, adapter_set) REFERENCES eval_adapter_sets(eval_run_id, id)
+        )"""
+    )
+    db.execute(
+        "CREATE INDEX eval_generations_place ON eval_generations"
+        "(eval_run_id, adapter_set, seed_index, question_id)"
+    )
+    db.execute("CREATE INDEX eval_generations_parent ON eval_generations(parent_id)")
+
+
+@migrations()
+def m002_judgements(db: Database) -> None:
+    """`malt run --judge`: one LLM judgement per judged node (the refiner leaves).
+
+    Kept out of `nodes` so a run without a judge has no empty columns and a judgement can be
+    added to a finished tree later. `explanation` is plain text; `key_matches` a JSON list of
+    strings; the scores are in [0, 1]. `model` is the judge model's file name and
+    `model_sha256` its digest, so judgements from two judges are never mixed up silently.
+    """
+    db.execute(
+        """
+        CREATE TABLE judgements (
+            node_id TEXT PRIMARY KEY REFERENCES nodes(id),
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            correctness_score REAL,
+            reasoning_score REAL,
+            explanation TEXT,
+            key_matches TEXT,
+            valid INTEGER NOT NULL,
+            output TEXT NOT NULL,
+            model TEXT NOT NULL,
+            model_sha256 TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            duration_ms INTEGER,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX judgements_run ON judgements(run_id)")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from malt_local.errors import MaltError
 
-TASKS = ("gsm8k", "math", "csqa", "exact")
+# "judge" is never detected: `--task judge` asks for the LLM judge (free-form answers).
+TASKS = ("gsm8k", "math", "csqa", "exact", "judge")
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Ja-j])[.):]\s*(.+?)\s*$")
 
 

@@ -11,9 +11,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from malt_local.batched_engine import make_engine
 from malt_local.errors import MaltError
 from malt_local.hashing import cached_sha256
-from malt_local.llama_engine import HighLevelEngine, LocalModel, check_gguf
+from malt_local.judge import check_judge_model, plan_judge, run_judge
+from malt_local.llama_engine import check_gguf
 from malt_local.prompts import PromptSet
 from malt_local.questions import load_questions
 from malt_local.runs import (
@@ -61,7 +63,11 @@ def run_tree(
     ctx: int | None = None,
     threads: int | None = None,
     gpu_layers: int | None = None,
+    engine_kind: str = "batched",
+    parallel: int | None = None,
     show_progress: bool = False,
+    judge: bool = False,
+    judge_model: str | None = None,
 ) -> dict:
     run: dict | None = None
     if db_path.exists() or run_id:
@@ -102,14 +108,21 @@ def run_tree(
     )
     if run is not None:
         check_same(run, spec, str(db_path))
-
-    model = LocalModel(
-        model_path,
-        n_ctx=context_size(spec.max_tokens, ctx),
-        n_threads=threads,
-        n_gpu_layers=gpu_layers,
+    judge_plan = plan_judge(
+        judge=judge, judge_model=judge_model, task=settings.task, prompts_dir=prompts_dir,
+        run_model_path=model_path, run_model_sha256=spec.model_sha256,
     )
-    engine = HighLevelEngine(model)
+
+    engine = make_engine(
+        engine_kind,
+        model_path,
+        max_tokens=spec.max_tokens,
+        seq_ctx=context_size(spec.max_tokens, ctx),
+        ctx=ctx,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        parallel=parallel,
+    )
     store = Store(db_path)
     try:
         if run is None:
@@ -117,6 +130,8 @@ def run_tree(
             store.insert_run(spec.row(rid))
             run = store.run(rid)
         assert run is not None
+        if judge_plan is not None:
+            check_judge_model(store, run["id"], judge_plan.name, judge_plan.sha256)
         store.add_questions(run["id"], questions)
         with progress_display(show_progress, len(questions) * tree_size(spec.n)) as on_progress:
             runner = TreeRunner(store, run, questions, engine, prompts, on_progress)
@@ -126,6 +141,13 @@ def run_tree(
     finally:
         engine.close()
         store.close()
+    judged = None
+    if judge_plan is not None:
+        with progress_display(show_progress, 0) as on_progress:
+            judged = run_judge(
+                judge_plan, db_path, run, n_ctx=context_size(spec.max_tokens, None),
+                threads=threads, gpu_layers=gpu_layers, on_progress=on_progress,
+            )
     return {
         "run_id": run["id"],
         "db": str(db_path),
@@ -138,6 +160,7 @@ def run_tree(
         "seconds": round(elapsed, 3),
         "tokens_per_second": final.completion_tokens / elapsed if elapsed > 0 else 0.0,
         "config": asdict(spec),
+        "judge": asdict(judged) if judged is not None else None,
     }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from malt_local import credit
 from malt_local.engine import Completion, Engine, GenRequest, RequestQueue, SamplingParams
-from malt_local.grading import grade
+from malt_local.grading import extract_answer, grade
 from malt_local.prompts import ROLES, PromptSet, TreeContext
 from malt_local.questions import Question
 from malt_local.store import NodeRecord, Store, node_id, utcnow
@@ -33,6 +33,36 @@ def derive_seed(run_seed: int, question_id: str, path: Path) -> int:
 
 def tree_size(n: int) -> int:
     return n + n * n + n**3
+
+
+# The task whose leaves the LLM judge rewards (malt_local.judge), not a deterministic grader.
+JUDGE_TASK = "judge"
+
+
+def assign_question_credit(
+    store: Store, run_id: str, question_id: str, n: int, theta: float
+) -> bool:
+    """Values and labels for one question's tree, once every leaf has its reward.
+
+    Returns False (and writes nothing) while a leaf is missing or not yet rewarded: with
+    `--task judge` a leaf's reward is NULL until the judge has graded it, and a value computed
+    without it would be stored as if it were final.
+    """
+    rewards: dict[Path, float] = {}
+    ids: dict[Path, str] = {}
+    for r in store.nodes(run_id, question_id):
+        ids[r.branches] = r.id
+        if r.depth == 3:
+            if r.reward is None:
+                return False
+            rewards[r.branches] = r.reward
+    if len(rewards) != n**3:
+        return False
+    values = credit.assign(rewards, n, theta)
+    store.set_credit(
+        (ids[path], c.value, int(c.label)) for path, c in values.items() if path in ids
+    )
+    return True
 
 
 @dataclass
@@ -198,9 +228,15 @@ class TreeRunner:
         info = self._pending.pop(c.key)
         q = info.question
         depth = len(info.path)
-        answer, correct = grade(c.text, q.ground_truth, q.task, list(q.options) or None)
         is_leaf = depth == 3
-        reward = float(correct) if is_leaf else None
+        if q.task == JUDGE_TASK:
+            # No rule can grade it: the judge pass sets the leaf's reward (and correct) later.
+            answer, correct, reward = extract_answer(c.text, q.task), None, None
+        else:
+            answer, correct = grade(c.text, q.ground_truth, q.task, list(q.options) or None)
+            reward = float(correct) if is_leaf else None
+        # `correct` is recorded for every leaf and for any node that states an answer.
+        graded = None if correct is None or (answer is None and not is_leaf) else int(correct)
         record = NodeRecord(
             id=c.key,
             run_id=self.run_id,
@@ -214,7 +250,7 @@ class TreeRunner:
             output=c.text,
             finish_reason=c.finish_reason,
             answer=answer,
-            correct=int(correct) if answer is not None or is_leaf else None,
+            correct=graded,
             reward=reward,
             value=reward,
             label=int(credit.label_for(reward, self.theta)) if reward is not None else None,
@@ -228,13 +264,4 @@ class TreeRunner:
         return record
 
     def _assign_credit(self, q: Question) -> None:
-        rewards: dict[Path, float] = {}
-        ids: dict[Path, str] = {}
-        for r in self.store.nodes(self.run_id, q.id):
-            ids[r.branches] = r.id
-            if r.depth == 3:
-                rewards[r.branches] = r.reward or 0.0
-        values = credit.assign(rewards, self.n, self.theta)
-        self.store.set_credit(
-            (ids[path], c.value, int(c.label)) for path, c in values.items() if path in ids
-        )
+        assign_question_credit(self.store, self.run_id, q.id, self.n, self.theta)

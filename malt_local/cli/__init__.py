@@ -57,6 +57,8 @@ def _register() -> None:
 
     run_cmds.register(cli)
     # -- more command modules register here (one line each) --
+    __import__("malt_local.cli.export", fromlist=["register"]).register(cli)
+    __import__("malt_local.cli.eval", fromlist=["register"]).register(cli)
     from malt_local.cli import pull as pull_cmds
 
     pull_cmds.register(cli)

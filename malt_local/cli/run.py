@@ -48,10 +48,24 @@ def register(cli: click.Group) -> None:
 @click.option("--prompts", "prompts_dir", type=click.Path(path_type=Path), help="Folder of role templates.")
 @click.option("--run", "run_id", help="Continue this run id instead of the latest.")
 @click.option("--new-run", is_flag=True, help="Start a new run even if the latest one matches.")
-@click.option("--ctx", type=int, help="Context size in tokens [from max tokens].")
+@click.option(
+    "--ctx", type=int,
+    help="KV cache in tokens: all sequences together (batched engine), or one node (simple) "
+    "[sized from --max-tokens and --parallel].",
+)
 @click.option("--threads", type=int, help="CPU threads [all cores].")
 @click.option("--gpu-layers", type=int, help="Layers on the GPU [all, when built with GPU support].")
+@click.option(
+    "--engine", "engine_kind", type=click.Choice(["batched", "simple"]), default="batched",
+    help="batched: every live node of every tree decoded together [default]; simple: node by node.",
+)
+@click.option(
+    "--parallel", type=int,
+    help="Most sequences decoded at once by the batched engine [32 on a CPU, 256 on a GPU].",
+)
 @click.option("--ignore-eos", is_flag=True, default=None, help="Always generate --max-tokens (benchmarks).")
+@click.option("--judge", is_flag=True, help="Grade every refiner leaf with the LLM judge.")
+@click.option("--judge-model", help="Judge GGUF path or alias [the run's model]; implies --judge.")
 @json_option
 def run_cmd(questions: Path, db_path: Path | None, prompts_dir: Path | None, limit: int | None,
             run_id: str | None, new_run: bool, model: str | None, json_: bool, ctx: int | None,
@@ -63,6 +77,8 @@ def run_cmd(questions: Path, db_path: Path | None, prompts_dir: Path | None, lim
     """
     from malt_local import runner
 
+    judge, judge_model = settings.pop("judge"), settings.pop("judge_model")
+    engine_kind, parallel = settings.pop("engine_kind"), settings.pop("parallel")
     if limit is not None and limit < 1:
         raise MaltError(f"--limit must be at least 1 (got {limit})")
     given = RunSettings(**settings)
@@ -81,7 +97,11 @@ def run_cmd(questions: Path, db_path: Path | None, prompts_dir: Path | None, lim
         ctx=ctx,
         threads=threads,
         gpu_layers=gpu_layers,
+        engine_kind=engine_kind,
+        parallel=parallel,
         show_progress=not json_ and sys.stderr.isatty(),
+        judge=judge,
+        judge_model=judge_model,
     )
     if json_:
         click.echo(json.dumps(result, indent=2))
@@ -92,6 +112,13 @@ def run_cmd(questions: Path, db_path: Path | None, prompts_dir: Path | None, lim
             f"{result['questions_complete']} trees complete, "
             f"{result['tokens_per_second']:.1f} tok/s -> {result['db']}"
         )
+        if result.get("judge"):
+            j = result["judge"]
+            click.echo(
+                f"judge {j['model']}: {j['judged']} leaves judged ({j['already']} before), "
+                f"{j['passed']} passed, {j['invalid']} unreadable"
+                + (f", {j['credited']} trees credited" if j["sets_rewards"] else "")
+            )
 
 
 @click.command(name="status")

@@ -1,0 +1,887 @@
+"""The tree-aware batched engine: every shared prompt prefilled once, every live sequence decoded
+together, one `llama_decode` per step.
+
+A MALT tree is a prefix tree. The n children of a node share their whole prompt, and a child
+level's prompt is its parent's prompt plus the parent's output plus a new turn. So the engine
+keeps one llama.cpp context with a unified KV cache (a cell holds a token once, tagged with every
+sequence that sees it) and, for each `GenRequest`:
+
+1. tokenises the prompt once and, when the request's `parent_key` names a completion whose
+   sequence is still cached, reuses the longest common token prefix: the parent's sequence id
+   becomes the first child (its tail past the common prefix is cut) and the other children get
+   the prefix by `llama_memory_seq_cp`, which only tags cells;
+2. prefills the rest of the prompt once, every token carrying all n child sequence ids;
+3. samples each child's first token from that one row of logits with the child's own seed, then
+   decodes every live sequence of every question in one batch per step, admitting new requests
+   (continuous batching) as soon as a finished node's children arrive or room frees up.
+
+A completion whose request expects children keeps its sequence (and cells) until the children's
+request is admitted; leaves are removed from the cache at once. When the cache is full
+(`llama_decode` returns 1), the engine drops kept parents (least recently finished first), then
+preempts the youngest sequences back to its own queue (they restart later with the same seed, so
+every key is still produced exactly once) and, only if a single sequence alone fills the
+context, ends it with finish_reason "length".
+
+Sampling is vectorised over the logits matrix (see `VectorSampler`): on a GPU a decode step of
+256 sequences takes about 50 ms, and sampling a 128k vocabulary once per sequence through
+llama.cpp's sampler chains costs more than that. `python -m malt_local.bench` measures both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from malt_local.engine import Completion, Engine, GenRequest, RequestQueue, SamplingParams
+from malt_local.errors import MaltError
+from malt_local.llama_engine import (
+    HighLevelEngine,
+    LocalModel,
+    _quiet_stderr,
+    set_context_adapters,
+)
+
+ENGINES = ("batched", "simple")
+
+# Default sequences decoding at once. On a GPU a bigger batch is nearly free (raw decode on an
+# H100: 2,497 tok/s at 27 sequences, 5,071 at 256); on a CPU the model is compute-bound and a
+# bigger batch mostly makes the unified KV cache, which every token attends over, larger.
+DEFAULT_PARALLEL_GPU = 256
+DEFAULT_PARALLEL_CPU = 32
+# Tokens per physical micro-batch: prompt prefill runs in chunks of this size.
+UBATCH_GPU = 1024
+UBATCH_CPU = 512
+# Share of the machine's available memory the KV cache may take on a CPU.
+KV_MEMORY_SHARE = 0.5
+
+
+# -- sizing --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the batched context is sized; every figure is printed by the benchmark."""
+
+    parallel: int  # most sequences decoding at once
+    n_seq_max: int  # sequence ids: the live ones plus parents kept for their children
+    n_ctx: int  # KV cells in total (one unified cache)
+    n_batch: int  # most tokens in one llama_decode
+    n_ubatch: int  # physical micro-batch
+    seq_limit: int  # most positions one sequence may use (prompt + output)
+    threads: int
+    offload: bool  # layers on a GPU
+    flash_attn: bool
+    kv_bytes: int  # bytes of KV cache at n_ctx cells
+
+
+def kv_bytes_per_cell(model: LocalModel) -> int:
+    """K and V at f16 for one token: 2 * layers * kv heads * head size * 2 bytes."""
+    import llama_cpp
+
+    m = model.llm._model.model
+    n_layer = llama_cpp.llama_model_n_layer(m)
+    n_head = max(1, llama_cpp.llama_model_n_head(m))
+    n_head_kv = llama_cpp.llama_model_n_head_kv(m) or n_head
+    arch = model.llm.metadata.get("general.architecture", "")
+    head_k = int(model.llm.metadata.get(f"{arch}.attention.key_length", 0) or 0)
+    head_v = int(model.llm.metadata.get(f"{arch}.attention.value_length", 0) or 0)
+    head = llama_cpp.llama_model_n_embd(m) // n_head
+    return n_layer * n_head_kv * ((head_k or head) + (head_v or head)) * 2
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_batch(
+    model: LocalModel,
+    *,
+    max_tokens: int,
+    seq_limit: int,
+    parallel: int | None = None,
+    ctx: int | None = None,
+    flash_attn: bool | None = None,
+) -> BatchPlan:
+    """Size the context from the model and the machine; a clear error for what cannot fit.
+
+    `seq_limit` is the per-sequence context of the simple path (prompt plus output), so both
+    engines end a too-long node the same way. `ctx` is the total number of KV cells; by default
+    there is room for every live sequence's output and a share of the prompts above it.
+    """
+    import llama_cpp
+
+    offload = model.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+    max_seq = int(llama_cpp.llama_max_parallel_sequences())
+    if parallel is None:
+        parallel = DEFAULT_PARALLEL_GPU if offload else DEFAULT_PARALLEL_CPU
+    if not 1 <= parallel <= max_seq:
+        raise MaltError(f"--parallel must be between 1 and {max_seq} (got {parallel})")
+    per_cell = kv_bytes_per_cell(model)
+    if ctx is not None:
+        if ctx < 256:
+            raise MaltError(f"--ctx {ctx} is too small (at least 256)")
+        n_ctx = ctx
+    else:
+        # A live sequence holds its own output and, in a tree, about half an output's worth of
+        # shared prompt and parent output; seq_limit leaves room for one long prompt.
+        n_ctx = parallel * (max_tokens * 3 // 2 + 128) + seq_limit
+    n_ctx = -(-n_ctx // 256) * 256
+    avail = None if offload else available_memory()
+    if avail is not None and n_ctx * per_cell > KV_MEMORY_SHARE * avail:
+        fit = int(KV_MEMORY_SHARE * avail // per_cell) // 256 * 256
+        if ctx is not None or fit < min(seq_limit, 4096):
+            raise MaltError(
+                f"a KV cache of {n_ctx} cells needs {_gib(n_ctx * per_cell)} GiB, more than half "
+                f"of the {_gib(avail)} GiB available: lower --ctx or --parallel"
+            )
+        n_ctx = fit
+    n_ubatch = UBATCH_GPU if offload else UBATCH_CPU
+    return BatchPlan(
+        parallel=parallel,
+        n_seq_max=min(max_seq, 2 * parallel),
+        n_ctx=n_ctx,
+        n_batch=max(n_ubatch, parallel + 256),
+        n_ubatch=n_ubatch,
+        seq_limit=min(seq_limit, n_ctx),
+        threads=model.n_threads,
+        offload=offload,
+        # Flash attention skips the cells of other sequences in the unified cache instead of
+        # computing them and masking them out. On the 2-core CPU, 27 sequences: 288 against
+        # 249 tok/s alone, 217 against 87 tok/s with 8,000 other cells in the cache.
+        flash_attn=True if flash_attn is None else flash_attn,
+        kv_bytes=n_ctx * per_cell,
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def new_context(model: LocalModel, plan: BatchPlan):
+    """A second llama.cpp context on the already loaded weights, sized by `plan`."""
+    import llama_cpp
+
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx = plan.n_ctx
+    p.n_batch = plan.n_batch
+    p.n_ubatch = plan.n_ubatch
+    p.n_seq_max = plan.n_seq_max
+    p.n_outputs_max = plan.n_seq_max  # one row per sequence at most: keeps the buffer small
+    p.n_threads = plan.threads
+    p.n_threads_batch = plan.threads
+    p.kv_unified = True
+    p.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if plan.flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    p.no_perf = True
+    with _quiet_stderr():
+        ctx = llama_cpp.llama_init_from_model(model.llm._model.model, p)
+        if not ctx and plan.flash_attn:
+            # A device or model without flash-attention kernels: let llama.cpp decide.
+            p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+            ctx = llama_cpp.llama_init_from_model(model.llm._model.model, p)
+    if not ctx:
+        raise MaltError(
+            f"llama.cpp could not create a context of {plan.n_ctx} cells "
+            f"({_gib(plan.kv_bytes)} GiB of KV cache) for {plan.parallel} sequences: "
+            "lower --ctx or --parallel"
+        )
+    return ctx
+
+
+# -- the batch -----------------------------------------------------------------------------------
+
+
+class TokenBatch:
+    """A `llama_batch` whose arrays are numpy buffers owned here.
+
+    Filling a step is then a few vector writes instead of one ctypes call per field per token.
+    """
+
+    def __init__(self, capacity: int, seqs_per_token: int) -> None:
+        import llama_cpp
+
+        self.capacity = capacity
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.n_seq_id = np.zeros(capacity, np.int32)
+        self.seq_ids = np.zeros((capacity, seqs_per_token), np.int32)
+        self.logits = np.zeros(capacity, np.int8)
+        ptr = ctypes.POINTER(llama_cpp.llama_seq_id)
+        base = self.seq_ids.ctypes.data
+        stride = self.seq_ids.strides[0]
+        self._rows = (ptr * capacity)(
+            *[ctypes.cast(base + i * stride, ptr) for i in range(capacity)]
+        )
+        b = llama_cpp.llama_batch()
+        b.token = self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        b.embd = ctypes.POINTER(ctypes.c_float)()
+        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._rows, ctypes.POINTER(ptr))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        b.n_tokens = 0
+        self.struct = b
+
+    def decode(self, ctx, n_tokens: int) -> int:
+        import llama_cpp
+
+        self.struct.n_tokens = n_tokens
+        return int(llama_cpp.llama_decode(ctx, self.struct))
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Draw:
+    """One row of logits and the random streams that each draw a token from it."""
+
+    row: int
+    params: SamplingParams
+    rngs: list[np.random.Generator]
+
+
+class VectorSampler:
+    """Temperature, top-k and top-p sampling over the whole logits matrix of a step.
+
+    The same rules as llama.cpp's chain in the high-level path (top-k, then top-p on the
+    untempered distribution, then temperature, then a draw; greedy at temperature 0), but the
+    passes over the vocabulary are numpy operations on all rows at once. A token more than
+    `CUT` * temperature logits below a row's best has a probability below e^-40 times the best
+    one's, so only the tokens above that line are candidates; they are few, and the per-row work
+    on them is small. Each sequence draws from its own `numpy.random.Generator` seeded with the
+    node's seed, so a node's output depends on its seed and its logits alone.
+    """
+
+    CUT = 40.0
+
+    def __init__(self, eog_ids: Sequence[int], threads: int = 1) -> None:
+        self.eog = np.asarray(sorted(eog_ids), dtype=np.intp)
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def sample(self, logits: np.ndarray, draws: list[Draw]) -> list[list[int]]:
+        """One token per generator of every draw, in order. `logits` may be modified."""
+        masked = [d.row for d in draws if d.params.ignore_eos]
+        if masked and self.eog.size:
+            logits[np.ix_(masked, self.eog)] = -np.inf
+        out: list[list[int]] = [[] for _ in draws]
+        greedy = [i for i, d in enumerate(draws) if d.params.temperature <= 0]
+        if greedy:
+            best = _take_rows(logits, [draws[i].row for i in greedy]).argmax(axis=1)
+            for i, b in zip(greedy, best, strict=True):
+                out[i] = [int(b)] * len(draws[i].rngs)
+        chosen = [i for i, d in enumerate(draws) if d.params.temperature > 0]
+        if chosen:
+            rows = _take_rows(logits, [draws[i].row for i in chosen])
+            temps = np.array([draws[i].params.temperature for i in chosen], dtype=np.float32)
+            need_z = np.array(
+                [draws[i].params.top_p < 1.0 and draws[i].params.top_k == 0 for i in chosen]
+            )
+            best, cand_rows, cand_cols, z = self._candidates(rows, temps, need_z)
+            bounds = np.searchsorted(cand_rows, np.arange(len(chosen) + 1))
+            for j, i in enumerate(chosen):
+                cols = cand_cols[bounds[j] : bounds[j + 1]]
+                out[i] = self._draw(rows[j], cols, float(best[j]), float(z[j]), draws[i])
+        return out
+
+    def _candidates(
+        self, rows: np.ndarray, temps: np.ndarray, need_z: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: the best logit, the candidate (row, column) pairs, and the softmax
+        normaliser over the full row where top-p needs it. Split over threads when large."""
+        n = rows.shape[0]
+        parts = 1
+        if self.threads > 1 and rows.size >= (1 << 22):
+            parts = min(self.threads, n)
+        if parts == 1:
+            return _candidates_block(rows, temps, need_z, self.CUT)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads)
+        edges = np.linspace(0, n, parts + 1).astype(int)
+        futures = [
+            self._pool.submit(_candidates_block, rows[a:b], temps[a:b], need_z[a:b], self.CUT)
+            for a, b in zip(edges[:-1], edges[1:], strict=True)
+        ]
+        results = [f.result() for f in futures]
+        best = np.concatenate([r[0] for r in results])
+        cand_rows = np.concatenate([r[1] + a for r, a in zip(results, edges[:-1], strict=True)])
+        cand_cols = np.concatenate([r[2] for r in results])
+        z = np.concatenate([r[3] for r in results])
+        return best, cand_rows, cand_cols, z
+
+    @staticmethod
+    def _draw(row: np.ndarray, cols: np.ndarray, best: float, z: float, d: Draw) -> list[int]:
+        p = d.params
+        lv = row[cols].astype(np.float64)
+        n_cand = cols.size
+        if 0 < p.top_k < n_cand:
+            keep = np.argpartition(-lv, p.top_k - 1)[: p.top_k]
+            cols, lv = cols[keep], lv[keep]
+        if p.top_p < 1.0:
+            order = np.argsort(-lv, kind="stable")
+            cols, lv = cols[order], lv[order]
+            if p.top_k > 0:
+                if p.top_k <= n_cand:
+                    z = float(np.exp(lv - best).sum())
+                else:  # the top-k set reaches below the candidates: sum it exactly
+                    top = np.partition(row, row.size - p.top_k)[row.size - p.top_k :]
+                    z = float(np.exp(top.astype(np.float64) - best).sum())
+            cum = np.cumsum(np.exp(lv - best)) / z
+            n_keep = min(int(np.searchsorted(cum, p.top_p)) + 1, cols.size)
+            cols, lv = cols[:n_keep], lv[:n_keep]
+        w = np.exp((lv - lv.max()) / p.temperature)
+        cw = np.cumsum(w)
+        last = cw.size - 1
+        return [
+            int(cols[min(int(np.searchsorted(cw, rng.random() * cw[-1], side="right")), last)])
+            for rng in d.rngs
+        ]
+
+
+def _take_rows(logits: np.ndarray, rows: list[int]) -> np.ndarray:
+    """The rows asked for: a view when they are all rows in order (the usual case)."""
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+        return logits
+    return logits[rows]
+
+
+def _candidates_block(
+    rows: np.ndarray, temps: np.ndarray, need_z: np.ndarray, cut: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    best = rows.max(axis=1)
+    # flatnonzero on the flat mask is an order of magnitude faster than 2-D nonzero.
+    flat = np.flatnonzero(rows >= (best - cut * temps)[:, None])
+    cand_rows, cand_cols = np.divmod(flat, rows.shape[1])
+    z = np.ones(rows.shape[0], dtype=np.float64)
+    if need_z.any():
+        idx = np.flatnonzero(need_z)
+        z[idx] = np.exp(rows[idx] - best[idx, None]).sum(axis=1, dtype=np.float64)
+    return best, cand_rows, cand_cols, z
+
+
+# -- bookkeeping ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ticket:
+    """A request waiting for admission, with its prompt tokenised once."""
+
+    request: GenRequest
+    tokens: list[int]
+
+
+@dataclass
+class _Group:
+    """The children of one request: admitted together, prefilled once."""
+
+    stamp: int
+    ticket: _Ticket
+    ids: list[int]
+    keys: list[str]
+    seeds: list[int]
+    start: int  # prompt tokens already in the cache (reused from the parent)
+    next: int  # next prompt token to prefill
+    max_new: int
+    t0: float
+    seqs: list[_Seq] = field(default_factory=list)
+
+
+@dataclass
+class _Seq:
+    """One node being generated: its last sampled token is decoded at `pos` next step."""
+
+    sid: int
+    key: str
+    seed: int
+    group: _Group
+    rng: np.random.Generator
+    generated: list[int]
+    last: int
+    pos: int
+
+
+@dataclass
+class _Kept:
+    """A finished node kept in the cache until its children's request is admitted."""
+
+    sid: int
+    tokens: list[int]  # exactly the tokens in the cache for this sequence
+
+
+@dataclass
+class EngineStats:
+    """What the benchmark reports about a run through the engine."""
+
+    steps: int = 0
+    decode_tokens: int = 0  # one per live sequence per step
+    prefill_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens found in a kept parent's cache
+    prompt_tokens: int = 0  # of every admitted request, once per request
+    peak_live: int = 0
+    cache_full: int = 0
+    evicted: int = 0
+    preempted: int = 0
+    decode_seconds: float = 0.0
+    sample_seconds: float = 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.decode_tokens / self.steps if self.steps else 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+class BatchedEngine:
+    """Continuous batching of tree nodes on one unified-KV llama.cpp context."""
+
+    name = "batched"
+
+    def __init__(
+        self,
+        model: LocalModel,
+        plan: BatchPlan,
+        *,
+        owns_model: bool = True,
+        sampling_threads: int | None = None,
+    ) -> None:
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self.model = model
+        self.model_path = model.path
+        self.plan = plan
+        self.owns_model = owns_model
+        self._ctx = new_context(model, plan)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._n_vocab = model.llm.n_vocab()
+        self._eog = frozenset(model.eog_ids)
+        self._batch = TokenBatch(plan.n_batch, plan.n_seq_max)
+        if sampling_threads is None:
+            sampling_threads = min(8, os.cpu_count() or 1) if plan.offload else 1
+        self.sampler = VectorSampler(model.eog_ids, sampling_threads)
+        self.stats = EngineStats()
+        self._stamps = 0
+        self._reset_state()
+
+    # state ----------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self._free: list[int] = list(range(self.plan.n_seq_max - 1, -1, -1))
+        self._live: dict[int, _Seq] = {}
+        self._prefilling: list[_Group] = []
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
+        self._pending: deque[_Ticket] = deque()
+        self._ready: list[Completion] = []
+        self._blocked = False
+
+    def _clear_cache(self) -> None:
+        # A generator abandoned by an exception is finalised late, possibly after close().
+        if self._ctx is not None:
+            self._llama.llama_memory_clear(self._mem, False)
+
+    def _release(self, sid: int) -> None:
+        self._llama.llama_memory_seq_rm(self._mem, sid, -1, -1)
+        self._free.append(sid)
+
+    def _n_busy(self) -> int:
+        return len(self._live) + sum(len(g.ids) for g in self._prefilling)
+
+    # the loop -------------------------------------------------------------------------------
+
+    def generate(self, queue: RequestQueue) -> Iterator[Completion]:
+        """Yield completions until the queue is empty and nothing is in flight.
+
+        The caller may push requests while a completion is being yielded (a node's children);
+        they are admitted before the next decode step.
+        """
+        try:
+            while True:
+                while self._ready:
+                    yield self._ready.pop(0)
+                if not self._live and not self._prefilling:
+                    self._blocked = False  # nothing left to wait for
+                self._admit(queue)
+                if self._ready:
+                    continue
+                if not self._live and not self._prefilling:
+                    if not self._pending and len(queue) == 0:
+                        return
+                    if self._evict_one():
+                        continue
+                    raise RuntimeError("batched engine: a request could not be admitted")
+                n_tokens, finishing = self._fill_batch()
+                t0 = time.perf_counter()
+                rc = self._batch.decode(self._ctx, n_tokens)
+                self.stats.decode_seconds += time.perf_counter() - t0
+                if rc == 1:
+                    self._recover_cache_full()
+                    continue
+                if rc != 0:
+                    raise MaltError(f"llama_decode failed with code {rc}")
+                yield from self._after_decode(finishing)
+        finally:
+            self._clear_cache()
+            self._reset_state()
+
+    def _admit(self, queue: RequestQueue) -> None:
+        while not self._blocked:
+            if not self._pending:
+                request = queue.pop()
+                if request is None:
+                    return
+                tokens = self.model.prompt_tokens(request.messages)
+                self._pending.append(_Ticket(request, tokens))
+            if not self._try_admit(self._pending[0]):
+                return
+            self._pending.popleft()
+
+    def _try_admit(self, ticket: _Ticket) -> bool:
+        """Start the children of one request if there is room; False leaves it waiting."""
+        req, prompt = ticket.request, ticket.tokens
+        max_new = min(req.params.max_tokens, self.plan.seq_limit - len(prompt))
+        if max_new <= 0:
+            # The prompt alone fills a sequence's context: an empty, truncated node (as the
+            # simple path records it); it grades as wrong.
+            self._drop_kept(req.parent_key)
+            for key in req.keys:
+                self._ready.append(Completion(key, "", "length", len(prompt), 0))
+            return True
+        busy = self._n_busy()
+        take = len(req.keys)
+        if busy + take > self.plan.parallel:
+            if busy:
+                return False
+            take = self.plan.parallel  # more children than the batch holds: split
+        parent = self._kept.pop(req.parent_key, None) if req.parent_key else None
+        need_ids = take - (1 if parent else 0)
+        while len(self._free) < need_ids and self._evict_one():
+            pass
+        if len(self._free) < need_ids:
+            if parent is not None:
+                self._kept[req.parent_key] = parent  # type: ignore[index]
+            return False
+        reuse = 0
+        ids: list[int] = []
+        if parent is not None:
+            reuse = min(common_prefix(parent.tokens, prompt), len(prompt) - 1)
+            if reuse > 0:
+                self._llama.llama_memory_seq_rm(self._mem, parent.sid, reuse, -1)
+                ids.append(parent.sid)
+            else:
+                self._release(parent.sid)
+        while len(ids) < take:
+            sid = self._free.pop()
+            if reuse > 0:
+                self._llama.llama_memory_seq_cp(self._mem, ids[0], sid, 0, reuse)
+            ids.append(sid)
+        self._stamps += 1
+        group = _Group(
+            stamp=self._stamps,
+            ticket=ticket,
+            ids=ids,
+            keys=req.keys[:take],
+            seeds=req.seeds[:take],
+            start=reuse,
+            next=reuse,
+            max_new=max_new,
+            t0=time.perf_counter(),
+        )
+        self._prefilling.append(group)
+        self.stats.reused_tokens += reuse
+        self.stats.prompt_tokens += len(prompt)
+        if take < len(req.keys):
+            rest = _rest(req, take)
+            self._pending[0] = _Ticket(rest, prompt)
+            return False
+        return True
+
+    def _fill_batch(self) -> tuple[int, list[_Group]]:
+        """Decode tokens of every live sequence, then prompt chunks up to the batch size.
+
+        Nothing is committed here: a step that finds no KV slot is rebuilt after recovery.
+        """
+        b = self._batch
+        live = list(self._live.values())
+        n = len(live)
+        if n:
+            b.token[:n] = [s.last for s in live]
+            b.pos[:n] = [s.pos for s in live]
+            b.n_seq_id[:n] = 1
+            b.seq_ids[:n, 0] = [s.sid for s in live]
+            b.logits[:n] = 1
+        finishing: list[_Group] = []
+        self._chunks: list[tuple[_Group, int]] = []
+        for g in self._prefilling:
+            room = b.capacity - n
+            if room <= 0:
+                break
+            prompt = g.ticket.tokens
+            m = min(room, len(prompt) - g.next)
+            k = len(g.ids)
+            b.token[n : n + m] = prompt[g.next : g.next + m]
+            b.pos[n : n + m] = np.arange(g.next, g.next + m, dtype=np.int32)
+            b.n_seq_id[n : n + m] = k
+            b.seq_ids[n : n + m, :k] = g.ids
+            b.logits[n : n + m] = 0
+            if g.next + m == len(prompt):
+                b.logits[n + m - 1] = 1
+                finishing.append(g)
+            self._chunks.append((g, m))
+            n += m
+        return n, finishing
+
+    def _after_decode(self, finishing: list[_Group]) -> Iterator[Completion]:
+        stats = self.stats
+        live = list(self._live.values())
+        stats.steps += 1
+        stats.decode_tokens += len(live)
+        for g, m in self._chunks:
+            g.next += m
+            stats.prefill_tokens += m
+        t0 = time.perf_counter()
+        draws = [Draw(i, s.group.ticket.request.params, [s.rng]) for i, s in enumerate(live)]
+        new_seqs: list[list[_Seq]] = []
+        for j, g in enumerate(finishing):
+            self._prefilling.remove(g)
+            seqs = [
+                _Seq(sid, key, seed, g, np.random.default_rng(seed), [], -1, len(g.ticket.tokens))
+                for sid, key, seed in zip(g.ids, g.keys, g.seeds, strict=True)
+            ]
+            g.seqs = seqs
+            new_seqs.append(seqs)
+            draws.append(Draw(len(live) + j, g.ticket.request.params, [s.rng for s in seqs]))
+        n_out = len(draws)
+        logits = np.ctypeslib.as_array(
+            self._llama.llama_get_logits(self._ctx), shape=(n_out, self._n_vocab)
+        )
+        tokens = self.sampler.sample(logits, draws)
+        stats.sample_seconds += time.perf_counter() - t0
+        done: list[Completion] = []
+        for s, (t,) in zip(live, tokens[: len(live)], strict=True):
+            s.pos += 1
+            self._advance(s, t, done)
+        for seqs, toks in zip(new_seqs, tokens[len(live) :], strict=True):
+            for s, t in zip(seqs, toks, strict=True):
+                self._live[s.sid] = s
+                self._advance(s, t, done)
+        stats.peak_live = max(stats.peak_live, len(self._live))
+        yield from done
+
+    def _advance(self, s: _Seq, token: int, done: list[Completion]) -> None:
+        """Take a sampled token: keep going, or finish the node."""
+        params = s.group.ticket.request.params
+        if token in self._eog and not params.ignore_eos:
+            done.append(self._finish(s, "stop"))
+            return
+        s.generated.append(token)
+        s.last = token
+        if len(s.generated) >= s.group.max_new:
+            done.append(self._finish(s, "length"))
+
+    def _finish(self, s: _Seq, reason: str) -> Completion:
+        g = s.group
+        req = g.ticket.request
+        prompt = g.ticket.tokens
+        del self._live[s.sid]
+        g.seqs.remove(s)
+        if req.expects_children:
+            cached = (prompt + s.generated)[: s.pos]
+            self._kept[s.key] = _Kept(s.sid, cached)
+        else:
+            self._release(s.sid)
+        self._blocked = False
+        text = self.model.llm.detokenize(s.generated).decode("utf-8", errors="ignore")
+        return Completion(
+            s.key, text, reason, len(prompt), len(s.generated), time.perf_counter() - g.t0
+        )
+
+    # a full cache -----------------------------------------------------------------------------
+
+    def _evict_one(self, keep: str | None = None) -> bool:
+        """Drop the least recently kept parent (its children will prefill in full)."""
+        for key in self._kept:
+            if key != keep:
+                self._release(self._kept.pop(key).sid)
+                self.stats.evicted += 1
+                return True
+        return False
+
+    def _drop_kept(self, key: str | None) -> None:
+        if key is not None and key in self._kept:
+            self._release(self._kept.pop(key).sid)
+
+    def _recover_cache_full(self) -> None:
+        """`llama_decode` found no KV slot (nothing was computed): make room and retry."""
+        self.stats.cache_full += 1
+        if self._evict_one():
+            return
+        in_flight = {id(s.group): s.group for s in self._live.values()}
+        in_flight.update((id(g), g) for g in self._prefilling)
+        groups = sorted(in_flight.values(), key=lambda g: g.stamp)
+        youngest = groups[-1]
+        if youngest in self._prefilling:
+            if len(groups) > 1:
+                self._preempt(youngest, youngest.ids)
+                return
+            # A prompt that no longer fits an otherwise empty cache: end its nodes.
+            self._prefilling.remove(youngest)
+            for sid in youngest.ids:
+                self._release(sid)
+            for key in youngest.keys:
+                self._ready.append(Completion(key, "", "length", len(youngest.ticket.tokens), 0))
+            return
+        running = [s.sid for s in youngest.seqs]
+        if len(groups) > 1:
+            self._preempt(youngest, running)
+        elif len(running) > 1:
+            self._preempt(youngest, running[-1:])
+        else:
+            # One sequence alone fills the context: it ends here, as the simple path would.
+            self._ready.append(self._finish(youngest.seqs[0], "length"))
+
+    def _preempt(self, g: _Group, sids: list[int]) -> None:
+        """Send sequences back to the engine's queue; they restart later with the same seeds."""
+        keys, seeds = [], []
+        if g in self._prefilling:
+            self._prefilling.remove(g)
+            keys, seeds = list(g.keys), list(g.seeds)
+        else:
+            for s in [s for s in g.seqs if s.sid in sids]:
+                del self._live[s.sid]
+                g.seqs.remove(s)
+                keys.append(s.key)
+                seeds.append(s.seed)
+        for sid in sids:
+            self._release(sid)
+        req = g.ticket.request
+        self._pending.append(
+            _Ticket(
+                GenRequest(
+                    messages=req.messages,
+                    keys=keys,
+                    seeds=seeds,
+                    params=req.params,
+                    parent_key=None,
+                    expects_children=req.expects_children,
+                    json_schema=req.json_schema,
+                ),
+                g.ticket.tokens,
+            )
+        )
+        self.stats.preempted += len(keys)
+        self._blocked = True
+
+    # adapters and teardown --------------------------------------------------------------------
+
+    def use_adapters(self, adapters: list[tuple[object, float]]) -> None:
+        """Generate with these (LoRA handle, scale) pairs from now on; [] is the base model.
+
+        KV computed under other adapters is wrong for these, so every kept prefix is dropped.
+        Call it between `generate` runs, not while sequences are in flight.
+        """
+        if self._live or self._prefilling:
+            raise RuntimeError("use_adapters() while sequences are being generated")
+        set_context_adapters(self._ctx, adapters)
+        while self._evict_one():
+            pass
+        self._clear_cache()
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._llama.llama_free(self._ctx)
+            self._ctx = self._mem = None
+        self.sampler.close()
+        if self.owns_model:
+            self.model.close()
+
+
+def _rest(req: GenRequest, start: int) -> GenRequest:
+    return GenRequest(
+        messages=req.messages,
+        keys=req.keys[start:],
+        seeds=req.seeds[start:],
+        params=req.params,
+        parent_key=None,
+        expects_children=req.expects_children,
+        json_schema=req.json_schema,
+    )
+
+
+# -- construction --------------------------------------------------------------------------------
+
+
+def make_engine(
+    kind: str,
+    model_path: str | Path,
+    *,
+    max_tokens: int,
+    seq_ctx: int,
+    ctx: int | None = None,
+    threads: int | None = None,
+    gpu_layers: int | None = None,
+    parallel: int | None = None,
+    flash_attn: bool | None = None,
+) -> Engine:
+    """The engine `malt run` uses: "batched" (default) or "simple" (node by node).
+
+    `seq_ctx` is the context one node may use (prompt plus output); for the batched engine
+    `ctx` is the total KV cache, shared by every sequence.
+    """
+    if kind == "simple":
+        if parallel is not None:
+            raise MaltError("--parallel needs --engine batched")
+        model = LocalModel(model_path, n_ctx=seq_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+        return HighLevelEngine(model)
+    if kind != "batched":
+        raise MaltError(f"unknown engine '{kind}': choose one of {', '.join(ENGINES)}")
+    # The high-level context is only used for tokenising: keep it tiny.
+    model = LocalModel(
+        model_path, n_ctx=256, n_batch=64, n_threads=threads, n_gpu_layers=gpu_layers
+    )
+    try:
+        plan = plan_batch(
+            model,
+            max_tokens=max_tokens,
+            seq_limit=seq_ctx,
+            parallel=parallel,
+            ctx=ctx,
+            flash_attn=flash_attn,
+        )
+        return BatchedEngine(model, plan)
+    except BaseException:
+        model.close()
+        raise

@@ -1,0 +1,85 @@
+"""`malt export`: role datasets (SFT, DPO, the seed's JSON) and a manifest, from the database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from malt_local.cli.run import db_option, json_option
+from malt_local.paths import default_db_path
+
+ROLE_CHOICES = ("generator", "verifier", "refiner", "all")
+FORMAT_CHOICES = ("sft", "dpo", "json", "all")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(export_cmd)
+
+
+@click.command(name="export")
+@click.option("--role", default="all", show_default=True, metavar="|".join(ROLE_CHOICES),
+              help="Which role's data.")
+@click.option("--format", "format_", default="all", show_default=True,
+              metavar="|".join(FORMAT_CHOICES),
+              help="sft: ROLE.sft.jsonl; dpo: ROLE.dpo.jsonl (TRL preference pairs); "
+                   "json: ROLE_training.json (the seed's format).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("export"),
+              show_default=True, help="Output folder (created; files are replaced whole).")
+@click.option("--theta", type=float,
+              help="Relabel: generator/verifier positive when value > θ [each run's θ].")
+@click.option("--run", "run_ids", multiple=True,
+              help="Only this run (repeatable) [every run in the database].")
+@click.option("--valid-fraction", type=float,
+              help="Also write ROLE/train.jsonl and ROLE/valid.jsonl, split by question.")
+@click.option("--max-pairs-per-group", type=int,
+              help="DPO: at most K pairs per sibling group, largest value margin first [all].")
+@db_option
+@json_option
+def export_cmd(role: str, format_: str, out: Path, theta: float | None, run_ids: tuple[str, ...],
+               valid_fraction: float | None, max_pairs_per_group: int | None,
+               db_path: Path | None, json_: bool) -> None:
+    """Export training data for each role: positives for SFT, sibling pairs for DPO.
+
+    \b
+    Positives (paper, Algorithm 1): generator and verifier nodes whose value is > θ,
+    refiner leaves with reward 1. DPO pairs: a positive and a negative child of the
+    same parent. Only complete trees are exported. manifest.json in the output folder
+    records counts, θ, source runs, model sha256, prompt hashes and the licence notice.
+    """
+    from malt_local import export as ex
+
+    options = ex.ExportOptions(
+        roles=ex.parse_choice(role, ex.ROLES, "role"),
+        formats=ex.parse_choice(format_, ex.FORMATS, "format"),
+        theta=theta,
+        run_ids=run_ids,
+        valid_fraction=valid_fraction,
+        max_pairs_per_group=max_pairs_per_group,
+    )
+    manifest = ex.export(db_path or default_db_path(), out, options)
+    if json_:
+        click.echo(json.dumps({"out": str(out), "manifest": manifest}, indent=2))
+        return
+    q = manifest["questions"]
+    runs = ", ".join(s["run_id"] for s in manifest["sources"])
+    theta_text = manifest["theta"] if manifest["theta"] is not None else "per run"
+    click.echo(
+        f"exported {q['exported']} questions from run {runs} "
+        f"({q['incomplete_skipped']} incomplete skipped), θ {theta_text} -> {out}"
+    )
+    for r, counts in manifest["counts"].items():
+        click.echo(f"  {r:<9} " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+    for notice in manifest["licence_notices"]:
+        click.echo(f"licence: {notice}")
+    if valid_fraction is not None:
+        for r, counts in manifest["counts"].items():
+            empty = [part for part in ("train", "valid") if counts.get(part) == 0]
+            if empty:
+                click.echo(
+                    f"warning: {r} {' and '.join(empty)} split is empty "
+                    "(mlx-lm needs both): export more questions or change --valid-fraction",
+                    err=True,
+                )
+

@@ -1,0 +1,548 @@
+"""The LLM judge: grades answers no rule can check, with output held to a JSON schema.
+
+The seed implementation (Nimitkothari/MALT) scores answers with an LLM evaluator that returns
+`correctness_score`, `reasoning_score`, `explanation` and `key_matches`. This is the same judge
+run locally: the run's model (or `--judge-model`) reads `prompts/judge.j2` and writes its
+verdict under a llama.cpp grammar built from `JUDGE_SCHEMA`, so every reply parses as that
+JSON object (scores from the eleven values 0.0, 0.1, ..., 1.0; bounded strings and lists, so a
+verdict always fits in `JUDGE_MAX_TOKENS`).
+
+When it runs: after the tree, as a pass over the run's refiner leaves that have no judgement
+yet (`malt run --judge`). Each verdict is committed on its own with the leaf it grades, so a
+killed pass resumes where it stopped and never judges a leaf twice.
+
+What it decides:
+
+- With `--judge` on a task that has a grader, the judgement is stored next to the leaf (table
+  `judgements`) and exported in the JSON datasets' `evaluation`; rewards stay the grader's.
+- With `--task judge` there is no grader: the tree stores each leaf with reward NULL, and the
+  judge sets reward = 1 when `correctness_score >= PASS_THRESHOLD` (0.5), else 0. A reply that
+  is not valid JSON (only possible when it was cut off by the context size) is reward 0, the
+  way a leaf the grader cannot read is wrong. Once all of a question's leaves are rewarded its
+  tree gets values and labels through the same credit assignment as every other task.
+
+The judge decodes greedily (temperature 0): a verdict depends only on its prompt, so
+re-judging the same leaf with the same model gives the same verdict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import jinja2
+
+from malt_local import credit
+from malt_local.errors import MaltError
+from malt_local.paths import data_path
+from malt_local.prompts import PromptSet
+from malt_local.store import Store, utcnow
+from malt_local.tree import JUDGE_TASK, Progress, assign_question_credit, derive_seed
+
+if TYPE_CHECKING:
+    from malt_local.llama_engine import LocalModel
+
+__all__ = [
+    "JUDGE_MAX_TOKENS",
+    "JUDGE_SCHEMA",
+    "JUDGE_TASK",
+    "PASS_THRESHOLD",
+    "JudgeBackend",
+    "JudgeOutput",
+    "JudgePrompt",
+    "JudgeSummary",
+    "Judgement",
+    "LlamaJudge",
+    "check_judge_model",
+    "judge_run",
+    "parse_judgement",
+]
+
+Message = dict[str, str]
+
+# A leaf passes (reward 1) when the judge's correctness_score is at least this.
+PASS_THRESHOLD = 0.5
+# Room for the longest reply the schema allows (about 300 + 5 * 60 characters of strings).
+JUDGE_MAX_TOKENS = 384
+# Leaves fetched per query: the pass holds this many, however large the run.
+_BATCH = 64
+
+SCORES = [round(i / 10, 1) for i in range(11)]
+
+# Field order is generation order: the judge explains before it scores. The grammar makes the
+# model write exactly these fields, in this order, with these bounds.
+JUDGE_SCHEMA: dict = {
+    "type": "object",
+    "properties": {
+        "explanation": {"type": "string", "minLength": 1, "maxLength": 300},
+        "key_matches": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 60},
+            "maxItems": 5,
+        },
+        "reasoning_score": {"type": "number", "enum": SCORES},
+        "correctness_score": {"type": "number", "enum": SCORES},
+    },
+    "required": ["explanation", "key_matches", "reasoning_score", "correctness_score"],
+    "additionalProperties": False,
+}
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One verdict, as stored in `judgements` (scores None when the reply did not parse)."""
+
+    correctness_score: float | None
+    reasoning_score: float | None
+    explanation: str
+    key_matches: list[str]
+    valid: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.correctness_score is not None and self.correctness_score >= PASS_THRESHOLD
+
+    @property
+    def reward(self) -> float:
+        return 1.0 if self.passed else 0.0
+
+
+def _score(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0.0 <= value <= 1.0 else None
+
+
+def parse_judgement(text: str) -> Judgement:
+    """The verdict in a judge reply, checked against the schema's types and ranges.
+
+    Any reply that is not such an object (cut off, wrong types, a score outside [0, 1]) gives
+    an invalid judgement with no scores, which grades the leaf as wrong: the reply is kept in
+    `judgements.output` for a human to read.
+    """
+    try:
+        # strict=False: llama-cpp-python's JSON grammar lets raw newlines into strings.
+        data = json.loads(text, strict=False)
+    except (json.JSONDecodeError, TypeError):
+        return Judgement(None, None, "the judge's reply is not valid JSON", [], False)
+    if not isinstance(data, dict):
+        return Judgement(None, None, "the judge's reply is not a JSON object", [], False)
+    correctness = _score(data.get("correctness_score"))
+    reasoning = _score(data.get("reasoning_score"))
+    explanation = data.get("explanation")
+    matches = data.get("key_matches")
+    if (
+        correctness is None
+        or reasoning is None
+        or not isinstance(explanation, str)
+        or not isinstance(matches, list)
+        or not all(isinstance(m, str) for m in matches)
+    ):
+        return Judgement(None, None, "the judge's reply does not follow the schema", [], False)
+    return Judgement(correctness, reasoning, explanation.strip(), [m.strip() for m in matches],
+                     True)
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+class JudgePrompt:
+    """`judge.j2` from the run's prompts folder, else the shipped one, in the same sandbox.
+
+    The template renders in the environment `PromptSet` builds (immutable sandbox, undefined
+    variables are errors), so a user's judge template is held to the same rules as the roles'.
+    """
+
+    NAME = "judge.j2"
+
+    def __init__(self, prompts_dir: Path | str | None = None) -> None:
+        folder = Path(prompts_dir) if prompts_dir is not None else None
+        if folder is None or not (folder / self.NAME).is_file():
+            folder = data_path("prompts")
+        if not (folder / self.NAME).is_file():
+            raise MaltError(f"no judge template {self.NAME} in {folder}")
+        self.path = folder / self.NAME
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        try:
+            self.template = PromptSet(folder).env.get_template(self.NAME)
+        except jinja2.TemplateError as exc:
+            raise MaltError(f"judge template {self.path}: {exc}") from exc
+
+    def _block(self, name: str, variables: dict) -> str | None:
+        if name not in self.template.blocks:
+            return None
+        try:
+            ctx = self.template.new_context(variables)
+            return "".join(self.template.blocks[name](ctx)).strip()
+        except jinja2.TemplateError as exc:
+            raise MaltError(f"judge template {self.path}, block {name}: {exc}") from exc
+
+    def messages(
+        self,
+        *,
+        question: str,
+        ground_truth: str,
+        answer: str,
+        task: str,
+        options: list[tuple[str, str]] | None = None,
+        stated_answer: str | None = None,
+    ) -> list[Message]:
+        variables = {
+            "question": question,
+            "ground_truth": ground_truth,
+            "answer": answer,
+            "stated_answer": stated_answer,
+            "task": task,
+            "options": [{"letter": letter, "text": text} for letter, text in options or ()],
+        }
+        out: list[Message] = []
+        system = self._block("system", variables)
+        if system:
+            out.append({"role": "system", "content": system})
+        user = self._block("user", variables)
+        if not user:
+            raise MaltError(f"judge template {self.path} has no 'user' block")
+        out.append({"role": "user", "content": user})
+        return out
+
+    def check(self) -> None:
+        """Render once, so a broken template fails before any node is written."""
+        self.messages(question="(question)", ground_truth="(truth)", answer="(answer)",
+                      task="exact", options=[("A", "(option)")], stated_answer="(answer)")
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass
+class JudgeOutput:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float = 0.0
+
+
+class JudgeBackend(Protocol):
+    """What the pass needs from a model: one constrained reply per prompt."""
+
+    name: str  # the judge model's file name, recorded with each verdict
+    sha256: str | None
+
+    def complete(self, messages: list[Message], seed: int) -> JudgeOutput: ...
+
+
+class LlamaJudge:
+    """The judge on llama.cpp's high-level API, with a grammar from `JUDGE_SCHEMA`."""
+
+    def __init__(
+        self,
+        model: LocalModel,
+        sha256: str | None,
+        *,
+        max_tokens: int = JUDGE_MAX_TOKENS,
+    ) -> None:
+        from llama_cpp import LlamaGrammar
+
+        self.model = model
+        self.name = model.path.name
+        self.sha256 = sha256
+        self.max_tokens = max_tokens
+        self.grammar = LlamaGrammar.from_json_schema(json.dumps(JUDGE_SCHEMA), verbose=False)
+        # Another engine may have used this context: forget the prefix llama-cpp-python
+        # believes is cached, so nothing stale is reused.
+        model.llm.reset()
+
+    def complete(self, messages: list[Message], seed: int) -> JudgeOutput:
+        llm = self.model.llm
+        tokens = self.model.prompt_tokens(messages)
+        room = self.model.n_ctx - len(tokens)
+        if room < 16:
+            return JudgeOutput("", "length", len(tokens), 0)
+        t0 = time.perf_counter()
+        out = llm.create_completion(
+            tokens,
+            max_tokens=min(self.max_tokens, room),
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            seed=seed,
+            grammar=self.grammar,
+        )
+        choice, usage = out["choices"][0], out["usage"]
+        return JudgeOutput(
+            choice["text"],
+            "length" if choice["finish_reason"] == "length" else "stop",
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            time.perf_counter() - t0,
+        )
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+@dataclass
+class JudgeSummary:
+    """What one judge pass did (the `judge` part of `malt run --json`)."""
+
+    model: str
+    judged: int = 0  # verdicts written by this pass
+    already: int = 0  # leaves judged by an earlier pass
+    invalid: int = 0  # replies of this pass that did not parse (graded as wrong)
+    passed: int = 0  # verdicts of this pass with correctness_score >= PASS_THRESHOLD
+    credited: int = 0  # trees that got values and labels from this pass (--task judge)
+    sets_rewards: bool = False
+
+
+def check_judge_model(store: Store, run_id: str, name: str, sha256: str | None) -> None:
+    """Refuse to mix verdicts of two judge models in one run."""
+    rows = store.db.execute(
+        "SELECT DISTINCT model, model_sha256 FROM judgements WHERE run_id = ?", [run_id]
+    ).fetchall()
+    for model, digest in rows:
+        if digest != sha256 or (digest is None and model != name):
+            raise MaltError(
+                f"run {run_id} was judged with {model}"
+                f"{f' (sha256 {digest[:12]})' if digest else ''}; judge it with the same model "
+                "(--judge-model), or pass --new-run"
+            )
+
+
+def _pending(store: Store, run_id: str, after: str, limit: int) -> list[dict]:
+    """The next refiner leaves of a run without a verdict, after node id `after`.
+
+    A node's id is `run/question/path`, so walking the primary key from `run/` visits the run's
+    trees question by question in path order, with no sort however large the run (keyset
+    pagination: each query starts where the previous one stopped).
+    """
+    return list(
+        store.db.query(
+            """SELECT n.id, n.question_id, n.path, n.output, n.answer,
+                      q.question, q.ground_truth, q.task, q.options
+               FROM nodes n
+               JOIN questions q ON q.id = n.question_id
+               LEFT JOIN judgements j ON j.node_id = n.id
+               WHERE n.id > ? AND n.id < ? AND n.depth = 3 AND j.node_id IS NULL
+               ORDER BY n.id
+               LIMIT ?""",
+            # The id range is the run's nodes ("0" sorts right after "/"); no run_id
+            # condition, which would lead SQLite to another index and a sort per query.
+            [after, run_id + "0", limit],
+        )
+    )
+
+
+def _options(raw: str | None) -> list[tuple[str, str]]:
+    return [(str(a), str(b)) for a, b in json.loads(raw)] if raw else []
+
+
+def judge_run(
+    store: Store,
+    run: dict,
+    backend: JudgeBackend,
+    prompt: JudgePrompt,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> JudgeSummary:
+    """Judge every refiner leaf of `run` that has no verdict yet, committing one by one.
+
+    With the run's task `judge`, each verdict also sets its leaf's reward, and every tree whose
+    leaves are all rewarded gets its values and labels.
+    """
+    run_id = run["id"]
+    sets_rewards = run.get("task") == JUDGE_TASK
+    check_judge_model(store, run_id, backend.name, backend.sha256)
+    summary = JudgeSummary(model=backend.name, sets_rewards=sets_rewards)
+    db = store.db
+    total = db.execute(
+        "SELECT COUNT(*) FROM nodes WHERE run_id = ? AND depth = 3", [run_id]
+    ).fetchone()[0]
+    summary.already = db.execute(
+        "SELECT COUNT(*) FROM judgements WHERE run_id = ?", [run_id]
+    ).fetchone()[0]
+    progress = Progress(total=total, done=summary.already)
+    if on_progress:
+        on_progress(progress)
+    last_question: str | None = None
+    after = run_id + "/"
+    while batch := _pending(store, run_id, after, _BATCH):
+        after = batch[-1]["id"]
+        for leaf in batch:
+            if sets_rewards and last_question not in (None, leaf["question_id"]):
+                summary.credited += _credit(store, run, last_question)
+            last_question = leaf["question_id"]
+            _judge_one(store, run, backend, prompt, leaf, sets_rewards, summary)
+            progress.done += 1
+            progress.generated_nodes += 1
+            if on_progress:
+                on_progress(progress)
+    if sets_rewards:
+        if last_question is not None:
+            summary.credited += _credit(store, run, last_question)
+        # Trees whose last verdict was written by a pass that stopped before their credit.
+        for (qid,) in db.execute(
+            """SELECT question_id FROM nodes WHERE run_id = ? GROUP BY question_id
+               HAVING SUM(depth = 3) = ? AND SUM(depth = 3 AND reward IS NULL) = 0
+                      AND SUM(value IS NULL) > 0""",
+            [run_id, run["n"] ** 3],
+        ).fetchall():
+            summary.credited += _credit(store, run, qid)
+    return summary
+
+
+def _credit(store: Store, run: dict, question_id: str) -> int:
+    return int(assign_question_credit(store, run["id"], question_id, run["n"], run["theta"]))
+
+
+def _judge_one(
+    store: Store,
+    run: dict,
+    backend: JudgeBackend,
+    prompt: JudgePrompt,
+    leaf: dict,
+    sets_rewards: bool,
+    summary: JudgeSummary,
+) -> None:
+    messages = prompt.messages(
+        question=leaf["question"],
+        ground_truth=leaf["ground_truth"],
+        answer=leaf["output"],
+        task=run.get("task") or leaf["task"],
+        options=_options(leaf["options"]),
+        stated_answer=leaf["answer"],
+    )
+    seed = derive_seed(run["seed"], "judge:" + leaf["question_id"], tuple(
+        int(b) for b in leaf["path"].split(".")
+    ))
+    out = backend.complete(messages, seed)
+    verdict = parse_judgement(out.text)
+    summary.judged += 1
+    summary.invalid += not verdict.valid
+    summary.passed += verdict.passed
+    with store.db.atomic():
+        store.db.execute(
+            """INSERT INTO judgements (node_id, run_id, correctness_score, reasoning_score,
+                   explanation, key_matches, valid, output, model, model_sha256,
+                   prompt_tokens, completion_tokens, duration_ms, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [
+                leaf["id"],
+                run["id"],
+                verdict.correctness_score,
+                verdict.reasoning_score,
+                verdict.explanation,
+                json.dumps(verdict.key_matches, ensure_ascii=False),
+                int(verdict.valid),
+                out.text,
+                backend.name,
+                backend.sha256,
+                out.prompt_tokens,
+                out.completion_tokens,
+                int(out.seconds * 1000),
+                utcnow(),
+            ],
+        )
+        if sets_rewards:
+            reward = verdict.reward
+            store.db.execute(
+                "UPDATE nodes SET reward = ?, correct = ?, value = ?, label = ? WHERE id = ?",
+                [reward, int(reward), reward, int(credit.label_for(reward, run["theta"])),
+                 leaf["id"]],
+            )
+
+
+# --------------------------------------------------------------------------- malt run --judge
+
+
+@dataclass(frozen=True)
+class JudgePlan:
+    """The judge a `malt run` will use, settled before anything is written."""
+
+    model_path: Path
+    sha256: str | None
+    prompt: JudgePrompt
+
+    @property
+    def name(self) -> str:
+        return self.model_path.name
+
+
+def plan_judge(
+    *,
+    judge: bool,
+    judge_model: str | None,
+    task: str | None,
+    prompts_dir: Path | None,
+    run_model_path: Path,
+    run_model_sha256: str | None,
+) -> JudgePlan | None:
+    """None without a judge; else the judge model (the run's unless `--judge-model`) and its
+    template, both checked. `--judge-model` implies `--judge`; `--task judge` needs a judge.
+    """
+    if not (judge or judge_model or task == JUDGE_TASK):
+        return None
+    prompt = JudgePrompt(prompts_dir)
+    prompt.check()
+    if not judge_model:
+        return JudgePlan(run_model_path, run_model_sha256, prompt)
+    from malt_local.hashing import cached_sha256
+    from malt_local.runner import resolve_model_path
+
+    path, known = resolve_model_path(judge_model)
+    return JudgePlan(path, known or cached_sha256(path), prompt)
+
+
+def run_judge(
+    plan: JudgePlan,
+    db_path: Path,
+    run: dict,
+    *,
+    n_ctx: int,
+    threads: int | None = None,
+    gpu_layers: int | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> JudgeSummary:
+    """Judge the run's unjudged leaves (after the tree is built), loading the judge model only
+    if there is one to judge.
+
+    The model is loaded afresh, after the tree's engine has let go of it, so the judge never
+    shares a context with an engine that manages the KV cache its own way.
+    """
+    backend = _LazyLlamaJudge(plan, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
+    store = Store(db_path)
+    try:
+        return judge_run(store, run, backend, plan.prompt, on_progress=on_progress)
+    finally:
+        backend.close()
+        store.close()
+
+
+class _LazyLlamaJudge:
+    """A `LlamaJudge` whose model loads on the first prompt (a finished pass loads nothing)."""
+
+    def __init__(self, plan: JudgePlan, *, n_ctx: int, threads: int | None,
+                 gpu_layers: int | None) -> None:
+        self.plan = plan
+        self.name = plan.name
+        self.sha256 = plan.sha256
+        self._args = {"n_ctx": n_ctx, "n_threads": threads, "n_gpu_layers": gpu_layers}
+        self._judge: LlamaJudge | None = None
+
+    def complete(self, messages: list[Message], seed: int) -> JudgeOutput:
+        if self._judge is None:
+            from malt_local.llama_engine import LocalModel
+
+            self._judge = LlamaJudge(LocalModel(self.plan.model_path, **self._args), self.sha256)
+        return self._judge.complete(messages, seed)
+
+    def close(self) -> None:
+        if self._judge is not None:
+            self._judge.model.close()
