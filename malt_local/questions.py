@@ -65,7 +65,9 @@ def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
     suffix = p.suffix.lower()
     readers = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".txt": _rows_txt}
     if suffix not in readers:
-        raise MaltError(f"unsupported questions file type '{suffix}': use .jsonl, .json, .csv or .txt")
+        raise MaltError(
+            f"unsupported questions file type '{suffix}': use .jsonl, .json, .csv or .txt"
+        )
     questions = [
         _to_question(row, line, task, str(p)) for line, row in readers[suffix](raw, p)
     ]
