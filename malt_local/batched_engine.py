@@ -52,8 +52,8 @@ from malt_local.llama_engine import (
 ENGINES = ("batched", "simple")
 
 # Default sequences decoding at once. On a GPU a bigger batch is nearly free (raw decode on an
-# H100: 2,497 tok/s at 27 sequences, 5,071 at 256); on a CPU the model is compute-bound and a
-# bigger batch mostly makes the unified KV cache, which every token attends over, larger.
+# H100: 2,497 tok/s at 27 sequences, 5,071 at 256); on a CPU the model is compute-bound (2-core
+# CPU, SmolLM2-135M: 247 tok/s at 9 sequences, 281 at 27), so a batch only needs to stay full.
 DEFAULT_PARALLEL_GPU = 256
 DEFAULT_PARALLEL_CPU = 32
 # Tokens per physical micro-batch: prompt prefill runs in chunks of this size.
@@ -72,7 +72,7 @@ class BatchPlan:
 
     parallel: int  # most sequences decoding at once
     n_seq_max: int  # sequence ids: the live ones plus parents kept for their children
-    n_ctx: int  # KV cells in total (one unified cache)
+    n_ctx: int  # KV cells in total
     n_batch: int  # most tokens in one llama_decode
     n_ubatch: int  # physical micro-batch
     seq_limit: int  # most positions one sequence may use (prompt + output)
@@ -80,6 +80,9 @@ class BatchPlan:
     offload: bool  # layers on a GPU
     flash_attn: bool
     kv_bytes: int  # bytes of KV cache at n_ctx cells
+    # One cache shared by every sequence (a shared prefix is stored once), or one stream of
+    # n_ctx / n_seq_max cells per sequence (a fork copies the prefix).
+    kv_unified: bool = True
 
 
 def kv_bytes_per_cell(model: LocalModel) -> int:
@@ -117,12 +120,20 @@ def plan_batch(
     parallel: int | None = None,
     ctx: int | None = None,
     flash_attn: bool | None = None,
+    kv_unified: bool | None = None,
 ) -> BatchPlan:
     """Size the context from the model and the machine; a clear error for what cannot fit.
 
     `seq_limit` is the per-sequence context of the simple path (prompt plus output), so both
-    engines end a too-long node the same way. `ctx` is the total number of KV cells; by default
-    there is room for every live sequence's output and a share of the prompts above it.
+    engines end a too-long node the same way. `ctx` is the total number of KV cells of one
+    unified cache; by default there is room for every live sequence's output and a share of
+    the prompts above it.
+
+    One unified cache by default: a shared prefix is stored once and a fork only tags cells.
+    `kv_unified=False` gives each sequence its own stream of `seq_limit` cells instead (a fork
+    copies the whole stream); measured on the 2-core CPU with the benchmark's tree it was more
+    than twice slower (57.8 against 120.9 tok/s: the copies, fewer parents kept for reuse and a
+    micro-batch per stream), so it stays an option for experiments.
     """
     import llama_cpp
 
@@ -132,41 +143,52 @@ def plan_batch(
         parallel = DEFAULT_PARALLEL_GPU if offload else DEFAULT_PARALLEL_CPU
     if not 1 <= parallel <= max_seq:
         raise MaltError(f"--parallel must be between 1 and {max_seq} (got {parallel})")
+    if ctx is not None and ctx < 256:
+        raise MaltError(f"--ctx {ctx} is too small (at least 256)")
     per_cell = kv_bytes_per_cell(model)
-    if ctx is not None:
-        if ctx < 256:
-            raise MaltError(f"--ctx {ctx} is too small (at least 256)")
-        n_ctx = ctx
-    else:
-        # A live sequence holds its own output and, in a tree, about half an output's worth of
-        # shared prompt and parent output; seq_limit leaves room for one long prompt.
-        n_ctx = parallel * (max_tokens * 3 // 2 + 128) + seq_limit
-    n_ctx = -(-n_ctx // 256) * 256
     avail = None if offload else available_memory()
-    if avail is not None and n_ctx * per_cell > KV_MEMORY_SHARE * avail:
-        fit = int(KV_MEMORY_SHARE * avail // per_cell) // 256 * 256
+    budget = KV_MEMORY_SHARE * avail if avail is not None else None
+    n_ubatch = UBATCH_GPU if offload else UBATCH_CPU
+
+    def make(unified: bool, n_seq_max: int, n_ctx: int, limit: int) -> BatchPlan:
+        return BatchPlan(
+            parallel=parallel,
+            n_seq_max=n_seq_max,
+            n_ctx=n_ctx,
+            n_batch=max(n_ubatch, parallel + 256),
+            n_ubatch=n_ubatch,
+            seq_limit=limit,
+            threads=model.n_threads,
+            offload=offload,
+            # Flash attention skips other sequences' cells instead of computing and masking
+            # them: on the 2-core CPU, 27 sequences, 288 against 249 tok/s alone and 217
+            # against 87 tok/s with 8,000 other cells in a unified cache.
+            flash_attn=True if flash_attn is None else flash_attn,
+            kv_bytes=n_ctx * per_cell,
+            kv_unified=unified,
+        )
+
+    if kv_unified is None:
+        kv_unified = True
+    if not kv_unified:
+        # Room for the live sequences and a few parents kept for their children.
+        n_seq_max = min(max_seq, parallel + max(4, parallel // 4))
+        stream = -(-seq_limit // 256) * 256
+        if budget is None or n_seq_max * stream * per_cell <= budget:
+            return make(False, n_seq_max, n_seq_max * stream, seq_limit)
+    # By default a live sequence holds its own output and, in a tree, about half an output's
+    # worth of shared prompt and parent output; seq_limit leaves room for one long prompt.
+    n_ctx = ctx if ctx is not None else parallel * (max_tokens * 3 // 2 + 128) + seq_limit
+    n_ctx = -(-n_ctx // 256) * 256
+    if budget is not None and n_ctx * per_cell > budget:
+        fit = int(budget // per_cell) // 256 * 256
         if ctx is not None or fit < min(seq_limit, 4096):
             raise MaltError(
                 f"a KV cache of {n_ctx} cells needs {_gib(n_ctx * per_cell)} GiB, more than half "
-                f"of the {_gib(avail)} GiB available: lower --ctx or --parallel"
+                f"of the {_gib(avail or 0)} GiB available: lower --ctx or --parallel"
             )
         n_ctx = fit
-    n_ubatch = UBATCH_GPU if offload else UBATCH_CPU
-    return BatchPlan(
-        parallel=parallel,
-        n_seq_max=min(max_seq, 2 * parallel),
-        n_ctx=n_ctx,
-        n_batch=max(n_ubatch, parallel + 256),
-        n_ubatch=n_ubatch,
-        seq_limit=min(seq_limit, n_ctx),
-        threads=model.n_threads,
-        offload=offload,
-        # Flash attention skips the cells of other sequences in the unified cache instead of
-        # computing them and masking them out. On the 2-core CPU, 27 sequences: 288 against
-        # 249 tok/s alone, 217 against 87 tok/s with 8,000 other cells in the cache.
-        flash_attn=True if flash_attn is None else flash_attn,
-        kv_bytes=n_ctx * per_cell,
-    )
+    return make(True, min(max_seq, 2 * parallel), n_ctx, min(seq_limit, n_ctx))
 
 
 def _gib(n: float) -> str:
@@ -185,7 +207,7 @@ def new_context(model: LocalModel, plan: BatchPlan):
     p.n_outputs_max = plan.n_seq_max  # one row per sequence at most: keeps the buffer small
     p.n_threads = plan.threads
     p.n_threads_batch = plan.threads
-    p.kv_unified = True
+    p.kv_unified = plan.kv_unified
     p.flash_attn_type = (
         llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         if plan.flash_attn
@@ -439,6 +461,7 @@ class EngineStats:
 
     steps: int = 0
     decode_tokens: int = 0  # one per live sequence per step
+    decode_positions: int = 0  # sum of the positions those tokens were decoded at
     prefill_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens found in a kept parent's cache
     prompt_tokens: int = 0  # of every admitted request, once per request
@@ -452,6 +475,12 @@ class EngineStats:
     @property
     def mean_batch(self) -> float:
         return self.decode_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def mean_position(self) -> float:
+        """How deep in its context the average generated token sits: attention costs grow
+        with it, so the benchmark's raw ceiling decodes at the same depth."""
+        return self.decode_positions / self.decode_tokens if self.decode_tokens else 0.0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -605,7 +634,7 @@ class BatchedEngine:
                 self._release(parent.sid)
         while len(ids) < take:
             sid = self._free.pop()
-            if reuse > 0:
+            if reuse > 0 and self.plan.kv_unified:  # streams are copied once prefilled
                 self._llama.llama_memory_seq_cp(self._mem, ids[0], sid, 0, reuse)
             ids.append(sid)
         self._stamps += 1
@@ -651,11 +680,13 @@ class BatchedEngine:
                 break
             prompt = g.ticket.tokens
             m = min(room, len(prompt) - g.next)
-            k = len(g.ids)
+            # Unified cache: every child's id on each prompt token. Streams: the first child's
+            # only; the others copy its stream when the prompt is in.
+            k = len(g.ids) if self.plan.kv_unified else 1
             b.token[n : n + m] = prompt[g.next : g.next + m]
             b.pos[n : n + m] = np.arange(g.next, g.next + m, dtype=np.int32)
             b.n_seq_id[n : n + m] = k
-            b.seq_ids[n : n + m, :k] = g.ids
+            b.seq_ids[n : n + m, :k] = g.ids[:k]
             b.logits[n : n + m] = 0
             if g.next + m == len(prompt):
                 b.logits[n + m - 1] = 1
@@ -669,6 +700,7 @@ class BatchedEngine:
         live = list(self._live.values())
         stats.steps += 1
         stats.decode_tokens += len(live)
+        stats.decode_positions += sum(s.pos for s in live)
         for g, m in self._chunks:
             g.next += m
             stats.prefill_tokens += m
@@ -677,6 +709,9 @@ class BatchedEngine:
         new_seqs: list[list[_Seq]] = []
         for j, g in enumerate(finishing):
             self._prefilling.remove(g)
+            if not self.plan.kv_unified:
+                for sid in g.ids[1:]:
+                    self._llama.llama_memory_seq_cp(self._mem, g.ids[0], sid, -1, -1)
             seqs = [
                 _Seq(sid, key, seed, g, np.random.default_rng(seed), [], -1, len(g.ticket.tokens))
                 for sid, key, seed in zip(g.ids, g.keys, g.seeds, strict=True)
@@ -855,6 +890,7 @@ def make_engine(
     gpu_layers: int | None = None,
     parallel: int | None = None,
     flash_attn: bool | None = None,
+    kv_unified: bool | None = None,
 ) -> Engine:
     """The engine `malt run` uses: "batched" (default) or "simple" (node by node).
 
@@ -880,6 +916,7 @@ def make_engine(
             parallel=parallel,
             ctx=ctx,
             flash_attn=flash_attn,
+            kv_unified=kv_unified,
         )
         return BatchedEngine(model, plan)
     except BaseException:

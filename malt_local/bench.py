@@ -39,6 +39,7 @@ TARGET_VS_SIMPLE = 1.7
 TARGET_VS_CEILING = 0.85
 SAMPLING_BATCHES = (27, 64)
 FLASH = {"auto": None, "on": True, "off": False}
+KV = {"auto": None, "unified": True, "streams": False}
 
 
 def peak_rss_mib() -> float:
@@ -78,6 +79,7 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
         gpu_layers=args.gpu_layers,
         parallel=args.parallel if kind == "batched" else None,
         flash_attn=FLASH[args.flash_attn] if kind == "batched" else None,
+        kv_unified=KV[args.kv] if kind == "batched" else None,
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
@@ -105,6 +107,7 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
     if kind == "batched":
         out["stats"] = asdict(engine.stats)  # type: ignore[attr-defined]
         out["mean_batch"] = engine.stats.mean_batch  # type: ignore[attr-defined]
+        out["mean_position"] = engine.stats.mean_position  # type: ignore[attr-defined]
         out["plan"] = asdict(engine.plan)  # type: ignore[attr-defined]
     engine.close()
     out["peak_rss_mib"] = peak_rss_mib()
@@ -139,6 +142,7 @@ def ceiling_part(args: argparse.Namespace) -> dict:
         parallel=args.parallel,
         ctx=args.ctx,
         flash_attn=FLASH[args.flash_attn],
+        kv_unified=KV[args.kv],
     )
     ctx = new_context(model, plan)
     mem = lib.llama_get_memory(ctx)
@@ -149,36 +153,41 @@ def ceiling_part(args: argparse.Namespace) -> dict:
     messages = PromptSet().messages("generator", TreeContext(question))
     prompt = np.asarray(model.prompt_tokens(messages), dtype=np.int32)
 
-    def fork(b: int) -> int:
-        """The prompt in sequence 0, shared with sequences 1..b-1; returns its next token."""
+    def fork(b: int, tokens: np.ndarray) -> int:
+        """`tokens` in sequence 0, copied to sequences 1..b-1; returns its next token."""
         lib.llama_memory_clear(mem, False)
-        p = len(prompt)
-        batch.token[:p], batch.pos[:p] = prompt, np.arange(p)
-        batch.n_seq_id[:p], batch.seq_ids[:p, 0], batch.logits[:p] = 1, 0, 0
-        batch.logits[p - 1] = 1
-        assert batch.decode(ctx, p) == 0
+        for at in range(0, len(tokens), plan.n_batch):
+            p = min(plan.n_batch, len(tokens) - at)
+            batch.token[:p], batch.pos[:p] = tokens[at : at + p], np.arange(at, at + p)
+            batch.n_seq_id[:p], batch.seq_ids[:p, 0], batch.logits[:p] = 1, 0, 0
+            batch.logits[p - 1] = 1
+            assert batch.decode(ctx, p) == 0
         for s in range(1, b):
             lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
         return int(np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(n_vocab,)).argmax())
 
-    def step(b: int, i: int, token: int | None = None) -> None:
+    def step(b: int, pos: int, token: int | None = None) -> None:
         # Token values do not change the cost of a step; the sampling timings use a real one.
-        batch.token[:b] = (2000 + 7 * i + np.arange(b)) % n_vocab if token is None else token
-        batch.pos[:b] = len(prompt) + i
+        batch.token[:b] = (2000 + 7 * pos + np.arange(b)) % n_vocab if token is None else token
+        batch.pos[:b] = pos
         batch.n_seq_id[:b], batch.seq_ids[:b, 0], batch.logits[:b] = 1, np.arange(b), 1
         rc = batch.decode(ctx, b)
         if rc != 0:
             raise SystemExit(f"bench: raw decode failed ({rc}) at B={b}")
 
+    # Decode at the depth the engine decoded at: a context of `depth` tokens, then max_tokens
+    # steps, so the mean position of the decoded tokens is the engine's.
+    depth = max(1, round(args.position - args.max_tokens / 2))
+    context = np.resize(prompt, depth)
     b = max(1, min(plan.n_seq_max, round(args.batch)))
     tokens, seconds = 0, 0.0
     while seconds < args.ceiling_seconds:
-        fork(b)
-        step(b, 0)  # warm-up, not timed
+        fork(b, context)
+        step(b, depth)  # warm-up, not timed
         lib.llama_synchronize(ctx)
         t0 = time.perf_counter()
         for i in range(1, args.max_tokens):
-            step(b, i)
+            step(b, depth + i)
         lib.llama_synchronize(ctx)
         seconds += time.perf_counter() - t0
         tokens += b * (args.max_tokens - 1)
@@ -187,7 +196,7 @@ def ceiling_part(args: argparse.Namespace) -> dict:
     vec = VectorSampler(model.eog_ids, min(8, os.cpu_count() or 1) if plan.offload else 1)
     params = SamplingParams(temperature=0.3)
     for sb in [x for x in SAMPLING_BATCHES if x <= plan.n_seq_max]:
-        step(sb, 0, fork(sb))
+        step(sb, len(prompt), fork(sb, prompt))
         chains = []
         for s in range(sb):
             chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
@@ -215,6 +224,7 @@ def ceiling_part(args: argparse.Namespace) -> dict:
     return {
         "kind": "ceiling",
         "batch": b,
+        "depth": depth,
         "tokens": tokens,
         "seconds": seconds,
         "sampling": sampling,
@@ -300,6 +310,11 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
     model = Path(args.model)
     size = model.stat().st_size / 2**20 if model.exists() else 0
     offload = "yes" if plan["offload"] else "no (CPU)"
+    layout = (
+        "one unified cache"
+        if plan["kv_unified"]
+        else f"a stream for each of {plan['n_seq_max']} sequences"
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -314,7 +329,8 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         f"- tree: {args.questions} GSM8K questions, n = {args.n} "
         f"({args.n + args.n**2 + args.n**3} nodes each), {args.max_tokens} tokens per node "
         "(end-of-sequence ignored), temperature 0.3, the same seeds on both paths",
-        f"- engine: parallel {plan['parallel']}, {plan['n_ctx']} KV cells (unified), "
+        f"- engine: parallel {plan['parallel']}, {plan['n_ctx']} KV cells "
+        f"({layout}), "
         f"n_batch {plan['n_batch']}, n_ubatch {plan['n_ubatch']}, {plan['threads']} threads, "
         f"flash attention {'on' if plan['flash_attn'] else 'off'}",
         "",
@@ -325,7 +341,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
     rows = (
         ("(a) high-level API, node by node", a, a["nodes"]),
         ("(b) batched tree engine", b, b["nodes"]),
-        (f"(c) raw `llama_decode` ceiling, B = {c['batch']}", c, None),
+        (f"(c) raw `llama_decode` ceiling, B = {c['batch']}, depth {c['depth']}+", c, None),
     )
     for name, r, nodes in rows:
         nps = f"{nodes / r['seconds']:.2f}" if nodes else "—"
@@ -347,6 +363,10 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         "",
         f"- **b/a = {ba:.2f}×** (target ≥ {TARGET_VS_SIMPLE}×: {ok_a})",
         f"- **b/c = {bc:.0%}** of the raw ceiling (target ≥ {TARGET_VS_CEILING:.0%}: {ok_c})",
+        f"- (c) decodes B sequences, no sampling, on a context built like the engine's, at the "
+        f"engine's mean batch and at its mean depth (a {c['depth']}-token context, then "
+        f"{args.max_tokens} steps: the average generated token of (b) sat at position "
+        f"{b['mean_position']:.0f})",
         f"- engine: mean decode batch {b['mean_batch']:.1f}, peak {stats['peak_live']} sequences, "
         f"{stats['steps']} steps; prompts {stats['prompt_tokens']} tokens, of which "
         f"{stats['reused_tokens']} reused from a parent's cache and {stats['prefill_tokens']} "
@@ -392,17 +412,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--gpu-layers", type=int, default=None)
     p.add_argument("--flash-attn", choices=tuple(FLASH), default="auto", help="[auto: on]")
+    p.add_argument("--kv", choices=tuple(KV), default="auto", help="[auto: unified]")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--ceiling-seconds", type=float, default=10.0)
     p.add_argument("--part", choices=("simple", "batched", "ceiling"), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--position", type=float, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     args.command = ["python", "-m", "malt_local.bench", *given]
     args.passthrough = [
         x
         for key in ("model", "n", "questions", "max_tokens", "parallel", "ctx", "threads",
-                    "gpu_layers", "ceiling_seconds", "flash_attn")
+                    "gpu_layers", "ceiling_seconds", "flash_attn", "kv")
         if getattr(args, key) is not None
         for x in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
     ]  # fmt: skip
@@ -421,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     b = child(args, "batched")
     if a["shape"] != b["shape"]:
         raise SystemExit("bench: the two paths built different trees")
-    c = child(args, "ceiling", batch=f"{b['mean_batch']:.2f}")
+    c = child(args, "ceiling", batch=f"{b['mean_batch']:.2f}", position=f"{b['mean_position']:.1f}")
     md = report(args, a, b, c, machine())
     print_table(md)
     args.out.write_text(md)

@@ -144,8 +144,9 @@ def parse_judgement(text: str) -> Judgement:
         or not all(isinstance(m, str) for m in matches)
     ):
         return Judgement(None, None, "the judge's reply does not follow the schema", [], False)
-    return Judgement(correctness, reasoning, explanation.strip(), [m.strip() for m in matches],
-                     True)
+    return Judgement(
+        correctness, reasoning, explanation.strip(), [m.strip() for m in matches], True
+    )
 
 
 # --------------------------------------------------------------------------- prompt
@@ -212,8 +213,14 @@ class JudgePrompt:
 
     def check(self) -> None:
         """Render once, so a broken template fails before any node is written."""
-        self.messages(question="(question)", ground_truth="(truth)", answer="(answer)",
-                      task="exact", options=[("A", "(option)")], stated_answer="(answer)")
+        self.messages(
+            question="(question)",
+            ground_truth="(truth)",
+            answer="(answer)",
+            task="exact",
+            options=[("A", "(option)")],
+            stated_answer="(answer)",
+        )
 
 
 # --------------------------------------------------------------------------- backends
@@ -419,9 +426,9 @@ def _judge_one(
         options=_options(leaf["options"]),
         stated_answer=leaf["answer"],
     )
-    seed = derive_seed(run["seed"], "judge:" + leaf["question_id"], tuple(
-        int(b) for b in leaf["path"].split(".")
-    ))
+    seed = derive_seed(
+        run["seed"], "judge:" + leaf["question_id"], tuple(int(b) for b in leaf["path"].split("."))
+    )
     out = backend.complete(messages, seed)
     verdict = parse_judgement(out.text)
     summary.judged += 1
@@ -454,8 +461,13 @@ def _judge_one(
             reward = verdict.reward
             store.db.execute(
                 "UPDATE nodes SET reward = ?, correct = ?, value = ?, label = ? WHERE id = ?",
-                [reward, int(reward), reward, int(credit.label_for(reward, run["theta"])),
-                 leaf["id"]],
+                [
+                    reward,
+                    int(reward),
+                    reward,
+                    int(credit.label_for(reward, run["theta"])),
+                    leaf["id"],
+                ],
             )
 
 
@@ -528,8 +540,9 @@ def run_judge(
 class _LazyLlamaJudge:
     """A `LlamaJudge` whose model loads on the first prompt (a finished pass loads nothing)."""
 
-    def __init__(self, plan: JudgePlan, *, n_ctx: int, threads: int | None,
-                 gpu_layers: int | None) -> None:
+    def __init__(
+        self, plan: JudgePlan, *, n_ctx: int, threads: int | None, gpu_layers: int | None
+    ) -> None:
         self.plan = plan
         self.name = plan.name
         self.sha256 = plan.sha256

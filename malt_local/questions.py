@@ -68,9 +68,7 @@ def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
         raise MaltError(
             f"unsupported questions file type '{suffix}': use .jsonl, .json, .csv or .txt"
         )
-    questions = [
-        _to_question(row, line, task, str(p)) for line, row in readers[suffix](raw, p)
-    ]
+    questions = [_to_question(row, line, task, str(p)) for line, row in readers[suffix](raw, p)]
     if not questions:
         raise MaltError(f"no questions in {p}")
     # The same question twice is one tree: ids are content hashes.

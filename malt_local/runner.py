@@ -109,8 +109,12 @@ def run_tree(
     if run is not None:
         check_same(run, spec, str(db_path))
     judge_plan = plan_judge(
-        judge=judge, judge_model=judge_model, task=settings.task, prompts_dir=prompts_dir,
-        run_model_path=model_path, run_model_sha256=spec.model_sha256,
+        judge=judge,
+        judge_model=judge_model,
+        task=settings.task,
+        prompts_dir=prompts_dir,
+        run_model_path=model_path,
+        run_model_sha256=spec.model_sha256,
     )
 
     engine = make_engine(
@@ -145,8 +149,13 @@ def run_tree(
     if judge_plan is not None:
         with progress_display(show_progress, 0) as on_progress:
             judged = run_judge(
-                judge_plan, db_path, run, n_ctx=context_size(spec.max_tokens, None),
-                threads=threads, gpu_layers=gpu_layers, on_progress=on_progress,
+                judge_plan,
+                db_path,
+                run,
+                n_ctx=context_size(spec.max_tokens, None),
+                threads=threads,
+                gpu_layers=gpu_layers,
+                on_progress=on_progress,
             )
     return {
         "run_id": run["id"],

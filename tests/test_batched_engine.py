@@ -275,6 +275,9 @@ def test_settings_that_cannot_fit_are_clear_errors(model):
         plan_batch(model, max_tokens=16, seq_limit=2048, ctx=2**40)
     plan = plan_batch(model, max_tokens=512, seq_limit=3584)
     assert plan.parallel == 32 and not plan.offload and plan.n_ctx % 256 == 0
+    assert plan.kv_unified and plan.seq_limit == 3584
+    streams = plan_batch(model, max_tokens=16, seq_limit=2048, parallel=8, kv_unified=False)
+    assert not streams.kv_unified and streams.n_ctx == streams.n_seq_max * 2048
     assert plan.n_seq_max <= llama_cpp.llama_max_parallel_sequences()
     with pytest.raises(MaltError, match="unknown engine"):
         make_engine("turbo", model.path, max_tokens=16, seq_ctx=2048)

@@ -68,8 +68,15 @@ def scripted(correct: dict[str, set[str]]):
     return script
 
 
-def build(db: Path, questions: list[Question], correct: dict[str, set[str]], *, n: int = 3,
-          run_id: str = "rgold", theta: float = 0.5) -> Store:
+def build(
+    db: Path,
+    questions: list[Question],
+    correct: dict[str, set[str]],
+    *,
+    n: int = 3,
+    run_id: str = "rgold",
+    theta: float = 0.5,
+) -> Store:
     store = Store(db)
     run = make_run(store, run_id, n, theta)
     store.add_questions(run_id, questions)
@@ -176,8 +183,11 @@ def test_golden_cap_keeps_the_largest_margins(golden, tmp_path):
     manifest = export(golden, out, formats=["dpo"], max_pairs_per_group=1)
     assert pair_paths(out, "generator") == [("0", "2")]
     assert pair_paths(out, "verifier") == [("0.0", "0.2"), ("1.2", "1.1")]
-    assert pair_paths(out, "refiner") == [("0.1.0", "0.1.2"), ("1.0.0", "1.0.1"),
-                                          ("1.2.0", "1.2.2")]
+    assert pair_paths(out, "refiner") == [
+        ("0.1.0", "0.1.2"),
+        ("1.0.0", "1.0.1"),
+        ("1.2.0", "1.2.2"),
+    ]
     assert manifest["pairing"]["max_pairs_per_group"] == 1
     assert not (out / "generator.sft.jsonl").exists()
 
@@ -220,15 +230,19 @@ def test_golden_json_has_the_seed_format(golden, tmp_path):
         assert list(meta)[:3] == ["timestamp", "model", "total_examples"]
         assert meta["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
         assert meta["total_examples"] == len(data["examples"]) == len(GOLD_SFT[role])
-        assert meta["timestamp"] == max(n["created_at"] for n in nodes.values()
-                                        if n["question_id"] == Q_A.id)
+        assert meta["timestamp"] == max(
+            n["created_at"] for n in nodes.values() if n["question_id"] == Q_A.id
+        )
         for example in data["examples"]:
             node = nodes[example["node_id"]]
             assert list(example) == [*fields, "ground_truth", "score", "evaluation", "node_id"]
             assert example["question"] == Q_A.text and example["ground_truth"] == "18"
             assert example["score"] == (node["reward"] if role == "refiner" else node["value"])
             assert set(example["evaluation"]) == {
-                "correctness_score", "reasoning_score", "explanation", "key_matches"
+                "correctness_score",
+                "reasoning_score",
+                "explanation",
+                "key_matches",
             }
             evaluation = example["evaluation"]
             assert evaluation["reasoning_score"] is None  # no judge in this run
@@ -308,7 +322,8 @@ def test_split_is_by_question_deterministic_and_complete(tmp_path):
 def test_split_anchor_moves_one_question_when_the_fraction_gives_none():
     qids = [f"q{i:012x}" for i in range(5)]
     splitter = ex.Splitter.anchored(
-        1e-12, ((q, {"generator": True, "refiner": q != qids[0]}) for q in qids),
+        1e-12,
+        ((q, {"generator": True, "refiner": q != qids[0]}) for q in qids),
         ("generator", "refiner"),
     )
     lowest = min(qids, key=ex._fraction)
@@ -346,7 +361,8 @@ def test_real_run_every_line_follows_the_rules(real_run_db, tmp_path):
     for role in ROLES:
         labels = {
             (n["reward"] == 1.0) if role == "refiner" else (n["value"] > theta)
-            for n in nodes.values() if n["role"] == role
+            for n in nodes.values()
+            if n["role"] == role
         }
         assert labels == {True, False}, role
     expected_pairs = dpo_groups_expected(nodes, theta)
@@ -384,7 +400,10 @@ def test_real_run_every_line_follows_the_rules(real_run_db, tmp_path):
         for e in data["examples"]:
             assert {"question", "score", "evaluation"} <= set(e)
             assert set(e["evaluation"]) == {
-                "correctness_score", "reasoning_score", "explanation", "key_matches"
+                "correctness_score",
+                "reasoning_score",
+                "explanation",
+                "key_matches",
             }
     assert manifest["models"][0]["sha256"] == sha
     assert manifest["licence_notices"] == [
@@ -477,7 +496,9 @@ def test_cli_export_prints_counts(real_run_db, tmp_path):
     assert data["manifest"]["counts"] == {"refiner": {"sft": manifest["counts"]["refiner"]["sft"]}}
     # Files of the previous export that this one did not write are gone with it.
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
-        "manifest.json", "refiner.sft.jsonl", "refiner.sft.jsonl"
+        "manifest.json",
+        "refiner.sft.jsonl",
+        "refiner.sft.jsonl",
     ]
     assert not (out / "generator").exists()
 
@@ -630,9 +651,7 @@ def synthetic_db(path: Path, trees: int, n: int = 2) -> None:
         store.db.conn.executemany("INSERT INTO run_questions VALUES (?,?,?)", rows_rq)
         # Parents before children: sorted by depth.
         rows_n.sort(key=lambda r: r[5])
-        store.db.conn.executemany(
-            "INSERT INTO nodes VALUES (" + ",".join("?" * 21) + ")", rows_n
-        )
+        store.db.conn.executemany("INSERT INTO nodes VALUES (" + ",".join("?" * 21) + ")", rows_n)
     store.close()
 
 

@@ -44,8 +44,9 @@ def leaf_script(request, key, seed):
 class FakeJudge:
     """Replies with the schema's JSON, scoring each leaf from VERDICTS (found in the prompt)."""
 
-    def __init__(self, fail_after: int | None = None, name: str = "judge.gguf",
-                 sha256: str | None = "j" * 64) -> None:
+    def __init__(
+        self, fail_after: int | None = None, name: str = "judge.gguf", sha256: str | None = "j" * 64
+    ) -> None:
         self.fail_after = fail_after
         self.name = name
         self.sha256 = sha256
@@ -115,8 +116,7 @@ def test_parse_judgement():
     assert ok.valid and ok.correctness_score == 0.5 and ok.passed and ok.reward == 1.0
     assert ok.explanation == "right" and ok.key_matches == ["Paris"]
     assert not parse_judgement(
-        '{"explanation": "", "key_matches": [], "reasoning_score": 1,'
-        ' "correctness_score": 0.4}'
+        '{"explanation": "", "key_matches": [], "reasoning_score": 1, "correctness_score": 0.4}'
     ).passed
     # llama-cpp-python's grammar lets raw control characters into strings: accepted.
     assert parse_judgement(
@@ -126,12 +126,9 @@ def test_parse_judgement():
     for bad in (
         '{"explanation": "cut off", "key_ma',
         "[1, 2]",
-        '{"explanation": "x", "key_matches": [], "reasoning_score": 0.5,'
-        ' "correctness_score": 1.5}',
-        '{"explanation": "x", "key_matches": [1], "reasoning_score": 0.5,'
-        ' "correctness_score": 1}',
-        '{"explanation": "x", "key_matches": [], "reasoning_score": true,'
-        ' "correctness_score": 1}',
+        '{"explanation": "x", "key_matches": [], "reasoning_score": 0.5, "correctness_score": 1.5}',
+        '{"explanation": "x", "key_matches": [1], "reasoning_score": 0.5, "correctness_score": 1}',
+        '{"explanation": "x", "key_matches": [], "reasoning_score": true, "correctness_score": 1}',
     ):
         j = parse_judgement(bad)
         assert not j.valid and j.correctness_score is None and j.reward == 0.0
@@ -139,8 +136,14 @@ def test_parse_judgement():
 
 def test_judge_prompt_renders_the_question_truth_and_answer(tmp_path):
     prompt = JudgePrompt()
-    msgs = prompt.messages(question="Q?", ground_truth="Paris", answer="It is Lyon.",
-                           task="judge", options=[("A", "Paris")], stated_answer="Lyon")
+    msgs = prompt.messages(
+        question="Q?",
+        ground_truth="Paris",
+        answer="It is Lyon.",
+        task="judge",
+        options=[("A", "Paris")],
+        stated_answer="Lyon",
+    )
     assert [m["role"] for m in msgs] == ["system", "user"]
     user = msgs[-1]["content"]
     assert "Q?" in user and "Reference answer: Paris" in user and "It is Lyon." in user
@@ -234,9 +237,12 @@ def test_judge_on_a_graded_task_keeps_the_graders_rewards(tmp_path):
     run = make_run(store, "rgraded", 2)
     store.add_questions(run["id"], [q])
     TreeRunner(store, run, [q], FakeEngine(script), PromptSet()).execute()
+
     def credit_state() -> dict:
-        return {n["id"]: (n["reward"], n["value"], n["label"])
-                for n in rows(store, "SELECT * FROM nodes")}
+        return {
+            n["id"]: (n["reward"], n["value"], n["label"])
+            for n in rows(store, "SELECT * FROM nodes")
+        }
 
     before = credit_state()
     summary = judge_run(store, run, FakeJudge(), JudgePrompt())
@@ -270,8 +276,9 @@ def test_export_waits_for_the_judge_then_uses_its_rewards(tmp_path):
     store.close()
     out = tmp_path / "out"
     manifest = ex.export(tmp_path / "j.db", out, ex.ExportOptions())
-    prov = [json.loads(x) for x in (out / "provenance/refiner.sft.jsonl").read_text().split("\n")
-            if x]
+    prov = [
+        json.loads(x) for x in (out / "provenance/refiner.sft.jsonl").read_text().split("\n") if x
+    ]
     assert sorted(p["path"] for p in prov) == sorted(p for p, v in VERDICTS.items() if v >= 0.5)
     assert manifest["sources"][0]["task"] == "judge"
     assert manifest["timestamp"] == max(

@@ -19,27 +19,63 @@ def register(cli: click.Group) -> None:
 
 
 @click.command(name="export")
-@click.option("--role", default="all", show_default=True, metavar="|".join(ROLE_CHOICES),
-              help="Which role's data.")
-@click.option("--format", "format_", default="all", show_default=True,
-              metavar="|".join(FORMAT_CHOICES),
-              help="sft: ROLE.sft.jsonl; dpo: ROLE.dpo.jsonl (TRL preference pairs); "
-                   "json: ROLE_training.json (the seed's format).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("export"),
-              show_default=True, help="Output folder (created; files are replaced whole).")
-@click.option("--theta", type=float,
-              help="Relabel: generator/verifier positive when value > θ [each run's θ].")
-@click.option("--run", "run_ids", multiple=True,
-              help="Only this run (repeatable) [every run in the database].")
-@click.option("--valid-fraction", type=float,
-              help="Also write ROLE/train.jsonl and ROLE/valid.jsonl, split by question.")
-@click.option("--max-pairs-per-group", type=int,
-              help="DPO: at most K pairs per sibling group, largest value margin first [all].")
+@click.option(
+    "--role",
+    default="all",
+    show_default=True,
+    metavar="|".join(ROLE_CHOICES),
+    help="Which role's data.",
+)
+@click.option(
+    "--format",
+    "format_",
+    default="all",
+    show_default=True,
+    metavar="|".join(FORMAT_CHOICES),
+    help="sft: ROLE.sft.jsonl; dpo: ROLE.dpo.jsonl (TRL preference pairs); "
+    "json: ROLE_training.json (the seed's format).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("export"),
+    show_default=True,
+    help="Output folder (created; files are replaced whole).",
+)
+@click.option(
+    "--theta",
+    type=float,
+    help="Relabel: generator/verifier positive when value > θ [each run's θ].",
+)
+@click.option(
+    "--run",
+    "run_ids",
+    multiple=True,
+    help="Only this run (repeatable) [every run in the database].",
+)
+@click.option(
+    "--valid-fraction",
+    type=float,
+    help="Also write ROLE/train.jsonl and ROLE/valid.jsonl, split by question.",
+)
+@click.option(
+    "--max-pairs-per-group",
+    type=int,
+    help="DPO: at most K pairs per sibling group, largest value margin first [all].",
+)
 @db_option
 @json_option
-def export_cmd(role: str, format_: str, out: Path, theta: float | None, run_ids: tuple[str, ...],
-               valid_fraction: float | None, max_pairs_per_group: int | None,
-               db_path: Path | None, json_: bool) -> None:
+def export_cmd(
+    role: str,
+    format_: str,
+    out: Path,
+    theta: float | None,
+    run_ids: tuple[str, ...],
+    valid_fraction: float | None,
+    max_pairs_per_group: int | None,
+    db_path: Path | None,
+    json_: bool,
+) -> None:
     """Export training data for each role: positives for SFT, sibling pairs for DPO.
 
     \b
@@ -82,4 +118,3 @@ def export_cmd(role: str, format_: str, out: Path, theta: float | None, run_ids:
                     "(mlx-lm needs both): export more questions or change --valid-fraction",
                     err=True,
                 )
-

@@ -34,7 +34,9 @@ def register(cli: click.Group) -> None:
 
 @click.command(name="run")
 @click.argument("questions", type=click.Path(path_type=Path))
-@click.option("--n", "n", type=int, help="Samples per node: n generators, n² verifiers, n³ refiners [3].")
+@click.option(
+    "--n", "n", type=int, help="Samples per node: n generators, n² verifiers, n³ refiners [3]."
+)
 @click.option("--model", "-m", envvar="MALT_MODEL", help="GGUF path or pulled alias ($MALT_MODEL).")
 @db_option
 @click.option("--temperature", type=float, help="Sampling temperature [0.3, as in the paper].")
@@ -45,31 +47,53 @@ def register(cli: click.Group) -> None:
 @click.option("--task", help=f"Grader: {'|'.join(TASKS)} [detected from the file].")
 @click.option("--theta", type=float, help="A node is positive when its value is > θ [0.5].")
 @click.option("--limit", type=int, help="Only the first K questions of the file.")
-@click.option("--prompts", "prompts_dir", type=click.Path(path_type=Path), help="Folder of role templates.")
+@click.option(
+    "--prompts", "prompts_dir", type=click.Path(path_type=Path), help="Folder of role templates."
+)
 @click.option("--run", "run_id", help="Continue this run id instead of the latest.")
 @click.option("--new-run", is_flag=True, help="Start a new run even if the latest one matches.")
 @click.option(
-    "--ctx", type=int,
+    "--ctx",
+    type=int,
     help="KV cache in tokens: all sequences together (batched engine), or one node (simple) "
     "[sized from --max-tokens and --parallel].",
 )
 @click.option("--threads", type=int, help="CPU threads [all cores].")
-@click.option("--gpu-layers", type=int, help="Layers on the GPU [all, when built with GPU support].")
 @click.option(
-    "--engine", "engine_kind", type=click.Choice(["batched", "simple"]), default="batched",
+    "--gpu-layers", type=int, help="Layers on the GPU [all, when built with GPU support]."
+)
+@click.option(
+    "--engine",
+    "engine_kind",
+    type=click.Choice(["batched", "simple"]),
+    default="batched",
     help="batched: every live node of every tree decoded together [default]; simple: node by node.",
 )
 @click.option(
-    "--parallel", type=int,
+    "--parallel",
+    type=int,
     help="Most sequences decoded at once by the batched engine [32 on a CPU, 256 on a GPU].",
 )
-@click.option("--ignore-eos", is_flag=True, default=None, help="Always generate --max-tokens (benchmarks).")
+@click.option(
+    "--ignore-eos", is_flag=True, default=None, help="Always generate --max-tokens (benchmarks)."
+)
 @click.option("--judge", is_flag=True, help="Grade every refiner leaf with the LLM judge.")
 @click.option("--judge-model", help="Judge GGUF path or alias [the run's model]; implies --judge.")
 @json_option
-def run_cmd(questions: Path, db_path: Path | None, prompts_dir: Path | None, limit: int | None,
-            run_id: str | None, new_run: bool, model: str | None, json_: bool, ctx: int | None,
-            threads: int | None, gpu_layers: int | None, **settings) -> None:
+def run_cmd(
+    questions: Path,
+    db_path: Path | None,
+    prompts_dir: Path | None,
+    limit: int | None,
+    run_id: str | None,
+    new_run: bool,
+    model: str | None,
+    json_: bool,
+    ctx: int | None,
+    threads: int | None,
+    gpu_layers: int | None,
+    **settings,
+) -> None:
     """Build the MALT tree for every question, storing each node as it is made.
 
     QUESTIONS is a .jsonl, .json, .csv or .txt file (GSM8K, MATH, CSQA or question/answer rows).
@@ -140,8 +164,9 @@ def status_cmd(db_path: Path | None, run_id: str | None, json_: bool) -> None:
 @click.option("--run", "run_id", help="Run to show [the latest with this question].")
 @click.option("--width", type=int, default=100, help="Characters of each output to show.")
 @json_option
-def show_cmd(question_id: str, db_path: Path | None, run_id: str | None, width: int,
-             json_: bool) -> None:
+def show_cmd(
+    question_id: str, db_path: Path | None, run_id: str | None, width: int, json_: bool
+) -> None:
     """Draw one question's tree with answers, rewards, values and labels."""
     data = report.tree(db_path or default_db_path(), question_id, run_id)
     if json_:
