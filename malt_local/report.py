@@ -124,8 +124,8 @@ def print_status(data: dict) -> None:
         console.print(
             f"  questions {run['questions_complete']}/{run['questions']} complete, "
             f"nodes {run['nodes']}/{run['nodes_expected']}, leaf accuracy "
-            f"{_pct(run['leaf_accuracy'])}, {run['completion_tokens']} tokens generated in "
-            f"{run['generation_seconds']:.1f} s"
+            f"{_pct(run['leaf_accuracy'])}, {run['completion_tokens']} tokens generated, "
+            f"{run['generation_seconds']:.0f} node-seconds (batched nodes overlap)"
         )
         table = Table(show_edge=False)
         for col in ("role", "nodes", "answer accuracy", "positives", "positive rate", "tokens"):
