@@ -131,9 +131,9 @@ def plan_batch(
 
     One unified cache by default: a shared prefix is stored once and a fork only tags cells.
     `kv_unified=False` gives each sequence its own stream of `seq_limit` cells instead (a fork
-    copies the whole stream); measured on the 2-core CPU with the benchmark's tree it was more
-    than twice slower (57.8 against 120.9 tok/s: the copies, fewer parents kept for reuse and a
-    micro-batch per stream), so it stays an option for experiments.
+    copies the whole stream); on the 2-core CPU with the benchmark's tree it made 57.8 tok/s,
+    below every unified-cache run there (82 to 121 tok/s): the copies, fewer parents kept for
+    reuse and a micro-batch per stream. So it stays an option for experiments.
     """
     import llama_cpp
 
