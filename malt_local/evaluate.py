@@ -51,7 +51,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -306,26 +306,6 @@ def ensure_adapter_set(store: Store, run_id: str, aset: AdapterSet) -> None:
         )
 
 
-def add_questions(store: Store, questions: Iterable[Question]) -> None:
-    with store.db.atomic():
-        for q in questions:
-            store.db.execute(
-                "INSERT OR IGNORE INTO questions "
-                "(id, task, question, ground_truth, options, source, metadata, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    q.id,
-                    q.task,
-                    q.text,
-                    q.ground_truth,
-                    json.dumps([list(o) for o in q.options]) if q.options else None,
-                    q.source,
-                    json.dumps(q.extra) if q.extra else None,
-                    utcnow(),
-                ],
-            )
-
-
 def record_samples(
     store: Store, run_id: str, label: str, seed_index: int, question_ids: Sequence[str]
 ) -> None:
@@ -447,7 +427,8 @@ class EvalRunner:
         """Sampled questions, samples and adapter sets into the database (idempotent)."""
         for bench in self.benchmarks:
             for s, questions in enumerate(self.samples(bench)):
-                add_questions(self.store, questions)
+                with self.store.db.atomic():
+                    self.store.insert_questions(questions)
                 record_samples(self.store, self.run_id, bench.label, s, [q.id for q in questions])
         for aset in self.adapter_sets:
             ensure_adapter_set(self.store, self.run_id, aset)

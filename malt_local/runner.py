@@ -29,7 +29,7 @@ from malt_local.runs import (
     with_defaults,
 )
 from malt_local.store import Store
-from malt_local.tree import Progress, TreeRunner, tree_size
+from malt_local.tree import TreeRunner, tree_size
 
 
 def resolve_model_path(spec: str) -> tuple[Path, str | None]:
@@ -174,11 +174,18 @@ def run_tree(
 
 
 class progress_display:  # noqa: N801 - used as a context manager
-    """A rich bar on stderr (nodes done/total, tok/s, ETA), only on a terminal."""
+    """A rich bar on stderr (done/total, tok/s, ETA), only on a terminal.
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    `total` may be None until the first update (`malt eval` learns it when it starts).
+    """
+
+    def __init__(
+        self, enabled: bool, total: int | None, label: str = "malt run", unit: str = "nodes"
+    ) -> None:
         self.enabled = enabled
         self.total = total
+        self.label = label
+        self.unit = unit
         self._progress = None
         self._task = None
 
@@ -198,10 +205,10 @@ class progress_display:  # noqa: N801 - used as a context manager
         )
 
         self._progress = Bar(
-            TextColumn("[bold]malt run"),
+            TextColumn(f"[bold]{self.label}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("nodes"),
+            TextColumn(self.unit),
             TextColumn("{task.fields[tps]:.1f} tok/s"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
@@ -209,10 +216,11 @@ class progress_display:  # noqa: N801 - used as a context manager
             console=Console(stderr=True),
         )
         self._progress.start()
-        self._task = self._progress.add_task("run", total=self.total, tps=0.0)
+        self._task = self._progress.add_task(self.label, total=self.total, tps=0.0)
         return self.update
 
-    def update(self, p: Progress) -> None:
+    def update(self, p) -> None:
+        """Takes any progress record with done, total and tokens_per_second."""
         assert self._progress is not None
         self._progress.update(self._task, completed=p.done, total=p.total, tps=p.tokens_per_second)
 

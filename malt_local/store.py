@@ -105,29 +105,35 @@ class Store:
 
     # questions ----------------------------------------------------------------------------
 
+    def insert_questions(self, questions: Iterable[Question]) -> None:
+        """Record questions not stored yet; a stored one is kept (an id is the content)."""
+        for q in questions:
+            self.db.execute(
+                "INSERT OR IGNORE INTO questions "
+                "(id, task, question, ground_truth, options, source, metadata, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    q.id,
+                    q.task,
+                    q.text,
+                    q.ground_truth,
+                    json.dumps([list(o) for o in q.options]) if q.options else None,
+                    q.source,
+                    json.dumps(q.extra) if q.extra else None,
+                    utcnow(),
+                ],
+            )
+
     def add_questions(self, run_id: str, questions: Iterable[Question]) -> None:
         """Record the questions and their place in the run; existing ones are kept as they are."""
+        questions = list(questions)
         with self.db.atomic():
+            self.insert_questions(questions)
             next_pos = self.db.execute(
                 "SELECT COALESCE(MAX(position), -1) + 1 FROM run_questions WHERE run_id = ?",
                 [run_id],
             ).fetchone()[0]
             for q in questions:
-                self.db.execute(
-                    "INSERT OR IGNORE INTO questions "
-                    "(id, task, question, ground_truth, options, source, metadata, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        q.id,
-                        q.task,
-                        q.text,
-                        q.ground_truth,
-                        json.dumps([list(o) for o in q.options]) if q.options else None,
-                        q.source,
-                        json.dumps(q.extra) if q.extra else None,
-                        utcnow(),
-                    ],
-                )
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO run_questions (run_id, question_id, position) "
                     "VALUES (?, ?, ?)",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from malt_local.cli.run import db_option, json_option
 from malt_local.errors import MaltError
 from malt_local.paths import default_db_path
 from malt_local.questions import TASKS
@@ -57,14 +58,7 @@ def register(cli: click.Group) -> None:
     help="LoRA adapter GGUF for generator|verifier|refiner, scale 1.0 unless "
     ":SCALE. Repeatable; several for one role are applied together.",
 )
-@click.option(
-    "--db",
-    "db_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    envvar="MALT_DB",
-    help="SQLite file (default ./malt.db, or $MALT_DB).",
-)
+@db_option
 @click.option(
     "--temperature",
     type=float,
@@ -98,7 +92,7 @@ def register(cli: click.Group) -> None:
     help="batched: continuous batching; simple: one turn at a time.",
 )
 @click.option("--parallel", type=int, help="Most sequences decoded at once by the batched engine.")
-@click.option("--json", "json_", is_flag=True, help="Print JSON on stdout.")
+@json_option
 def eval_cmd(
     questions: tuple[Path, ...],
     mode: str,
@@ -129,6 +123,7 @@ def eval_cmd(
     database; re-running the same command generates only what is missing.
     """
     from malt_local.evaluate import EvalSettings, run_eval
+    from malt_local.runner import progress_display
 
     settings = EvalSettings(
         mode=mode,
@@ -146,7 +141,7 @@ def eval_cmd(
     if ctx is not None and ctx < 256:
         raise MaltError(f"--ctx {ctx} is too small (at least 256)")
     show = not json_ and sys.stderr.isatty()
-    with _Progress(show) as on_progress:
+    with progress_display(show, None, "malt eval", "turns") as on_progress:
         result = run_eval(
             list(questions),
             settings,
@@ -254,48 +249,3 @@ def print_results(result: dict) -> None:
         f"{result['generations_new']} turns generated, {result['generations_total']} in this "
         f"evaluation -> {result['db']}"
     )
-
-
-class _Progress:
-    """A rich bar on stderr (turns done/total, tok/s), only on a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._bar = None
-        self._task = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("[bold]malt eval"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("turns"),
-            TextColumn("{task.fields[tps]:.1f} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self._bar.start()
-        self._task = self._bar.add_task("eval", total=None, tps=0.0)
-        return self.update
-
-    def update(self, p) -> None:
-        assert self._bar is not None
-        self._bar.update(self._task, completed=p.done, total=p.total, tps=p.tokens_per_second)
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.stop()
