@@ -3,14 +3,15 @@ together, one `llama_decode` per step.
 
 A MALT tree is a prefix tree. The n children of a node share their whole prompt, and a child
 level's prompt is its parent's prompt plus the parent's output plus a new turn. So the engine
-keeps one llama.cpp context with a unified KV cache (a cell holds a token once, tagged with every
-sequence that sees it) and, for each `GenRequest`:
+keeps one llama.cpp context and, for each `GenRequest`:
 
 1. tokenises the prompt once and, when the request's `parent_key` names a completion whose
    sequence is still cached, reuses the longest common token prefix: the parent's sequence id
    becomes the first child (its tail past the common prefix is cut) and the other children get
-   the prefix by `llama_memory_seq_cp`, which only tags cells;
-2. prefills the rest of the prompt once, every token carrying all n child sequence ids;
+   the prefix by `llama_memory_seq_cp`;
+2. prefills the rest of the prompt once: in a unified KV cache (GPU) every prompt token carries
+   all n child sequence ids, so a shared prefix is stored once; with one KV stream per sequence
+   (the CPU default, see `plan_batch`) the first child prefills and its stream is copied;
 3. samples each child's first token from that one row of logits with the child's own seed, then
    decodes every live sequence of every question in one batch per step, admitting new requests
    (continuous batching) as soon as a finished node's children arrive or room frees up.
@@ -30,6 +31,8 @@ llama.cpp's sampler chains costs more than that. `python -m malt_local.bench` me
 from __future__ import annotations
 
 import ctypes
+import heapq
+import itertools
 import os
 import time
 from collections import OrderedDict, deque
@@ -61,6 +64,8 @@ UBATCH_GPU = 1024
 UBATCH_CPU = 512
 # Share of the machine's available memory the KV cache may take on a CPU.
 KV_MEMORY_SHARE = 0.5
+# ... and the share one stream per sequence may take (a faster layout, not a necessary one).
+STREAMS_MEMORY_SHARE = 0.25
 
 
 # -- sizing --------------------------------------------------------------------------------------
@@ -81,7 +86,7 @@ class BatchPlan:
     flash_attn: bool
     kv_bytes: int  # bytes of KV cache at n_ctx cells
     # One cache shared by every sequence (a shared prefix is stored once), or one stream of
-    # n_ctx / n_seq_max cells per sequence (a fork copies the prefix).
+    # n_ctx / n_seq_max cells per sequence id (a fork copies the prefix).
     kv_unified: bool = True
 
 
@@ -129,11 +134,15 @@ def plan_batch(
     unified cache; by default there is room for every live sequence's output and a share of
     the prompts above it.
 
-    One unified cache by default: a shared prefix is stored once and a fork only tags cells.
-    `kv_unified=False` gives each sequence its own stream of `seq_limit` cells instead (a fork
-    copies the whole stream); on the 2-core CPU with the benchmark's tree it made 57.8 tok/s,
-    below every unified-cache run there (82 to 121 tok/s): the copies, fewer parents kept for
-    reuse and a micro-batch per stream. So it stays an option for experiments.
+    Two layouts of the KV cache. On a GPU, and wherever `ctx` is given, one unified cache: a
+    shared prefix is stored once and a fork only tags cells. On a CPU, by default, one stream
+    of `seq_limit` cells per sequence id (a fork copies the parent's stream) whenever more than
+    `parallel` streams fit in a quarter of the available memory, up to `2 * parallel` (the
+    spare ids hold parents kept until their children start). Attention on the CPU then reads
+    only a sequence's own cells, where in a unified cache every query row walks past every
+    other sequence's cells too. On the 2-core CPU (SmolLM2-135M, the benchmark's tree at 96
+    tokens a node) streams made 124 to 128 tok/s against 82 for the unified cache, at a cost
+    in memory: 3.9 against 0.5 GiB peak. `kv_unified` forces either layout.
     """
     import llama_cpp
 
@@ -169,12 +178,13 @@ def plan_batch(
         )
 
     if kv_unified is None:
-        kv_unified = True
+        kv_unified = offload or ctx is not None
     if not kv_unified:
-        # Room for the live sequences and a few parents kept for their children.
-        n_seq_max = min(max_seq, parallel + max(4, parallel // 4))
         stream = -(-seq_limit // 256) * 256
-        if budget is None or n_seq_max * stream * per_cell <= budget:
+        n_seq_max = min(max_seq, 2 * parallel)
+        if avail is not None:
+            n_seq_max = min(n_seq_max, int(STREAMS_MEMORY_SHARE * avail // (stream * per_cell)))
+        if n_seq_max >= parallel + 1:
             return make(False, n_seq_max, n_seq_max * stream, seq_limit)
     # By default a live sequence holds its own output and, in a tree, about half an output's
     # worth of shared prompt and parent output; seq_limit leaves room for one long prompt.
@@ -460,6 +470,9 @@ class EngineStats:
     """What the benchmark reports about a run through the engine."""
 
     steps: int = 0
+    # Runs of consecutive sequence ids among each step's live sequences, summed: with a KV
+    # stream per sequence, llama.cpp decodes each run as its own micro-batch.
+    id_runs: int = 0
     decode_tokens: int = 0  # one per live sequence per step
     decode_positions: int = 0  # sum of the positions those tokens were decoded at
     prefill_tokens: int = 0
@@ -495,7 +508,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class BatchedEngine:
-    """Continuous batching of tree nodes on one unified-KV llama.cpp context."""
+    """Continuous batching of tree nodes on one llama.cpp context (unified KV or a stream each)."""
 
     name = "batched"
 
@@ -529,7 +542,10 @@ class BatchedEngine:
     # state ----------------------------------------------------------------------------------
 
     def _reset_state(self) -> None:
-        self._free: list[int] = list(range(self.plan.n_seq_max - 1, -1, -1))
+        # A min-heap: the lowest free id first keeps live ids in few contiguous runs (see
+        # `_fill_batch`).
+        self._free: list[int] = list(range(self.plan.n_seq_max))
+        self._step: list[_Seq] = []
         self._live: dict[int, _Seq] = {}
         self._prefilling: list[_Group] = []
         self._kept: OrderedDict[str, _Kept] = OrderedDict()
@@ -544,7 +560,7 @@ class BatchedEngine:
 
     def _release(self, sid: int) -> None:
         self._llama.llama_memory_seq_rm(self._mem, sid, -1, -1)
-        self._free.append(sid)
+        heapq.heappush(self._free, sid)
 
     def _n_busy(self) -> int:
         return len(self._live) + sum(len(g.ids) for g in self._prefilling)
@@ -617,7 +633,9 @@ class BatchedEngine:
             take = self.plan.parallel  # more children than the batch holds: split
         parent = self._kept.pop(req.parent_key, None) if req.parent_key else None
         need_ids = take - (1 if parent else 0)
-        while len(self._free) < need_ids and self._evict_one():
+        # A kept parent saves its children a prompt's prefill: while sequences are in flight,
+        # wait for them to free ids rather than drop one.
+        while len(self._free) < need_ids and not busy and self._evict_one():
             pass
         if len(self._free) < need_ids:
             if parent is not None:
@@ -633,7 +651,7 @@ class BatchedEngine:
             else:
                 self._release(parent.sid)
         while len(ids) < take:
-            sid = self._free.pop()
+            sid = heapq.heappop(self._free)
             if reuse > 0 and self.plan.kv_unified:  # streams are copied once prefilled
                 self._llama.llama_memory_seq_cp(self._mem, ids[0], sid, 0, reuse)
             ids.append(sid)
@@ -664,7 +682,9 @@ class BatchedEngine:
         Nothing is committed here: a step that finds no KV slot is rebuilt after recovery.
         """
         b = self._batch
-        live = list(self._live.values())
+        # In sequence-id order: with one stream per sequence llama.cpp puts only runs of
+        # consecutive ids into one micro-batch, and every micro-batch is a pass over the weights.
+        live = self._step = sorted(self._live.values(), key=lambda s: s.sid)
         n = len(live)
         if n:
             b.token[:n] = [s.last for s in live]
@@ -697,8 +717,10 @@ class BatchedEngine:
 
     def _after_decode(self, finishing: list[_Group]) -> Iterator[Completion]:
         stats = self.stats
-        live = list(self._live.values())
+        live = self._step
         stats.steps += 1
+        if live:
+            stats.id_runs += 1 + sum(b.sid != a.sid + 1 for a, b in itertools.pairwise(live))
         stats.decode_tokens += len(live)
         stats.decode_positions += sum(s.pos for s in live)
         for g, m in self._chunks:

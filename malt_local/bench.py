@@ -307,6 +307,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
     tps = {k: r["tokens"] / r["seconds"] for k, r in (("a", a), ("b", b), ("c", c))}
     ba, bc = tps["b"] / tps["a"], tps["b"] / tps["c"]
     plan, stats = b["plan"], b["stats"]
+    row_rate = (b["tokens"] + stats["prefill_tokens"]) / b["seconds"]
     model = Path(args.model)
     size = model.stat().st_size / 2**20 if model.exists() else 0
     offload = "yes" if plan["offload"] else "no (CPU)"
@@ -368,11 +369,16 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         f"{args.max_tokens} steps: the average generated token of (b) sat at position "
         f"{b['mean_position']:.0f})",
         f"- engine: mean decode batch {b['mean_batch']:.1f}, peak {stats['peak_live']} sequences, "
-        f"{stats['steps']} steps; prompts {stats['prompt_tokens']} tokens, of which "
+        f"{stats['steps']} steps ({stats['id_runs'] / max(1, stats['steps']):.2f} runs of "
+        "consecutive sequence ids per step: with a KV stream per sequence, the micro-batches); "
+        f"prompts {stats['prompt_tokens']} tokens, of which "
         f"{stats['reused_tokens']} reused from a parent's cache and {stats['prefill_tokens']} "
         f"prefilled; {stats['cache_full']} cache-full recoveries; "
         f"{stats['decode_seconds']:.1f} s in llama_decode, "
         f"{stats['sample_seconds']:.1f} s sampling",
+        f"- prompts are work too: besides its {b['tokens']} generated tokens, (b) read "
+        f"{stats['prefill_tokens']} prompt tokens that (c) has none of; counting both, (b) "
+        f"evaluated {row_rate:.1f} tokens/s, {row_rate / tps['c']:.0%} of (c)",
         "",
         f"Sampling one step's logits ({c['n_vocab']}-token vocabulary, temperature 0.3), "
         "ms per step:",

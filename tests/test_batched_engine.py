@@ -1,5 +1,8 @@
 """The batched tree engine against the high-level reference, with the real small model.
 
+Both layouts of the KV cache are exercised: one stream per sequence (the CPU default) and one
+unified cache (the GPU default, and whenever --ctx is given).
+
 Batched decoding changes the order of floating-point sums (other sequences' cells sit between a
 sequence's own ones in the unified cache, and a step multiplies more rows at once), so greedy
 text equals the high-level path's exactly only where the engine runs one sequence alone. With
@@ -16,10 +19,12 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from malt_local import batched_engine
 from malt_local.batched_engine import (
     BatchedEngine,
     Draw,
     VectorSampler,
+    kv_bytes_per_cell,
     make_engine,
     plan_batch,
 )
@@ -48,11 +53,18 @@ def model(small_model):
     m.close()
 
 
-def engine_for(model, *, max_tokens=16, flash_attn=None, **overrides) -> BatchedEngine:
+LAYOUTS = pytest.mark.parametrize("unified", [False, True], ids=["streams", "unified"])
+
+
+def engine_for(
+    model, *, max_tokens=16, flash_attn=None, unified=None, **overrides
+) -> BatchedEngine:
     plan = plan_batch(
         model, max_tokens=max_tokens, seq_limit=2048, flash_attn=flash_attn,
         parallel=overrides.pop("parallel", 16), ctx=overrides.pop("ctx", None),
+        kv_unified=unified,
     )  # fmt: skip
+    assert unified is None or plan.kv_unified == unified
     return BatchedEngine(model, dataclasses.replace(plan, **overrides), owns_model=False)
 
 
@@ -83,10 +95,11 @@ def run(engine, *requests) -> dict:
 # -- greedy against the high-level API -----------------------------------------------------------
 
 
-def test_greedy_one_sequence_at_a_time_equals_high_level_text(model):
+@LAYOUTS
+def test_greedy_one_sequence_at_a_time_equals_high_level_text(model, unified):
     # Same kernels as the high-level context (no flash attention) and one sequence in the cache:
     # the computation is the same, so the text must be identical.
-    eng = engine_for(model, flash_attn=False)
+    eng = engine_for(model, flash_attn=False, unified=unified)
     ref = HighLevelEngine(model)
     try:
         for i in range(len(PROMPTS)):
@@ -117,8 +130,9 @@ def reference_gaps(model: LocalModel, messages, text: str) -> list[float]:
     return gaps
 
 
-def test_greedy_in_a_full_batch_follows_the_reference_model(model):
-    eng = engine_for(model)
+@LAYOUTS
+def test_greedy_in_a_full_batch_follows_the_reference_model(model, unified):
+    eng = engine_for(model, unified=unified)
     try:
         reqs = [request(i, keys=("a", "b", "c")) for i in range(len(PROMPTS))]
         out = run(eng, *reqs)
@@ -134,9 +148,10 @@ def test_greedy_in_a_full_batch_follows_the_reference_model(model):
             assert sum(g == 0.0 for g in gaps) >= 0.8 * len(gaps)
 
 
-def test_child_prompt_reuses_the_parents_cache(model):
+@LAYOUTS
+def test_child_prompt_reuses_the_parents_cache(model, unified):
     """A child request extending its parent's prompt and output prefills only the new turn."""
-    eng = engine_for(model)
+    eng = engine_for(model, unified=unified)
     parent = GenRequest(chat(PROMPTS[0]), ["g"], [1], GREEDY, expects_children=True)
     queue = queue_of(parent)
     out = {}
@@ -162,10 +177,11 @@ def test_child_prompt_reuses_the_parents_cache(model):
 # -- seeds ---------------------------------------------------------------------------------------
 
 
-def test_sibling_seeds_differ_and_the_same_seeds_repeat(model):
+@LAYOUTS
+def test_sibling_seeds_differ_and_the_same_seeds_repeat(model, unified):
     params = SamplingParams(temperature=0.9, max_tokens=16, ignore_eos=True)
     reqs = [request(i, params, keys=("a", "b", "c"), seeds=(11, 22, 33)) for i in range(2)]
-    eng = engine_for(model)
+    eng = engine_for(model, unified=unified)
     try:
         first = run(eng, *reqs)
         again = run(eng, *reqs)
@@ -204,8 +220,9 @@ def bookkeeping(node) -> tuple:
     )  # fmt: skip
 
 
-def test_tree_through_the_engine_matches_the_high_level_tree(model, tmp_path):
-    eng = engine_for(model, max_tokens=12)
+@LAYOUTS
+def test_tree_through_the_engine_matches_the_high_level_tree(model, tmp_path, unified):
+    eng = engine_for(model, max_tokens=12, unified=unified)
     try:
         p_b, batched = tree_run(tmp_path, eng, "batched")
     finally:
@@ -264,7 +281,7 @@ def test_a_prompt_longer_than_a_sequence_may_be_is_an_empty_length_node(model):
 # -- sizing and wiring ---------------------------------------------------------------------------
 
 
-def test_settings_that_cannot_fit_are_clear_errors(model):
+def test_settings_that_cannot_fit_are_clear_errors(model, monkeypatch):
     with pytest.raises(MaltError, match="--parallel"):
         plan_batch(model, max_tokens=16, seq_limit=2048, parallel=0)
     with pytest.raises(MaltError, match="--parallel"):
@@ -273,11 +290,24 @@ def test_settings_that_cannot_fit_are_clear_errors(model):
         plan_batch(model, max_tokens=16, seq_limit=2048, ctx=100)
     with pytest.raises(MaltError, match="lower --ctx"):
         plan_batch(model, max_tokens=16, seq_limit=2048, ctx=2**40)
+    # On a CPU: one stream of seq_limit cells per sequence id, half the ids spare for kept
+    # parents, within a quarter of the available memory; a unified cache where fewer fit.
+    gib = 2**30
+    monkeypatch.setattr(batched_engine, "available_memory", lambda: 32 * gib)
     plan = plan_batch(model, max_tokens=512, seq_limit=3584)
-    assert plan.parallel == 32 and not plan.offload and plan.n_ctx % 256 == 0
-    assert plan.kv_unified and plan.seq_limit == 3584
-    streams = plan_batch(model, max_tokens=16, seq_limit=2048, parallel=8, kv_unified=False)
-    assert not streams.kv_unified and streams.n_ctx == streams.n_seq_max * 2048
+    assert plan.parallel == 32 and not plan.offload and not plan.kv_unified
+    assert plan.seq_limit == 3584 and plan.n_seq_max == 64 and plan.n_ctx == 64 * 3584
+    per_stream = 3584 * kv_bytes_per_cell(model)
+    monkeypatch.setattr(batched_engine, "available_memory", lambda: 12 * gib)
+    fewer = plan_batch(model, max_tokens=512, seq_limit=3584)
+    assert not fewer.kv_unified and fewer.n_seq_max == int(3 * gib // per_stream) < 64
+    assert fewer.n_seq_max > fewer.parallel
+    monkeypatch.setattr(batched_engine, "available_memory", lambda: 8 * gib)
+    small = plan_batch(model, max_tokens=512, seq_limit=3584)
+    assert small.kv_unified and small.kv_bytes <= 4 * gib and small.n_seq_max == 64
+    # A total size asks for one unified cache.
+    unified = plan_batch(model, max_tokens=512, seq_limit=3584, ctx=8192)
+    assert unified.kv_unified and unified.n_ctx == 8192 and unified.seq_limit == 3584
     assert plan.n_seq_max <= llama_cpp.llama_max_parallel_sequences()
     with pytest.raises(MaltError, match="unknown engine"):
         make_engine("turbo", model.path, max_tokens=16, seq_ctx=2048)

@@ -55,8 +55,8 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--ctx",
     type=int,
-    help="KV cache in tokens: all sequences together (batched engine), or one node (simple) "
-    "[sized from --max-tokens and --parallel].",
+    help="KV cache in tokens: one cache all sequences share (batched engine), or one node's "
+    "(simple) [sized from --max-tokens and --parallel; on a CPU a stream per sequence].",
 )
 @click.option("--threads", type=int, help="CPU threads [all cores].")
 @click.option(

@@ -1,0 +1,48 @@
+"""`make bench` end to end on a tiny tree: the three parts run with the real model and the
+report's ratios are the ones its own table implies. (Speed goals are the benchmark's business;
+this only checks that it measures what it says it measures.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in md.splitlines():
+        m = re.match(r"\| \((a|b|c)\) ", line)
+        if m:
+            rows[m.group(1)] = [cell.strip() for cell in line.strip("|").split("|")]
+    return rows
+
+
+def test_bench_runs_both_paths_on_the_same_tree_and_reports_consistent_ratios(
+    small_model, tmp_path
+):
+    out = tmp_path / "BENCH.md"
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "malt_local.bench", "--model", str(small_model),
+            "--questions", "1", "--n", "2", "--max-tokens", "8", "--ceiling-seconds", "0.2",
+            "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = out.read_text()
+    rows = table_rows(md)
+    assert set(rows) == {"a", "b", "c"}
+    # One question at n = 2 is 2 + 4 + 8 nodes of exactly 8 tokens on both paths.
+    assert rows["a"][1] == rows["b"][1] == str(14 * 8)
+    assert rows["a"][4] != "—" and rows["c"][4] == "—"
+    tps = {k: float(v[3]) for k, v in rows.items()}
+    ba = float(re.search(r"b/a = ([\d.]+)×", md).group(1))
+    bc = float(re.search(r"b/c = (\d+)%", md).group(1))
+    assert ba == pytest.approx(tps["b"] / tps["a"], abs=0.02)
+    assert bc == pytest.approx(100 * tps["b"] / tps["c"], abs=1.5)
+    assert "a stream for each of" in md and "(CPU)" in md
+    assert re.search(r"\| 27 \| [\d.]+ \| [\d.]+ \|", md)  # the sampling timings
