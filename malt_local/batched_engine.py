@@ -142,7 +142,7 @@ def plan_batch(
     only a sequence's own cells, where in a unified cache every query row walks past every
     other sequence's cells too. On the 2-core CPU (SmolLM2-135M, the benchmark's tree at 96
     tokens a node) streams made 124 to 128 tok/s against 82 for the unified cache, at a cost
-    in memory: 3.9 against 0.5 GiB peak. `kv_unified` forces either layout.
+    in memory: 3.8 against 0.5 GiB peak. `kv_unified` forces either layout.
     """
     import llama_cpp
 
