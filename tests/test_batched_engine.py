@@ -174,6 +174,52 @@ def test_child_prompt_reuses_the_parents_cache(model, unified):
     assert out["v0"].text == out["v1"].text  # greedy siblings share every token
 
 
+def waiting_parent_run(eng) -> dict:
+    """A short parent between two long requests, its three children held back by --parallel 4:
+    the parent waits in the cache between live sequences, then its children start mid-batch."""
+    short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    long = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    queue = queue_of(
+        request(0, long, keys=("a",)),
+        GenRequest(chat(PROMPTS[1]), ["g"], [1], short, expects_children=True),
+        request(2, long, keys=("a", "b")),
+    )
+    out = {}
+    for c in eng.generate(queue):
+        assert c.key not in out
+        out[c.key] = c
+        if c.key == "g":
+            child = chat(PROMPTS[1]) + [
+                {"role": "assistant", "content": c.text},
+                {"role": "user", "content": "Check the answer above."},
+            ]
+            queue.push(GenRequest(child, ["v0", "v1", "v2"], [2, 3, 4], long, parent_key="g"), (9,))
+    return out
+
+
+def test_live_sequences_are_moved_into_one_run_of_ids(model, monkeypatch):
+    """With a stream per sequence, every step decodes one run of consecutive ids (one
+    micro-batch), and moving a sequence's stream changes none of its tokens."""
+    eng = engine_for(model, parallel=4, unified=False)
+    try:
+        moved = waiting_parent_run(eng)
+        stats = eng.stats
+        monkeypatch.setattr(BatchedEngine, "_compact", lambda self: None)
+        eng.stats = batched_engine.EngineStats()
+        still = waiting_parent_run(eng)
+    finally:
+        eng.close()
+    assert set(moved) == {"p0a", "g", "p2a", "p2b", "v0", "v1", "v2"}
+    # The waiting parent moved up, a live sequence into its place, and the first child (the
+    # parent's id) down after its prefill; no step had more than one run (steps that only
+    # prefill have none).
+    assert stats.moves >= 3 and stats.id_runs <= stats.steps
+    assert eng.stats.moves == 0 and eng.stats.id_runs > eng.stats.steps
+    assert stats.reused_tokens == eng.stats.reused_tokens > 0
+    assert {k: c.text for k, c in moved.items()} == {k: c.text for k, c in still.items()}
+    assert all(moved[k].completion_tokens == 24 for k in ("v0", "v1", "v2", "p0a", "p2b"))
+
+
 # -- seeds ---------------------------------------------------------------------------------------
 
 
