@@ -20,11 +20,12 @@ A completion whose request expects children keeps its sequence (and cells) until
 request is admitted; leaves are removed from the cache at once. With a stream per sequence,
 llama.cpp decodes each run of consecutive sequence ids as its own micro-batch, so the engine
 keeps the live ids in one run: lowest free ids first, and finished nodes' holes filled by moving
-a stream (see `_compact`). When the cache is full
-(`llama_decode` returns 1), the engine drops kept parents (least recently finished first), then
-preempts the youngest sequences back to its own queue (they restart later with the same seed, so
-every key is still produced exactly once) and, only if a single sequence alone fills the
-context, ends it with finish_reason "length".
+a stream (see `_compact`).
+
+When the cache is full (`llama_decode` returns 1), the engine drops kept parents (least
+recently finished first), then preempts the youngest sequences back to its own queue (they
+restart later with the same seed, so every key is still produced exactly once) and, only if a
+single sequence alone fills the context, ends it with finish_reason "length".
 
 Sampling is vectorised over the logits matrix (see `VectorSampler`): on a GPU a decode step of
 256 sequences takes about 50 ms, and sampling a 128k vocabulary once per sequence through

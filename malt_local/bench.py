@@ -371,7 +371,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         f"- engine: mean decode batch {b['mean_batch']:.1f}, peak {stats['peak_live']} sequences, "
         f"{stats['steps']} steps ({stats['id_runs'] / max(1, stats['steps']):.2f} runs of "
         "consecutive sequence ids per step: with a KV stream per sequence, the micro-batches; "
-        f"{stats.get('moves', 0)} sequences moved to keep them in one run); "
+        f"{stats['moves']} sequences moved to keep them in one run); "
         f"prompts {stats['prompt_tokens']} tokens, of which "
         f"{stats['reused_tokens']} reused from a parent's cache and {stats['prefill_tokens']} "
         f"prefilled; {stats['cache_full']} cache-full recoveries; "
