@@ -696,27 +696,32 @@ class BatchedEngine:
         """
         if not self._live:
             return
-        top = max(self._live)
-        # Waiting parents first, highest first, each to the highest free id above the live ones.
+        low, top = min(self._live), max(self._live)
+        # Waiting parents between live ids, highest first, each to the highest free id above.
         for kept in sorted(self._kept.values(), key=lambda k: -k.sid):
-            if kept.sid > top:
+            if not low < kept.sid < top:
                 continue
             up = max(self._free, default=-1)
             if up < top:
                 break
-            kept.sid = self._move(kept.sid, up)
-        while self._free and self._free[0] < top:
+            kept.sid = self._move(kept.sid, self._take(up))
+        # Then the highest live sequence into the lowest free hole between live ids. A hole
+        # held by a prefilling group is left alone: its children go live there next step.
+        while holes := [f for f in self._free if low < f < top]:
             s = self._live.pop(top)
-            s.sid = self._move(top, heapq.heappop(self._free), taken=True)
+            s.sid = self._move(top, self._take(min(holes)))
             self._live[s.sid] = s
             top = max(self._live)
 
-    def _move(self, src: int, dst: int, *, taken: bool = False) -> int:
-        """Copy a sequence's stream to a free id and free the old one (the copy is made by
-        llama.cpp before the next decode, so `src` may be reused at once)."""
-        if not taken:
-            self._free.remove(dst)
-            heapq.heapify(self._free)
+    def _take(self, sid: int) -> int:
+        """Take one particular id off the free heap."""
+        self._free.remove(sid)
+        heapq.heapify(self._free)
+        return sid
+
+    def _move(self, src: int, dst: int) -> int:
+        """Copy a sequence's stream to the (taken) id `dst` and free `src`: llama.cpp makes the
+        copy before the next decode, in order, so `src` may be reused at once."""
         self._llama.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         self._release(src)
         self.stats.moves += 1
