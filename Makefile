@@ -6,7 +6,7 @@ MODEL_DIR ?= $(HOME)/.cache/malt/models
 SMALL_MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 export MALT_TEST_MODEL ?= $(SMALL_MODEL)
 
-.PHONY: install model demo test bench lint clean
+.PHONY: install model llama-server demo test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -22,16 +22,21 @@ model: $(SMALL_MODEL)
 $(SMALL_MODEL): | install
 	$(BIN)/python scripts/fetch_small_model.py $(MODEL_DIR)
 
+# llama.cpp's own server, built once from the llama-cpp-python sdist (about 10 minutes on two
+# cores) and cached in ~/.cache/malt/llama-server/: the --engine openai tests and bench use it.
+llama-server: install
+	$(BIN)/python scripts/build_llama_server.py
+
 demo: install model
 	rm -f demo.db demo.db-wal demo.db-shm
 	$(BIN)/malt pull smollm2-135m --file $(SMALL_MODEL)
 	$(BIN)/malt run --n 2 --max-tokens 96 --model smollm2-135m --db demo.db examples/questions.jsonl
 	$(BIN)/malt status --db demo.db
 
-test: install model
+test: install model llama-server
 	$(BIN)/python -m pytest -q
 
-bench: install model
+bench: install model llama-server
 	$(BIN)/python -m malt_local.bench --model $(SMALL_MODEL)
 
 lint: install
