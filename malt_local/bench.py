@@ -61,25 +61,27 @@ def questions_file(k: int) -> Path:
 
 def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
     """(a) or (b): the trees through TreeRunner on a temporary database."""
-    from malt_local.batched_engine import make_engine
+    from malt_local.engines import EngineOptions, make_engine
     from malt_local.prompts import PromptSet
     from malt_local.questions import load_questions
-    from malt_local.runs import RunSpec
+    from malt_local.runs import Run, RunSpec
     from malt_local.store import Store
     from malt_local.tree import TreeRunner
 
     questions = load_questions(questions_file(args.questions))[: args.questions]
+    batched = kind == "batched"
     engine = make_engine(
         kind,
-        args.model,
-        max_tokens=args.max_tokens,
-        seq_ctx=3 * args.max_tokens + 2048,
-        ctx=args.ctx if kind == "batched" else None,
-        threads=args.threads,
-        gpu_layers=args.gpu_layers,
-        parallel=args.parallel if kind == "batched" else None,
-        flash_attn=FLASH[args.flash_attn] if kind == "batched" else None,
-        kv_unified=KV[args.kv] if kind == "batched" else None,
+        EngineOptions(
+            model_path=Path(args.model),
+            max_tokens=args.max_tokens,
+            ctx=args.ctx if batched else None,
+            threads=args.threads,
+            gpu_layers=args.gpu_layers,
+            parallel=args.parallel if batched else None,
+            flash_attn=FLASH[args.flash_attn] if batched else None,
+            kv_unified=KV[args.kv] if batched else None,
+        ),
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
@@ -89,9 +91,8 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
             prompts_sha256="bench", prompt_hashes={}, ignore_eos=True,
         )  # fmt: skip
         store.insert_run(spec.row("bench"))
-        run = store.run("bench")
         store.add_questions("bench", questions)
-        runner = TreeRunner(store, run, questions, engine, PromptSet())
+        runner = TreeRunner(store, Run("bench", spec), questions, engine, PromptSet())
         started = time.perf_counter()
         progress = runner.execute()
         seconds = time.perf_counter() - started
@@ -117,120 +118,29 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
 def ceiling_part(args: argparse.Namespace) -> dict:
     """(c): raw llama_decode with B sequences forked from one prompt, no sampling, on a context
     sized like the engine's; then one step's sampling timed both ways."""
-    import llama_cpp as lib
-    import numpy as np
-
-    from malt_local.batched_engine import (
-        Draw,
-        TokenBatch,
-        VectorSampler,
-        new_context,
-        plan_batch,
-    )
-    from malt_local.engine import SamplingParams
-    from malt_local.llama_engine import LocalModel
+    from malt_local.engines.llama.ceiling import measure_ceiling
     from malt_local.prompts import PromptSet, TreeContext
     from malt_local.questions import load_questions
 
-    model = LocalModel(
-        args.model, n_ctx=256, n_batch=64, n_threads=args.threads, n_gpu_layers=args.gpu_layers
-    )
-    plan = plan_batch(
-        model,
+    # The first question's generator prompt, so that the logits sampled are real ones.
+    question = load_questions(questions_file(args.questions))[0]
+    out = measure_ceiling(
+        args.model,
+        PromptSet().messages("generator", TreeContext(question)),
         max_tokens=args.max_tokens,
-        seq_limit=3 * args.max_tokens + 2048,
+        position=args.position,
+        batch_size=args.batch,
+        seconds_wanted=args.ceiling_seconds,
+        sampling_batches=SAMPLING_BATCHES,
         parallel=args.parallel,
         ctx=args.ctx,
+        threads=args.threads,
+        gpu_layers=args.gpu_layers,
         flash_attn=FLASH[args.flash_attn],
         kv_unified=KV[args.kv],
     )
-    ctx = new_context(model, plan)
-    mem = lib.llama_get_memory(ctx)
-    batch = TokenBatch(plan.n_batch, 1)
-    n_vocab = model.llm.n_vocab()
-    # The first question's generator prompt, so that the logits sampled below are real ones.
-    question = load_questions(questions_file(args.questions))[0]
-    messages = PromptSet().messages("generator", TreeContext(question))
-    prompt = np.asarray(model.prompt_tokens(messages), dtype=np.int32)
-
-    def fork(b: int, tokens: np.ndarray) -> int:
-        """`tokens` in sequence 0, copied to sequences 1..b-1; returns its next token."""
-        lib.llama_memory_clear(mem, False)
-        for at in range(0, len(tokens), plan.n_batch):
-            p = min(plan.n_batch, len(tokens) - at)
-            batch.token[:p], batch.pos[:p] = tokens[at : at + p], np.arange(at, at + p)
-            batch.n_seq_id[:p], batch.seq_ids[:p, 0], batch.logits[:p] = 1, 0, 0
-            batch.logits[p - 1] = 1
-            assert batch.decode(ctx, p) == 0
-        for s in range(1, b):
-            lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
-        return int(np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(n_vocab,)).argmax())
-
-    def step(b: int, pos: int, token: int | None = None) -> None:
-        # Token values do not change the cost of a step; the sampling timings use a real one.
-        batch.token[:b] = (2000 + 7 * pos + np.arange(b)) % n_vocab if token is None else token
-        batch.pos[:b] = pos
-        batch.n_seq_id[:b], batch.seq_ids[:b, 0], batch.logits[:b] = 1, np.arange(b), 1
-        rc = batch.decode(ctx, b)
-        if rc != 0:
-            raise SystemExit(f"bench: raw decode failed ({rc}) at B={b}")
-
-    # Decode at the depth the engine decoded at: a context of `depth` tokens, then max_tokens
-    # steps, so the mean position of the decoded tokens is the engine's.
-    depth = max(1, round(args.position - args.max_tokens / 2))
-    context = np.resize(prompt, depth)
-    b = max(1, min(plan.n_seq_max, round(args.batch)))
-    tokens, seconds = 0, 0.0
-    while seconds < args.ceiling_seconds:
-        fork(b, context)
-        step(b, depth)  # warm-up, not timed
-        lib.llama_synchronize(ctx)
-        t0 = time.perf_counter()
-        for i in range(1, args.max_tokens):
-            step(b, depth + i)
-        lib.llama_synchronize(ctx)
-        seconds += time.perf_counter() - t0
-        tokens += b * (args.max_tokens - 1)
-
-    sampling = []
-    vec = VectorSampler(model.eog_ids, min(8, os.cpu_count() or 1) if plan.offload else 1)
-    params = SamplingParams(temperature=0.3)
-    for sb in [x for x in SAMPLING_BATCHES if x <= plan.n_seq_max]:
-        step(sb, len(prompt), fork(sb, prompt))
-        chains = []
-        for s in range(sb):
-            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(0.3))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(s))
-            chains.append(chain)
-        reps = 5
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            for s, chain in enumerate(chains):
-                lib.llama_sampler_sample(chain, ctx, s)
-        chain_ms = (time.perf_counter() - t0) / reps * 1000
-        for chain in chains:
-            lib.llama_sampler_free(chain)
-        logits = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(sb, n_vocab))
-        draws = [Draw(s, params, [np.random.default_rng(s)]) for s in range(sb)]
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            vec.sample(logits, draws)
-        vec_ms = (time.perf_counter() - t0) / reps * 1000
-        sampling.append({"batch": sb, "chains_ms": chain_ms, "vector_ms": vec_ms})
-    vec.close()
-    lib.llama_free(ctx)
-    model.close()
-    return {
-        "kind": "ceiling",
-        "batch": b,
-        "depth": depth,
-        "tokens": tokens,
-        "seconds": seconds,
-        "sampling": sampling,
-        "n_vocab": n_vocab,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
 
 
 # -- orchestration -------------------------------------------------------------------------------
@@ -275,7 +185,7 @@ def child(args: argparse.Namespace, part: str, **extra) -> dict:
 
 
 def machine() -> dict:
-    import llama_cpp
+    from malt_local.engines.llama.ceiling import backend_info
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -287,18 +197,13 @@ def machine() -> dict:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        from importlib.metadata import version
-
-        lcp = version("llama-cpp-python")
-    except Exception:
-        lcp = getattr(llama_cpp, "__version__", "?")
+    info = backend_info()
     return {
         "cpu": cpu,
         "cores": cores,
         "python": platform.python_version(),
-        "llama_cpp_python": lcp,
-        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "llama_cpp_python": info["llama_cpp_python"],
+        "gpu_offload": info["gpu_offload"],
     }
 
 

@@ -46,6 +46,7 @@ as soon as it arrives; a resumed evaluation generates only what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -56,7 +57,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from malt_local import __version__
-from malt_local.engine import Completion, Engine, GenRequest, RequestQueue, SamplingParams
+from malt_local.engines.base import (
+    AdapterEngine,
+    Completion,
+    Engine,
+    GenRequest,
+    RequestQueue,
+    SamplingParams,
+)
+from malt_local.engines.registry import EngineOptions, engine_kind, identify_model, make_engine
 from malt_local.errors import MaltError
 from malt_local.grading import grade
 from malt_local.prompts import ROLES, PromptSet, TreeContext
@@ -389,9 +398,10 @@ class EvalRunner:
         self.adapter_sets = list(adapter_sets)
         self.on_progress = on_progress
         self.params = settings.params()
-        if any(not a.is_base for a in self.adapter_sets) and not hasattr(engine, "use_adapters"):
+        if any(not a.is_base for a in self.adapter_sets) and not isinstance(engine, AdapterEngine):
             raise MaltError(
-                f"the {getattr(engine, 'name', 'chosen')} engine cannot apply LoRA adapters"
+                f"the {engine.name} engine cannot apply LoRA adapters: serve each role's adapter "
+                "under its own model name and pass --role-model ROLE=NAME"
             )
 
     def samples(self, bench: Benchmark) -> list[list[Question]]:
@@ -448,7 +458,7 @@ class EvalRunner:
                 queue, pending = self._requests(aset, role, slots, stored)
                 if not pending:
                     continue
-                if hasattr(self.engine, "use_adapters"):
+                if isinstance(self.engine, AdapterEngine):
                     self.engine.use_adapters(aset.for_role(role))
                 for completion in self.engine.generate(queue):
                     gen = self._store(aset, pending.pop(completion.key), completion)
@@ -501,6 +511,8 @@ class EvalRunner:
                     # Children come in the next role's batch, after `use_adapters` has
                     # dropped every kept prefix: keeping this KV would only cost room.
                     expects_children=False,
+                    group=q.id,
+                    role=role,
                 )
                 by_prompt[prompt_key] = request
                 queue.push(request)
@@ -528,7 +540,7 @@ class EvalRunner:
             correct=None if info.role == "verifier" and answer is None else int(correct),
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
-            seed=info.seed,
+            seed=info.seed if c.seed is None else c.seed,
             duration_ms=int(c.seconds * 1000),
             created_at=utcnow(),
         )
@@ -736,11 +748,8 @@ def run_eval(
     model_spec: str | None,
     adapter_values: Sequence[str] = (),
     prompts_dir: Path | None = None,
-    ctx: int | None = None,
-    threads: int | None = None,
-    gpu_layers: int | None = None,
-    engine_kind: str = "batched",
-    parallel: int | None = None,
+    options: EngineOptions | None = None,
+    engine_kind_name: str = "batched",
     on_progress: Callable[[EvalProgress], None] | None = None,
 ) -> dict:
     """Check everything a user can get wrong, load the model once, evaluate, report.
@@ -748,9 +757,7 @@ def run_eval(
     Every check (settings, adapters, questions, templates, model, adapter files) happens before
     the database is written, so a bad flag leaves nothing half-made.
     """
-    from malt_local.adapters import check_adapters, parse_adapters
-    from malt_local.hashing import cached_sha256
-    from malt_local.runner import resolve_model_path
+    from malt_local.engines.llama.adapters import check_adapters, parse_adapters
     from malt_local.runs import prompts_digest
 
     settings.validate()
@@ -761,35 +768,37 @@ def run_eval(
     prompts = PromptSet(prompts_dir)
     prompts.check([q for b in benchmarks for q in b.questions])
     hashes = prompts.hashes()
-    if not model_spec:
+    base = dataclasses.replace(
+        options or EngineOptions(max_tokens=settings.max_tokens), max_tokens=settings.max_tokens
+    )
+    kind = engine_kind(engine_kind_name)
+    if specs and not kind.local:
         raise MaltError(
-            "no model: pass --model PATH.gguf or a pulled alias "
-            "(`malt pull smollm2-135m`), or set MALT_MODEL"
+            f"--adapter needs a llama.cpp engine; with --engine {kind.name} serve each role's "
+            "adapter under its own model name and pass --role-model ROLE=NAME"
         )
-    model_path, known_sha = resolve_model_path(model_spec)
-    infos = check_adapters(specs, model_path)
-    model_sha = known_sha or cached_sha256(model_path)
+    model = identify_model(kind.name, model_spec, base)
+    infos = check_adapters(specs, Path(model.model)) if specs else {}
+    engine_options = base.for_model(kind.local, model.served_model or model.model)
+    model_sha = model.sha256
+    remote = engine_options.remote
+    role_models = dict(remote.role_models) if remote is not None else {}
+    if role_models:
+        # Other served names for some roles are other weights: another evaluation.
+        model_sha += "|roles:" + json.dumps(role_models, sort_keys=True)
     ident = identity(settings, model_sha, prompts_digest(hashes))
     run_id = eval_run_id(ident)
 
-    engine = make_engine(
-        model_path,
-        max_tokens=settings.max_tokens,
-        ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers,
-        kind=engine_kind,
-        parallel=parallel,
-    )
+    engine = make_engine(kind.name, engine_options)
     try:
         records = {role: [i.record() for i in role_infos] for role, role_infos in infos.items()}
-        handles = {
-            role: [
-                (engine.model.load_adapter(i.path), i.scale)  # type: ignore[attr-defined]
-                for i in role_infos
-            ]
-            for role, role_infos in infos.items()
-        }
+        handles = {}
+        if records:
+            assert isinstance(engine, AdapterEngine)
+            handles = {
+                role: [(engine.load_adapter(i.path), i.scale) for i in role_infos]
+                for role, role_infos in infos.items()
+            }
         adapter_sets = [AdapterSet(BASE)]
         if records:
             adapter_sets.append(AdapterSet(adapter_set_id(records), records, handles))
@@ -798,7 +807,7 @@ def run_eval(
             row = {
                 "id": run_id,
                 "created_at": utcnow(),
-                "model": str(model_path),
+                "model": model.model,
                 **{k: v for k, v in ident.items()},
                 "prompt_hashes": json.dumps(hashes, sort_keys=True),
                 "tool_version": __version__,
@@ -822,7 +831,7 @@ def run_eval(
     return {
         "eval_run": run_id,
         "db": str(db_path),
-        "model": str(model_path),
+        "model": model.model,
         "model_sha256": model_sha,
         "settings": asdict(settings),
         "adapter_set": adapter_sets[-1].id if records else None,
@@ -834,30 +843,3 @@ def run_eval(
         "seconds": round(elapsed, 3),
         **results,
     }
-
-
-def make_engine(
-    model_path: Path,
-    *,
-    max_tokens: int,
-    ctx: int | None = None,
-    threads: int | None = None,
-    gpu_layers: int | None = None,
-    kind: str = "batched",
-    parallel: int | None = None,
-) -> Engine:
-    """The engine `malt run` uses (same factory, same sizing), on a model loaded once for every
-    role and adapter. Both engines implement `use_adapters`."""
-    from malt_local.batched_engine import make_engine as engine_factory
-    from malt_local.runner import context_size
-
-    return engine_factory(
-        kind,
-        model_path,
-        max_tokens=max_tokens,
-        seq_ctx=context_size(max_tokens, ctx),
-        ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers,
-        parallel=parallel,
-    )

@@ -29,35 +29,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 import jinja2
 
 from malt_local import credit
+from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
 from malt_local.prompts import PromptSet
 from malt_local.store import Store, utcnow
 from malt_local.tree import JUDGE_TASK, Progress, assign_question_credit, derive_seed
 
-if TYPE_CHECKING:
-    from malt_local.llama_engine import LocalModel
-
 __all__ = [
     "JUDGE_MAX_TOKENS",
     "JUDGE_SCHEMA",
     "JUDGE_TASK",
     "PASS_THRESHOLD",
-    "JudgeBackend",
-    "JudgeOutput",
+    "JUDGE_PARAMS",
+    "JudgeModel",
     "JudgePrompt",
     "JudgeSummary",
     "Judgement",
-    "LlamaJudge",
     "check_judge_model",
     "judge_run",
     "parse_judgement",
@@ -223,74 +218,19 @@ class JudgePrompt:
         )
 
 
-# --------------------------------------------------------------------------- backends
+# --------------------------------------------------------------------------- the model
 
 
-@dataclass
-class JudgeOutput:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float = 0.0
+@dataclass(frozen=True)
+class JudgeModel:
+    """Who judged: recorded with each verdict, so a run never mixes two judges."""
 
-
-class JudgeBackend(Protocol):
-    """What the pass needs from a model: one constrained reply per prompt."""
-
-    name: str  # the judge model's file name, recorded with each verdict
+    name: str  # the judge model's file name, or the served model's id
     sha256: str | None
 
-    def complete(self, messages: list[Message], seed: int) -> JudgeOutput: ...
 
-
-class LlamaJudge:
-    """The judge on llama.cpp's high-level API, with a grammar from `JUDGE_SCHEMA`."""
-
-    def __init__(
-        self,
-        model: LocalModel,
-        sha256: str | None,
-        *,
-        max_tokens: int = JUDGE_MAX_TOKENS,
-    ) -> None:
-        from llama_cpp import LlamaGrammar
-
-        self.model = model
-        self.name = model.path.name
-        self.sha256 = sha256
-        self.max_tokens = max_tokens
-        self.grammar = LlamaGrammar.from_json_schema(json.dumps(JUDGE_SCHEMA), verbose=False)
-        # Another engine may have used this context: forget the prefix llama-cpp-python
-        # believes is cached, so nothing stale is reused.
-        model.llm.reset()
-
-    def complete(self, messages: list[Message], seed: int) -> JudgeOutput:
-        llm = self.model.llm
-        tokens = self.model.prompt_tokens(messages)
-        room = self.model.n_ctx - len(tokens)
-        if room < 16:
-            return JudgeOutput("", "length", len(tokens), 0)
-        t0 = time.perf_counter()
-        out = llm.create_completion(
-            tokens,
-            max_tokens=min(self.max_tokens, room),
-            temperature=0.0,
-            top_p=1.0,
-            top_k=0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            seed=seed,
-            grammar=self.grammar,
-        )
-        choice, usage = out["choices"][0], out["usage"]
-        return JudgeOutput(
-            choice["text"],
-            "length" if choice["finish_reason"] == "length" else "stop",
-            usage["prompt_tokens"],
-            usage["completion_tokens"],
-            time.perf_counter() - t0,
-        )
+# Every verdict decodes greedily under the schema: it depends only on its prompt.
+JUDGE_PARAMS = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=JUDGE_MAX_TOKENS)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -354,20 +294,23 @@ def _options(raw: str | None) -> list[tuple[str, str]]:
 def judge_run(
     store: Store,
     run: dict,
-    backend: JudgeBackend,
+    engine: Engine,
     prompt: JudgePrompt,
     *,
+    model: JudgeModel,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> JudgeSummary:
     """Judge every refiner leaf of `run` that has no verdict yet, committing one by one.
 
-    With the run's task `judge`, each verdict also sets its leaf's reward, and every tree whose
-    leaves are all rewarded gets its values and labels.
+    Leaves go to the engine a batch at a time, each as one request held to `JUDGE_SCHEMA`, so an
+    engine with requests in flight (a server) judges a batch concurrently. With the run's task
+    `judge`, each verdict also sets its leaf's reward, and every tree whose leaves are all
+    rewarded gets its values and labels.
     """
     run_id = run["id"]
     sets_rewards = run.get("task") == JUDGE_TASK
-    check_judge_model(store, run_id, backend.name, backend.sha256)
-    summary = JudgeSummary(model=backend.name, sets_rewards=sets_rewards)
+    check_judge_model(store, run_id, model.name, model.sha256)
+    summary = JudgeSummary(model=model.name, sets_rewards=sets_rewards)
     db = store.db
     total = db.execute(
         "SELECT COUNT(*) FROM nodes WHERE run_id = ? AND depth = 3", [run_id]
@@ -378,22 +321,23 @@ def judge_run(
     progress = Progress(total=total, done=summary.already)
     if on_progress:
         on_progress(progress)
-    last_question: str | None = None
     after = run_id + "/"
     while batch := _pending(store, run_id, after, _BATCH):
         after = batch[-1]["id"]
+        leaves = {leaf["id"]: leaf for leaf in batch}
+        queue = RequestQueue()
         for leaf in batch:
-            if sets_rewards and last_question not in (None, leaf["question_id"]):
-                summary.credited += _credit(store, run, last_question)
-            last_question = leaf["question_id"]
-            _judge_one(store, run, backend, prompt, leaf, sets_rewards, summary)
+            queue.push(_request(run, prompt, leaf), priority=(leaf["id"],))
+        for out in engine.generate(queue):
+            _store_verdict(store, run, model, leaves[out.key], out, sets_rewards, summary)
             progress.done += 1
             progress.generated_nodes += 1
             if on_progress:
                 on_progress(progress)
+        if sets_rewards:
+            for qid in dict.fromkeys(leaf["question_id"] for leaf in batch):
+                summary.credited += _credit(store, run, qid)
     if sets_rewards:
-        if last_question is not None:
-            summary.credited += _credit(store, run, last_question)
         # Trees whose last verdict was written by a pass that stopped before their credit.
         for (qid,) in db.execute(
             """SELECT question_id FROM nodes WHERE run_id = ? GROUP BY question_id
@@ -409,15 +353,7 @@ def _credit(store: Store, run: dict, question_id: str) -> int:
     return int(assign_question_credit(store, run["id"], question_id, run["n"], run["theta"]))
 
 
-def _judge_one(
-    store: Store,
-    run: dict,
-    backend: JudgeBackend,
-    prompt: JudgePrompt,
-    leaf: dict,
-    sets_rewards: bool,
-    summary: JudgeSummary,
-) -> None:
+def _request(run: dict, prompt: JudgePrompt, leaf: dict) -> GenRequest:
     messages = prompt.messages(
         question=leaf["question"],
         ground_truth=leaf["ground_truth"],
@@ -429,7 +365,26 @@ def _judge_one(
     seed = derive_seed(
         run["seed"], "judge:" + leaf["question_id"], tuple(int(b) for b in leaf["path"].split("."))
     )
-    out = backend.complete(messages, seed)
+    return GenRequest(
+        messages=messages,
+        keys=[leaf["id"]],
+        seeds=[seed],
+        params=JUDGE_PARAMS,
+        json_schema=JUDGE_SCHEMA,
+        group=leaf["question_id"],
+        role="judge",
+    )
+
+
+def _store_verdict(
+    store: Store,
+    run: dict,
+    model: JudgeModel,
+    leaf: dict,
+    out: Completion,
+    sets_rewards: bool,
+    summary: JudgeSummary,
+) -> None:
     verdict = parse_judgement(out.text)
     summary.judged += 1
     summary.invalid += not verdict.valid
@@ -449,8 +404,8 @@ def _judge_one(
                 json.dumps(verdict.key_matches, ensure_ascii=False),
                 int(verdict.valid),
                 out.text,
-                backend.name,
-                backend.sha256,
+                model.name,
+                model.sha256,
                 out.prompt_tokens,
                 out.completion_tokens,
                 int(out.seconds * 1000),
@@ -478,13 +433,14 @@ def _judge_one(
 class JudgePlan:
     """The judge a `malt run` will use, settled before anything is written."""
 
-    model_path: Path
-    sha256: str | None
+    model: JudgeModel
     prompt: JudgePrompt
+    # What the engine loads or asks for: a GGUF path, or a served model name.
+    target: str
 
     @property
     def name(self) -> str:
-        return self.model_path.name
+        return self.model.name
 
 
 def plan_judge(
@@ -493,69 +449,61 @@ def plan_judge(
     judge_model: str | None,
     task: str | None,
     prompts_dir: Path | None,
-    run_model_path: Path,
-    run_model_sha256: str | None,
+    run_model: JudgeModel,
+    run_target: str,
+    resolve: Callable[[str], tuple[JudgeModel, str]],
 ) -> JudgePlan | None:
-    """None without a judge; else the judge model (the run's unless `--judge-model`) and its
-    template, both checked. `--judge-model` implies `--judge`; `--task judge` needs a judge.
+    """None without a judge; else the judge model (the run's unless `--judge-model`, which
+    `resolve` turns into its identity and target) and its template, both checked.
+    `--judge-model` implies `--judge`; `--task judge` needs a judge.
     """
     if not (judge or judge_model or task == JUDGE_TASK):
         return None
     prompt = JudgePrompt(prompts_dir)
     prompt.check()
     if not judge_model:
-        return JudgePlan(run_model_path, run_model_sha256, prompt)
-    from malt_local.hashing import cached_sha256
-    from malt_local.runner import resolve_model_path
-
-    path, known = resolve_model_path(judge_model)
-    return JudgePlan(path, known or cached_sha256(path), prompt)
+        return JudgePlan(run_model, prompt, run_target)
+    model, target = resolve(judge_model)
+    return JudgePlan(model, prompt, target)
 
 
 def run_judge(
     plan: JudgePlan,
     db_path: Path,
     run: dict,
+    make: Callable[[], Engine],
     *,
-    n_ctx: int,
-    threads: int | None = None,
-    gpu_layers: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> JudgeSummary:
-    """Judge the run's unjudged leaves (after the tree is built), loading the judge model only
-    if there is one to judge.
+    """Judge the run's unjudged leaves (after the tree is built), making the judge's engine
+    (`make`) only if there is a leaf to judge.
 
-    The model is loaded afresh, after the tree's engine has let go of it, so the judge never
-    shares a context with an engine that manages the KV cache its own way.
+    The engine is made afresh, after the tree's engine has let go of the model, so the judge
+    never shares a context with an engine that manages the KV cache its own way.
     """
-    backend = _LazyLlamaJudge(plan, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers)
+    engine = _LazyEngine(make)
     store = Store(db_path)
     try:
-        return judge_run(store, run, backend, plan.prompt, on_progress=on_progress)
+        return judge_run(store, run, engine, plan.prompt, model=plan.model, on_progress=on_progress)
     finally:
-        backend.close()
+        engine.close()
         store.close()
 
 
-class _LazyLlamaJudge:
-    """A `LlamaJudge` whose model loads on the first prompt (a finished pass loads nothing)."""
+class _LazyEngine:
+    """An engine made on its first request (a finished pass loads nothing)."""
 
-    def __init__(
-        self, plan: JudgePlan, *, n_ctx: int, threads: int | None, gpu_layers: int | None
-    ) -> None:
-        self.plan = plan
-        self.name = plan.name
-        self.sha256 = plan.sha256
-        self._args = {"n_ctx": n_ctx, "n_threads": threads, "n_gpu_layers": gpu_layers}
-        self._judge: LlamaJudge | None = None
+    name = "lazy"
 
-    def complete(self, messages: list[Message], seed: int) -> JudgeOutput:
-        if self._judge is None:
-            from malt_local.llama_engine import LocalModel
+    def __init__(self, make: Callable[[], Engine]) -> None:
+        self._make = make
+        self._engine: Engine | None = None
 
-            self._judge = LlamaJudge(LocalModel(self.plan.model_path, **self._args), self.sha256)
-        return self._judge.complete(messages, seed)
+    def generate(self, queue: RequestQueue) -> Iterator[Completion]:
+        if self._engine is None:
+            self._engine = self._make()
+        return self._engine.generate(queue)
 
     def close(self) -> None:
-        if self._judge is not None:
-            self._judge.model.close()
+        if self._engine is not None:
+            self._engine.close()

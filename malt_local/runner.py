@@ -1,24 +1,30 @@
 """One `malt run`, start to finish: choose the run, check the model, load it, build the trees.
 
 Everything a user can get wrong is checked before the database is written: the questions were
-read by the caller, the model path or alias is resolved and its header checked, the templates
-rendered once, and the model loaded, all before the run row goes in.
+read by the caller, the model is identified by its engine (a GGUF path or alias resolved and its
+header checked; a server asked what it serves), the templates rendered once, and the engine
+made, all before the run row goes in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from malt_local.batched_engine import make_engine
-from malt_local.errors import MaltError
-from malt_local.hashing import cached_sha256
-from malt_local.judge import check_judge_model, plan_judge, run_judge
-from malt_local.llama_engine import check_gguf
+from malt_local.engines import (
+    EngineOptions,
+    ModelIdentity,
+    engine_kind,
+    identify_model,
+    make_engine,
+)
+from malt_local.judge import JudgeModel, JudgePlan, check_judge_model, plan_judge, run_judge
 from malt_local.prompts import PromptSet
 from malt_local.questions import load_questions
 from malt_local.runs import (
+    Run,
     RunSettings,
     RunSpec,
     check_same,
@@ -32,24 +38,6 @@ from malt_local.store import Store
 from malt_local.tree import TreeRunner, tree_size
 
 
-def resolve_model_path(spec: str) -> tuple[Path, str | None]:
-    """A GGUF path and its known sha256 (None: hash it) from a path or a pulled alias."""
-    from malt_local.registry import resolve_model
-
-    resolved = resolve_model(spec)
-    check_gguf(Path(resolved.path))
-    return Path(resolved.path), resolved.sha256
-
-
-def context_size(max_tokens: int, requested: int | None) -> int:
-    """Room for the refiner's prompt: question, answer, critique, and its own output."""
-    if requested is not None:
-        if requested < 256:
-            raise MaltError(f"--ctx {requested} is too small (at least 256)")
-        return requested
-    return 3 * max_tokens + 2048
-
-
 def run_tree(
     questions_path: Path,
     given: RunSettings,
@@ -57,18 +45,16 @@ def run_tree(
     db_path: Path,
     model_spec: str | None,
     prompts_dir: Path | None,
+    options: EngineOptions | None = None,
     limit: int | None = None,
     run_id: str | None = None,
     new_run: bool = False,
-    ctx: int | None = None,
-    threads: int | None = None,
-    gpu_layers: int | None = None,
-    engine_kind: str = "batched",
-    parallel: int | None = None,
+    engine_kind_name: str = "batched",
     show_progress: bool = False,
     judge: bool = False,
     judge_model: str | None = None,
 ) -> dict:
+    kind = engine_kind(engine_kind_name)
     run: dict | None = None
     if db_path.exists() or run_id:
         store = Store(db_path, create=False)
@@ -78,22 +64,24 @@ def run_tree(
             store.close()
     if run is not None:
         settings = settings_from_run(run, given)
-        model_spec = model_spec or run["model"]
+        previous = Run.from_row(run).spec
+        if not model_spec and kind.local == (previous.served_model is None):
+            # Continuing on the same kind of engine: the run's own model.
+            model_spec = run["model"] if kind.local else previous.served_model
     else:
         settings = with_defaults(given)
     questions = load_questions(questions_path, settings.task)[:limit]
     prompts = PromptSet(prompts_dir)
     prompts.check(questions)
     hashes = prompts.hashes()
-    if not model_spec:
-        raise MaltError(
-            "no model: pass --model PATH.gguf or a pulled alias "
-            "(`malt pull smollm2-135m`), or set MALT_MODEL"
-        )
-    model_path, known_sha = resolve_model_path(model_spec)
+    base = options or EngineOptions(max_tokens=settings.max_tokens or 512)
+    base = dataclasses.replace(base, max_tokens=settings.max_tokens)
+    identity = identify_model(kind.name, model_spec, base)
+    engine_options = base.for_model(kind.local, identity.served_model or identity.model)
+    remote = engine_options.remote
     spec = RunSpec(
-        model=str(model_path),
-        model_sha256=known_sha or cached_sha256(model_path),
+        model=identity.model,
+        model_sha256=identity.sha256,
         n=settings.n,
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -105,28 +93,29 @@ def run_tree(
         prompts_sha256=prompts_digest(hashes),
         prompt_hashes=hashes,
         ignore_eos=bool(settings.ignore_eos),
+        engine=kind.name,
+        served_model=identity.served_model,
+        role_models=dict(remote.role_models) if remote is not None else {},
+        model_revision=identity.revision,
     )
     if run is not None:
         check_same(run, spec, str(db_path))
+
+    def resolve_judge(target: str) -> tuple[JudgeModel, str]:
+        found = identify_model(kind.name, target, base)
+        return JudgeModel(_judge_name(found), found.sha256), found.served_model or found.model
+
     judge_plan = plan_judge(
         judge=judge,
         judge_model=judge_model,
         task=settings.task,
         prompts_dir=prompts_dir,
-        run_model_path=model_path,
-        run_model_sha256=spec.model_sha256,
+        run_model=JudgeModel(_judge_name(identity), identity.sha256),
+        run_target=identity.served_model or identity.model,
+        resolve=resolve_judge,
     )
 
-    engine = make_engine(
-        engine_kind,
-        model_path,
-        max_tokens=spec.max_tokens,
-        seq_ctx=context_size(spec.max_tokens, ctx),
-        ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers,
-        parallel=parallel,
-    )
+    engine = make_engine(kind.name, engine_options)
     store = Store(db_path)
     try:
         if run is None:
@@ -135,10 +124,12 @@ def run_tree(
             run = store.run(rid)
         assert run is not None
         if judge_plan is not None:
-            check_judge_model(store, run["id"], judge_plan.name, judge_plan.sha256)
+            check_judge_model(store, run["id"], judge_plan.name, judge_plan.model.sha256)
         store.add_questions(run["id"], questions)
         with progress_display(show_progress, len(questions) * tree_size(spec.n)) as on_progress:
-            runner = TreeRunner(store, run, questions, engine, prompts, on_progress)
+            runner = TreeRunner(
+                store, Run(run["id"], spec), questions, engine, prompts, on_progress
+            )
             started = time.monotonic()
             final = runner.execute()
         elapsed = time.monotonic() - started
@@ -147,14 +138,13 @@ def run_tree(
         store.close()
     judged = None
     if judge_plan is not None:
+        judge_options = _judge_options(base, kind.local, judge_plan)
         with progress_display(show_progress, 0) as on_progress:
             judged = run_judge(
                 judge_plan,
                 db_path,
                 run,
-                n_ctx=context_size(spec.max_tokens, None),
-                threads=threads,
-                gpu_layers=gpu_layers,
+                lambda: make_engine(kind.name, judge_options),
                 on_progress=on_progress,
             )
     return {
@@ -171,6 +161,18 @@ def run_tree(
         "config": asdict(spec),
         "judge": asdict(judged) if judged is not None else None,
     }
+
+
+def _judge_name(identity: ModelIdentity) -> str:
+    """A verdict records the judge by file name (local) or served model id."""
+    return Path(identity.model).name if identity.served_model is None else identity.model
+
+
+def _judge_options(base: EngineOptions, local: bool, plan: JudgePlan) -> EngineOptions:
+    """The judge's engine: the run's kind, on the judge model, sized for the run's prompts
+    (`--ctx` sizes the tree's shared cache, not one verdict's)."""
+    options = dataclasses.replace(base, judge=True, ctx=None, parallel=None)
+    return options.for_model(local, plan.target)
 
 
 class progress_display:  # noqa: N801 - used as a context manager

@@ -31,6 +31,7 @@ IDENTITY = (
     "task",
     "prompts_sha256",
     "ignore_eos",
+    "role_models",
 )
 
 
@@ -93,6 +94,13 @@ class RunSpec:
     prompts_sha256: str
     prompt_hashes: dict = field(default_factory=dict)
     ignore_eos: bool = False
+    # How the nodes were made (not identity: any engine may continue a run of the same model).
+    engine: str = "batched"
+    # A served model (`--engine openai`): the name given, and per-role served names.
+    served_model: str | None = None
+    role_models: dict = field(default_factory=dict)
+    # A declared revision of the weights behind a served model (`--model-revision`).
+    model_revision: str | None = None
 
     def row(self, run_id: str) -> dict:
         cfg = asdict(self)
@@ -114,6 +122,18 @@ class RunSpec:
             "tool_version": __version__,
             "config": json.dumps(cfg, sort_keys=True),
         }
+
+
+@dataclass(frozen=True)
+class Run:
+    """A stored run: its id and its configuration, typed (what `TreeRunner` works from)."""
+
+    id: str
+    spec: RunSpec
+
+    @classmethod
+    def from_row(cls, row: dict) -> Run:
+        return cls(row["id"], stored_spec(row))
 
 
 def prompts_digest(hashes: dict[str, str]) -> str:
@@ -155,11 +175,17 @@ def differences(old: RunSpec, new: RunSpec) -> list[str]:
         if a != b:
             label = {"model_sha256": "model", "prompts_sha256": "prompts"}.get(name, name)
             if name == "model_sha256":
-                a, b = old.model, new.model
+                a, b = _model_label(old), _model_label(new)
             elif name == "prompts_sha256":
                 a, b = "templates " + a[:8], "templates " + b[:8]
             out.append(f"{label} {a} (now {b})")
     return out
+
+
+def _model_label(spec: RunSpec) -> str:
+    if spec.served_model is None:
+        return spec.model
+    return f"served model {spec.model}" + (f"@{spec.model_revision}" if spec.model_revision else "")
 
 
 def choose_run(store: Store, run_id: str | None, new_run: bool) -> dict | None:

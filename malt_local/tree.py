@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from malt_local import credit
-from malt_local.engine import Completion, Engine, GenRequest, RequestQueue, SamplingParams
+from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.grading import extract_answer, grade
 from malt_local.prompts import ROLES, PromptSet, TreeContext
 from malt_local.questions import Question
+from malt_local.runs import Run
 from malt_local.store import NodeRecord, Store, node_id, utcnow
 
 Path = tuple[int, ...]
@@ -97,23 +98,24 @@ class TreeRunner:
     def __init__(
         self,
         store: Store,
-        run: dict,
+        run: Run,
         questions: list[Question],
         engine: Engine,
         prompts: PromptSet,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
+        spec = run.spec
         self.store = store
-        self.run_id: str = run["id"]
-        self.n: int = run["n"]
-        self.theta: float = run["theta"]
-        self.seed: int = run["seed"]
+        self.run_id = run.id
+        self.n = spec.n
+        self.theta = spec.theta
+        self.seed = spec.seed
         self.params = SamplingParams(
-            temperature=run["temperature"],
-            top_p=run["top_p"],
-            top_k=run["top_k"],
-            max_tokens=run["max_tokens"],
-            ignore_eos=bool(json.loads(run["config"]).get("ignore_eos", False)),
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            max_tokens=spec.max_tokens,
+            ignore_eos=bool(spec.ignore_eos),
         )
         self.questions = questions
         self._qindex = {q.id: i for i, q in enumerate(questions)}
@@ -181,6 +183,8 @@ class TreeRunner:
                 params=self.params,
                 parent_key=parent.id if parent else None,
                 expects_children=depth < 3,
+                group=q.id,
+                role=role,
             ),
             priority=(-depth, qi, path),
         )
@@ -256,7 +260,7 @@ class TreeRunner:
             label=int(credit.label_for(reward, self.theta)) if reward is not None else None,
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
-            seed=info.seed,
+            seed=info.seed if c.seed is None else c.seed,
             duration_ms=int(c.seconds * 1000),
             created_at=utcnow(),
         )

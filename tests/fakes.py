@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
-from malt_local.engine import Completion, GenRequest, RequestQueue
+from malt_local.engines.base import Completion, GenRequest, RequestQueue
 
 
 class FakeEngine:
     """Answers every request from `script(request, key, seed) -> text`, deterministically.
+
+    It has no adapter ability (`AdapterEngine`); subclasses add one.
 
     `fail_after` raises KeyboardInterrupt after that many completions, to simulate Ctrl-C.
     """
@@ -21,7 +22,7 @@ class FakeEngine:
     ) -> None:
         self.script = script
         self.fail_after = fail_after
-        self.model_path = Path("fake.gguf")
+        self.name = "fake"
         self.requests: list[GenRequest] = []
         self.completed: list[str] = []
 

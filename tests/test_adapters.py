@@ -10,14 +10,16 @@ import gguf
 import numpy as np
 import pytest
 
-from malt_local.adapters import (
+from malt_local.engines import EngineOptions
+from malt_local.engines import make_engine as make_registered
+from malt_local.engines.base import SamplingParams
+from malt_local.engines.llama.adapters import (
     AdapterSpec,
     check_adapters,
     parse_adapter,
     parse_adapters,
     read_gguf_header,
 )
-from malt_local.engine import SamplingParams
 from malt_local.errors import MaltError
 from malt_local.evaluate import (
     BASE,
@@ -26,7 +28,6 @@ from malt_local.evaluate import (
     EvalSettings,
     adapter_set_id,
     load_benchmarks,
-    make_engine,
 )
 from malt_local.prompts import PromptSet
 from malt_local.store import Store
@@ -222,10 +223,15 @@ def test_cli_refuses_a_bad_adapter_before_writing_anything(tmp_path, small_model
 # --------------------------------------------------------------------------- real model
 
 
+def make_engine(model, *, max_tokens: int, ctx: int | None = None, kind: str = "batched"):
+    """The engine `malt eval` makes, from the registry."""
+    return make_registered(kind, EngineOptions(max_tokens=max_tokens, model_path=model, ctx=ctx))
+
+
 def test_adapter_on_the_context_scale_zero_and_switching_back(small_model, lora, lora2, tmp_path):
     engine = make_engine(small_model, max_tokens=12, ctx=1024, kind="simple")
     try:
-        handle = engine.model.load_adapter(lora)
+        handle = engine.load_adapter(lora)
         tokens = engine.model.prompt_tokens([{"role": "user", "content": "What is 2 + 3?"}])
         params = SamplingParams(temperature=0.0, max_tokens=12)
 
@@ -242,14 +248,14 @@ def test_adapter_on_the_context_scale_zero_and_switching_back(small_model, lora,
         assert text([]) == base
         assert text([(handle, 1.0)]) == adapted
         # Two adapters on one role add up; a zero-scale one among them changes nothing.
-        second = engine.model.load_adapter(lora2)
+        second = engine.load_adapter(lora2)
         assert text([(handle, 1.0), (second, 0.0)]) == adapted
         assert text([(handle, 1.0), (second, 1.0)]) not in (adapted, base)
         # A file whose header passes but whose data is cut off: llama.cpp says no.
         cut = tmp_path / "cut.gguf"
         cut.write_bytes(lora.read_bytes()[: lora.stat().st_size // 2])
         with pytest.raises(MaltError, match="could not load the LoRA adapter"):
-            engine.model.load_adapter(cut)
+            engine.load_adapter(cut)
     finally:
         engine.close()
 
@@ -264,7 +270,7 @@ def test_each_role_adapter_changes_only_its_role(tmp_path, small_model, lora):
     engine = make_engine(small_model, max_tokens=12)  # the batched engine, as `malt eval`
     store = Store(tmp_path / "e.db")
     try:
-        handle = engine.model.load_adapter(lora)
+        handle = engine.load_adapter(lora)
 
         def lora_set(role: str, scale: float) -> AdapterSet:
             records = {role: [{"sha256": "x", "scale": scale}]}

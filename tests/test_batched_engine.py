@@ -19,21 +19,19 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from malt_local import batched_engine
-from malt_local.batched_engine import (
-    BatchedEngine,
-    Draw,
-    VectorSampler,
-    kv_bytes_per_cell,
-    make_engine,
-    plan_batch,
-)
-from malt_local.engine import GenRequest, RequestQueue, SamplingParams
+from malt_local.engines import EngineOptions, make_engine
+from malt_local.engines.base import GenRequest, RequestQueue, SamplingParams
+from malt_local.engines.llama import batched as batched_engine
+from malt_local.engines.llama import sizing
+from malt_local.engines.llama.batched import BatchedEngine
+from malt_local.engines.llama.model import LocalModel
+from malt_local.engines.llama.sampler import Draw, VectorSampler
+from malt_local.engines.llama.simple import HighLevelEngine
+from malt_local.engines.llama.sizing import kv_bytes_per_cell, plan_batch
 from malt_local.errors import MaltError
-from malt_local.llama_engine import HighLevelEngine, LocalModel
 from malt_local.prompts import PromptSet
 from malt_local.questions import load_questions
-from malt_local.runs import RunSpec
+from malt_local.runs import Run, RunSpec
 from malt_local.store import Store
 from malt_local.tree import TreeRunner, tree_size
 from tests.conftest import EXAMPLES
@@ -253,7 +251,7 @@ def tree_run(tmp_path, engine, name: str, n: int = 2, max_tokens: int = 12):
     store.insert_run(spec.row("r"))
     questions = load_questions(EXAMPLES / "gsm8k.jsonl")[:1]
     store.add_questions("r", questions)
-    progress = TreeRunner(store, store.run("r"), questions, engine, PromptSet()).execute()
+    progress = TreeRunner(store, Run("r", spec), questions, engine, PromptSet()).execute()
     nodes = sorted(store.nodes("r"), key=lambda r: r.path)
     store.close()
     return progress, nodes
@@ -339,16 +337,16 @@ def test_settings_that_cannot_fit_are_clear_errors(model, monkeypatch):
     # On a CPU: one stream of seq_limit cells per sequence id, half the ids spare for kept
     # parents, within a quarter of the available memory; a unified cache where fewer fit.
     gib = 2**30
-    monkeypatch.setattr(batched_engine, "available_memory", lambda: 32 * gib)
+    monkeypatch.setattr(sizing, "available_memory", lambda: 32 * gib)
     plan = plan_batch(model, max_tokens=512, seq_limit=3584)
     assert plan.parallel == 32 and not plan.offload and not plan.kv_unified
     assert plan.seq_limit == 3584 and plan.n_seq_max == 64 and plan.n_ctx == 64 * 3584
     per_stream = 3584 * kv_bytes_per_cell(model)
-    monkeypatch.setattr(batched_engine, "available_memory", lambda: 12 * gib)
+    monkeypatch.setattr(sizing, "available_memory", lambda: 12 * gib)
     fewer = plan_batch(model, max_tokens=512, seq_limit=3584)
     assert not fewer.kv_unified and fewer.n_seq_max == int(3 * gib // per_stream) < 64
     assert fewer.n_seq_max > fewer.parallel
-    monkeypatch.setattr(batched_engine, "available_memory", lambda: 8 * gib)
+    monkeypatch.setattr(sizing, "available_memory", lambda: 8 * gib)
     small = plan_batch(model, max_tokens=512, seq_limit=3584)
     assert small.kv_unified and small.kv_bytes <= 4 * gib and small.n_seq_max == 64
     # A total size asks for one unified cache.
@@ -356,7 +354,7 @@ def test_settings_that_cannot_fit_are_clear_errors(model, monkeypatch):
     assert unified.kv_unified and unified.n_ctx == 8192 and unified.seq_limit == 3584
     assert plan.n_seq_max <= llama_cpp.llama_max_parallel_sequences()
     with pytest.raises(MaltError, match="unknown engine"):
-        make_engine("turbo", model.path, max_tokens=16, seq_ctx=2048)
+        make_engine("turbo", EngineOptions(max_tokens=16, model_path=model.path))
 
 
 def test_use_adapters_with_none_drops_kept_prefixes(model):

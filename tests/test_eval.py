@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from malt_local.engine import GenRequest
+from malt_local.engines.base import GenRequest
 from malt_local.evaluate import (
     BASE,
     AdapterSet,
@@ -316,6 +316,9 @@ class AdapterFake(FakeEngine):
         self.current: list = []
         self.log: list = []
         super().__init__(self.answer)
+
+    def load_adapter(self, path):
+        return ("handle", str(path))
 
     def use_adapters(self, adapters):
         self.current = list(adapters)

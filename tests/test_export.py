@@ -15,12 +15,12 @@ from click.testing import CliRunner
 
 from malt_local import credit
 from malt_local import export as ex
-from malt_local.chat import ChatTemplate
 from malt_local.cli import cli
+from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
 from malt_local.prompts import PromptSet
 from malt_local.questions import Question
-from malt_local.runs import RunSpec
+from malt_local.runs import Run, RunSpec
 from malt_local.store import Store
 from malt_local.tree import TreeRunner
 from tests.fakes import FakeEngine
@@ -80,7 +80,9 @@ def build(
     store = Store(db)
     run = make_run(store, run_id, n, theta)
     store.add_questions(run_id, questions)
-    TreeRunner(store, run, questions, FakeEngine(scripted(correct)), PromptSet()).execute()
+    TreeRunner(
+        store, Run.from_row(run), questions, FakeEngine(scripted(correct)), PromptSet()
+    ).execute()
     return store
 
 
@@ -511,7 +513,9 @@ def test_run_filter_and_incomplete_runs(golden, tmp_path):
     run = make_run(store, "rsecond", 3, theta=0.5)
     q = Question("Golden question C?", "18", "gsm8k")
     store.add_questions(run["id"], [q])
-    TreeRunner(store, run, [q], FakeEngine(scripted({q.id: GOLD_A})), PromptSet()).execute()
+    TreeRunner(
+        store, Run.from_row(run), [q], FakeEngine(scripted({q.id: GOLD_A})), PromptSet()
+    ).execute()
     store.close()
     both = export(golden, tmp_path / "both")
     assert [s["run_id"] for s in both["sources"]] == ["rgold", "rsecond"]

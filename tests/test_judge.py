@@ -12,18 +12,21 @@ import pytest
 
 from malt_local import credit
 from malt_local import export as ex
+from malt_local.engines.base import Completion
 from malt_local.errors import MaltError
 from malt_local.judge import (
+    JUDGE_PARAMS,
     JUDGE_SCHEMA,
     PASS_THRESHOLD,
     SCORES,
-    JudgeOutput,
+    JudgeModel,
     JudgePrompt,
     judge_run,
     parse_judgement,
 )
 from malt_local.prompts import PromptSet
 from malt_local.questions import Question
+from malt_local.runs import Run
 from malt_local.store import Store
 from malt_local.tree import TreeRunner
 from tests.conftest import EXAMPLES, malt
@@ -42,31 +45,43 @@ def leaf_script(request, key, seed):
 
 
 class FakeJudge:
-    """Replies with the schema's JSON, scoring each leaf from VERDICTS (found in the prompt)."""
+    """An engine that replies with the schema's JSON, scoring each leaf from VERDICTS (found in
+    the prompt); it checks that every request asks for the schema, greedily."""
+
+    name = "fake"
 
     def __init__(
         self, fail_after: int | None = None, name: str = "judge.gguf", sha256: str | None = "j" * 64
     ) -> None:
         self.fail_after = fail_after
-        self.name = name
-        self.sha256 = sha256
+        self.model = JudgeModel(name, sha256)
         self.calls: list[list[dict]] = []
 
-    def complete(self, messages, seed):
-        if self.fail_after is not None and len(self.calls) >= self.fail_after:
-            raise KeyboardInterrupt
-        self.calls.append(messages)
-        path = re.search(r"\(leaf ([0-9.]+)\)", messages[-1]["content"]).group(1)
-        reply = {"explanation": f"leaf {path}", "key_matches": ["Paris"],
-                 "reasoning_score": 0.5, "correctness_score": VERDICTS[path]}  # fmt: skip
-        return JudgeOutput(json.dumps(reply), "stop", 50, 20, 0.01)
+    def generate(self, queue):
+        while (request := queue.pop()) is not None:
+            assert request.json_schema == JUDGE_SCHEMA and request.params == JUDGE_PARAMS
+            if self.fail_after is not None and len(self.calls) >= self.fail_after:
+                raise KeyboardInterrupt
+            messages = request.messages
+            self.calls.append(messages)
+            path = re.search(r"\(leaf ([0-9.]+)\)", messages[-1]["content"]).group(1)
+            reply = {"explanation": f"leaf {path}", "key_matches": ["Paris"],
+                     "reasoning_score": 0.5, "correctness_score": VERDICTS[path]}  # fmt: skip
+            yield Completion(request.keys[0], json.dumps(reply), "stop", 50, 20, 0.01)
+
+    def close(self) -> None:
+        pass
+
+
+def judge(store, run, fake: FakeJudge):
+    return judge_run(store, run, fake, JudgePrompt(), model=fake.model)
 
 
 def judge_tree(tmp_path, task="judge", question=FRANCE) -> tuple[Store, dict]:
     store = Store(tmp_path / "j.db")
     run = make_run(store, "rjudge", 2, task=task)
     store.add_questions(run["id"], [question])
-    TreeRunner(store, run, [question], FakeEngine(leaf_script), PromptSet()).execute()
+    TreeRunner(store, Run.from_row(run), [question], FakeEngine(leaf_script), PromptSet()).execute()
     return store, run
 
 
@@ -168,11 +183,11 @@ def test_task_judge_leaves_wait_for_the_judge_then_get_rewards_and_credit(tmp_pa
     assert all(n["correct"] is None for n in nodes)
     assert {n["answer"] for n in nodes if n["depth"] == 3} == {"Paris"}
     # Re-planning a tree whose leaves await the judge assigns nothing.
-    TreeRunner(store, run, [FRANCE], FakeEngine(leaf_script), PromptSet()).plan()
+    TreeRunner(store, Run.from_row(run), [FRANCE], FakeEngine(leaf_script), PromptSet()).plan()
     assert all(n["value"] is None for n in rows(store, "SELECT * FROM nodes"))
 
     backend = FakeJudge()
-    summary = judge_run(store, run, backend, JudgePrompt())
+    summary = judge(store, run, backend)
     assert (summary.judged, summary.already, summary.invalid, summary.credited) == (8, 0, 0, 1)
     assert summary.passed == sum(v >= PASS_THRESHOLD for v in VERDICTS.values()) == 3
     leaves = {n["path"]: n for n in rows(store, "SELECT * FROM nodes WHERE depth = 3")}
@@ -186,20 +201,20 @@ def test_task_judge_leaves_wait_for_the_judge_then_get_rewards_and_credit(tmp_pa
     assert json.loads(judged[0]["key_matches"]) == ["Paris"]
     # Nothing left: a second pass asks the model nothing.
     again = FakeJudge()
-    assert judge_run(store, run, again, JudgePrompt()).judged == 0 and again.calls == []
+    assert judge(store, run, again).judged == 0 and again.calls == []
     store.close()
 
 
 def test_judge_pass_resumes_after_an_interrupt(tmp_path):
     store, run = judge_tree(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        judge_run(store, run, FakeJudge(fail_after=3), JudgePrompt())
+        judge(store, run, FakeJudge(fail_after=3))
     assert len(rows(store, "SELECT * FROM judgements")) == 3
     rewarded = rows(store, "SELECT path FROM nodes WHERE depth = 3 AND reward IS NOT NULL")
     assert sorted(r["path"] for r in rewarded) == ["0.0.0", "0.0.1", "0.1.0"]
     assert all(n["value"] is None for n in rows(store, "SELECT * FROM nodes WHERE depth < 3"))
     rest = FakeJudge()
-    summary = judge_run(store, run, rest, JudgePrompt())
+    summary = judge(store, run, rest)
     assert (summary.judged, summary.already, summary.credited) == (5, 3, 1)
     assert len(rest.calls) == 5  # no leaf judged twice
     assert_credit_matches_rewards(store, "rjudge", 2, 0.5)
@@ -208,9 +223,9 @@ def test_judge_pass_resumes_after_an_interrupt(tmp_path):
 
 def test_credit_missed_by_a_killed_pass_is_assigned_next_time(tmp_path):
     store, run = judge_tree(tmp_path)
-    judge_run(store, run, FakeJudge(), JudgePrompt())
+    judge(store, run, FakeJudge())
     store.db.execute("UPDATE nodes SET value = NULL, label = NULL WHERE depth < 3")
-    summary = judge_run(store, run, FakeJudge(), JudgePrompt())
+    summary = judge(store, run, FakeJudge())
     assert summary.judged == 0 and summary.credited == 1
     assert_credit_matches_rewards(store, "rjudge", 2, 0.5)
     store.close()
@@ -219,9 +234,9 @@ def test_credit_missed_by_a_killed_pass_is_assigned_next_time(tmp_path):
 def test_a_second_judge_model_is_refused(tmp_path):
     store, run = judge_tree(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        judge_run(store, run, FakeJudge(fail_after=2), JudgePrompt())
+        judge(store, run, FakeJudge(fail_after=2))
     with pytest.raises(MaltError, match="was judged with judge.gguf"):
-        judge_run(store, run, FakeJudge(name="other.gguf", sha256="o" * 64), JudgePrompt())
+        judge(store, run, FakeJudge(name="other.gguf", sha256="o" * 64))
     store.close()
 
 
@@ -236,7 +251,7 @@ def test_judge_on_a_graded_task_keeps_the_graders_rewards(tmp_path):
     store = Store(tmp_path / "g.db")
     run = make_run(store, "rgraded", 2)
     store.add_questions(run["id"], [q])
-    TreeRunner(store, run, [q], FakeEngine(script), PromptSet()).execute()
+    TreeRunner(store, Run.from_row(run), [q], FakeEngine(script), PromptSet()).execute()
 
     def credit_state() -> dict:
         return {
@@ -245,7 +260,7 @@ def test_judge_on_a_graded_task_keeps_the_graders_rewards(tmp_path):
         }
 
     before = credit_state()
-    summary = judge_run(store, run, FakeJudge(), JudgePrompt())
+    summary = judge(store, run, FakeJudge())
     assert summary.judged == 8 and not summary.sets_rewards and summary.credited == 0
     assert credit_state() == before
     store.close()
@@ -272,7 +287,7 @@ def test_export_waits_for_the_judge_then_uses_its_rewards(tmp_path):
         ex.export(tmp_path / "j.db", tmp_path / "early", ex.ExportOptions())
     assert not (tmp_path / "early").exists()
     store = Store(tmp_path / "j.db")
-    judge_run(store, run, FakeJudge(), JudgePrompt())
+    judge(store, run, FakeJudge())
     store.close()
     out = tmp_path / "out"
     manifest = ex.export(tmp_path / "j.db", out, ex.ExportOptions())

@@ -1,6 +1,6 @@
 import pytest
 
-from malt_local.chat import ChatTemplate
+from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions import Question, load_questions

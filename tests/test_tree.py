@@ -6,7 +6,7 @@ import pytest
 
 from malt_local.prompts import PromptSet
 from malt_local.questions import load_questions
-from malt_local.runs import RunSpec
+from malt_local.runs import Run, RunSpec
 from malt_local.store import Store
 from malt_local.tree import TreeRunner, derive_seed, tree_size
 from tests.conftest import EXAMPLES
@@ -54,7 +54,7 @@ def setup(tmp_path):
 def test_full_tree_counts_links_values(setup):
     store, run, questions = setup
     engine = FakeEngine(script)
-    progress = TreeRunner(store, run, questions, engine, PromptSet()).execute()
+    progress = TreeRunner(store, Run.from_row(run), questions, engine, PromptSet()).execute()
     assert progress.done == progress.total == 2 * tree_size(2)
     nodes = list(store.nodes("rtest"))
     assert len(nodes) == 28
@@ -77,7 +77,7 @@ def test_full_tree_counts_links_values(setup):
 def test_requests_share_prompts_and_extend_parents(setup):
     store, run, questions = setup
     engine = FakeEngine(script)
-    TreeRunner(store, run, questions, engine, PromptSet()).execute()
+    TreeRunner(store, Run.from_row(run), questions, engine, PromptSet()).execute()
     # One request per parent: 1 root + 2 generators + 4 verifiers per question, n keys each.
     assert len(engine.requests) == 2 * 7
     assert all(len(r.keys) == 2 for r in engine.requests)
@@ -99,11 +99,11 @@ def test_interrupted_run_resumes_without_regenerating(setup):
     store, run, questions = setup
     first = FakeEngine(script, fail_after=11)
     with pytest.raises(KeyboardInterrupt):
-        TreeRunner(store, run, questions, first, PromptSet()).execute()
+        TreeRunner(store, Run.from_row(run), questions, first, PromptSet()).execute()
     kept = {n.id: (n.output, n.created_at) for n in store.nodes("rtest")}
     assert len(kept) == 11
     second = FakeEngine(script)
-    TreeRunner(store, run, questions, second, PromptSet()).execute()
+    TreeRunner(store, Run.from_row(run), questions, second, PromptSet()).execute()
     assert not set(second.completed) & set(kept)
     nodes = {n.id: n for n in store.nodes("rtest")}
     assert len(nodes) == 28
@@ -115,7 +115,7 @@ def test_a_stored_node_cannot_be_written_twice(setup):
     import sqlite3
 
     store, run, questions = setup
-    TreeRunner(store, run, questions, FakeEngine(script), PromptSet()).execute()
+    TreeRunner(store, Run.from_row(run), questions, FakeEngine(script), PromptSet()).execute()
     node = next(store.nodes("rtest"))
     with pytest.raises(sqlite3.IntegrityError):
         store.insert_node(node)
@@ -125,7 +125,7 @@ def test_parent_must_exist(setup):
     import sqlite3
 
     store, run, questions = setup
-    TreeRunner(store, run, questions, FakeEngine(script), PromptSet()).execute()
+    TreeRunner(store, Run.from_row(run), questions, FakeEngine(script), PromptSet()).execute()
     node = next(n for n in store.nodes("rtest") if n.depth == 2)
     node.id, node.parent_id = node.id + "x", "rtest/nope/0"
     with pytest.raises(sqlite3.IntegrityError):

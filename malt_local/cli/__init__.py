@@ -11,6 +11,7 @@ import sys
 import click
 
 from malt_local import __version__
+from malt_local.errors import MaltError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -28,7 +29,7 @@ class MaltGroup(click.Group):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as exc:
+        except (click.ClickException, MaltError) as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, click.Abort):

@@ -9,6 +9,12 @@ from pathlib import Path
 
 import click
 
+from malt_local.cli._engine import (
+    engine_option,
+    engine_options,
+    pop_server_settings,
+    server_options,
+)
 from malt_local.cli.run import db_option, json_option
 from malt_local.errors import MaltError
 from malt_local.paths import default_db_path
@@ -49,7 +55,12 @@ def register(cli: click.Group) -> None:
     show_default=True,
     help="Seeds; accuracy is mean ± std over them.",
 )
-@click.option("--model", "-m", envvar="MALT_MODEL", help="GGUF path or pulled alias ($MALT_MODEL).")
+@click.option(
+    "--model",
+    "-m",
+    envvar="MALT_MODEL",
+    help="GGUF path or pulled alias ($MALT_MODEL); with --engine openai the served model name.",
+)
 @click.option(
     "--adapter",
     "adapters",
@@ -83,14 +94,8 @@ def register(cli: click.Group) -> None:
 @click.option("--ctx", type=int, help="Context size in tokens [from max tokens].")
 @click.option("--threads", type=int, help="CPU threads [all cores].")
 @click.option("--gpu-layers", type=int, help="Layers on the GPU [all, with GPU support].")
-@click.option(
-    "--engine",
-    "engine_kind",
-    type=click.Choice(["batched", "simple"]),
-    default="batched",
-    show_default=True,
-    help="batched: continuous batching; simple: one turn at a time.",
-)
+@engine_option()
+@server_options
 @click.option("--parallel", type=int, help="Most sequences decoded at once by the batched engine.")
 @json_option
 def eval_cmd(
@@ -115,6 +120,7 @@ def eval_cmd(
     engine_kind: str,
     parallel: int | None,
     json_: bool,
+    **server_flags,
 ) -> None:
     """Evaluate the roles at test time: SA, SA+MV, MA, MA+MV, and with --adapter the same
     with per-role LoRA adapters, as mean ± std over seeds.
@@ -138,6 +144,7 @@ def eval_cmd(
         task=task,
     )
     settings.validate()
+    remote = pop_server_settings(engine_kind, server_flags)
     if ctx is not None and ctx < 256:
         raise MaltError(f"--ctx {ctx} is too small (at least 256)")
     show = not json_ and sys.stderr.isatty()
@@ -149,11 +156,15 @@ def eval_cmd(
             model_spec=model,
             adapter_values=adapters,
             prompts_dir=prompts_dir,
-            ctx=ctx,
-            threads=threads,
-            gpu_layers=gpu_layers,
-            engine_kind=engine_kind,
-            parallel=parallel,
+            options=engine_options(
+                max_tokens=max_tokens,
+                ctx=ctx,
+                threads=threads,
+                gpu_layers=gpu_layers,
+                parallel=parallel,
+                remote=remote,
+            ),
+            engine_kind_name=engine_kind,
             on_progress=on_progress,
         )
     if json_:

@@ -9,6 +9,12 @@ from pathlib import Path
 import click
 
 from malt_local import report
+from malt_local.cli._engine import (
+    engine_option,
+    engine_options,
+    pop_server_settings,
+    server_options,
+)
 from malt_local.errors import MaltError
 from malt_local.paths import default_db_path
 from malt_local.questions import TASKS
@@ -37,7 +43,12 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--n", "n", type=int, help="Samples per node: n generators, n² verifiers, n³ refiners [3]."
 )
-@click.option("--model", "-m", envvar="MALT_MODEL", help="GGUF path or pulled alias ($MALT_MODEL).")
+@click.option(
+    "--model",
+    "-m",
+    envvar="MALT_MODEL",
+    help="GGUF path or pulled alias ($MALT_MODEL); with --engine openai the served model name.",
+)
 @db_option
 @click.option("--temperature", type=float, help="Sampling temperature [0.3, as in the paper].")
 @click.option("--top-p", type=float, help="Nucleus sampling [1.0: off].")
@@ -62,13 +73,8 @@ def register(cli: click.Group) -> None:
 @click.option(
     "--gpu-layers", type=int, help="Layers on the GPU [all, when built with GPU support]."
 )
-@click.option(
-    "--engine",
-    "engine_kind",
-    type=click.Choice(["batched", "simple"]),
-    default="batched",
-    help="batched: every live node of every tree decoded together [default]; simple: node by node.",
-)
+@engine_option()
+@server_options
 @click.option(
     "--parallel",
     type=int,
@@ -103,6 +109,7 @@ def run_cmd(
 
     judge, judge_model = settings.pop("judge"), settings.pop("judge_model")
     engine_kind, parallel = settings.pop("engine_kind"), settings.pop("parallel")
+    remote = pop_server_settings(engine_kind, settings)
     if limit is not None and limit < 1:
         raise MaltError(f"--limit must be at least 1 (got {limit})")
     given = RunSettings(**settings)
@@ -118,11 +125,15 @@ def run_cmd(
         prompts_dir=prompts_dir,
         run_id=run_id,
         new_run=new_run,
-        ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers,
-        engine_kind=engine_kind,
-        parallel=parallel,
+        options=engine_options(
+            max_tokens=given.max_tokens,
+            ctx=ctx,
+            threads=threads,
+            gpu_layers=gpu_layers,
+            parallel=parallel,
+            remote=remote,
+        ),
+        engine_kind_name=engine_kind,
         show_progress=not json_ and sys.stderr.isatty(),
         judge=judge,
         judge_model=judge_model,

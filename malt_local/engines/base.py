@@ -1,4 +1,4 @@
-"""The engine interface: prompts in, completions out.
+"""The engine interface: prompts in, completions out, with n seeds and an optional JSON schema.
 
 The tree scheduler never calls llama.cpp directly. It fills a `RequestQueue` with `GenRequest`s
 (one per tree node that needs children: one prompt, n seeds) and reads `Completion`s as the
@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,14 @@ class GenRequest:
     params: SamplingParams
     parent_key: str | None = None
     expects_children: bool = False
+    # Hold the output to this JSON schema (the judge). Every engine honours it.
     json_schema: dict | None = None
+    # The tree the request belongs to (the question id): a remote engine keeps one question's
+    # requests on one server, so its children find their prefix in that server's cache.
+    group: str | None = None
+    # The role the output plays (generator, verifier, refiner), for engines that serve one
+    # model name per role.
+    role: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.seeds):
@@ -59,6 +66,19 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     seconds: float = 0.0
+    # The seed that produced the text when the engine could not use the requested one (a
+    # server that samples a request's n children with seed + i); None: the requested seed.
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which weights a run's nodes come from, as recorded and compared on resume."""
+
+    model: str  # the GGUF path, or the served model's id from /v1/models
+    sha256: str  # the file's digest, a declared one, or "served:<id>[@revision]"
+    served_model: str | None = None  # the name the user gave a server
+    revision: str | None = None  # a declared revision of served weights
 
 
 @dataclass(order=True)
@@ -81,17 +101,39 @@ class RequestQueue:
     def pop(self) -> GenRequest | None:
         return heapq.heappop(self._heap).request if self._heap else None
 
+    def pop_with_priority(self) -> tuple[tuple, GenRequest] | None:
+        """The next request and the priority it was pushed with (for engines that keep their
+        own queues, e.g. one per server)."""
+        if not self._heap:
+            return None
+        entry = heapq.heappop(self._heap)
+        return entry.priority, entry.request
+
     def __len__(self) -> int:
         return len(self._heap)
 
 
+@runtime_checkable
 class Engine(Protocol):
-    """What the tree needs from a model backend."""
+    """What the tree, the judge and eval need from a model backend."""
 
-    model_path: Path
+    name: str  # the registry name the engine was made under
 
     def generate(self, queue: RequestQueue) -> Iterator[Completion]:
         """Yield completions until the queue is empty and nothing is in flight."""
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class AdapterEngine(Protocol):
+    """An engine that applies LoRA adapters on its own loaded weights (llama.cpp engines)."""
+
+    def load_adapter(self, path: str | Path) -> object:
+        """Load an adapter GGUF and return its handle."""
+        ...
+
+    def use_adapters(self, adapters: list[tuple[object, float]]) -> None:
+        """Generate with these (handle, scale) pairs from now on; [] is the base model."""
+        ...

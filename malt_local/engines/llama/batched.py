@@ -41,207 +41,16 @@ import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from malt_local.engine import Completion, Engine, GenRequest, RequestQueue, SamplingParams
+from malt_local.engines.base import Completion, GenRequest, RequestQueue
+from malt_local.engines.llama.model import LocalModel, set_context_adapters
+from malt_local.engines.llama.sampler import Draw, VectorSampler
+from malt_local.engines.llama.sizing import BatchPlan, new_context
 from malt_local.errors import MaltError
-from malt_local.llama_engine import (
-    HighLevelEngine,
-    LocalModel,
-    _quiet_stderr,
-    set_context_adapters,
-)
-
-ENGINES = ("batched", "simple")
-
-# Default sequences decoding at once. On a GPU a bigger batch is nearly free (raw decode on an
-# H100: 2,497 tok/s at 27 sequences, 5,071 at 256); on a CPU the model is compute-bound (2-core
-# CPU, SmolLM2-135M: 247 tok/s at 9 sequences, 281 at 27), so a batch only needs to stay full.
-DEFAULT_PARALLEL_GPU = 256
-DEFAULT_PARALLEL_CPU = 32
-# Tokens per physical micro-batch: prompt prefill runs in chunks of this size.
-UBATCH_GPU = 1024
-UBATCH_CPU = 512
-# Share of the machine's available memory the KV cache may take on a CPU.
-KV_MEMORY_SHARE = 0.5
-# ... and the share one stream per sequence may take (a faster layout, not a necessary one).
-STREAMS_MEMORY_SHARE = 0.25
-
-
-# -- sizing --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How the batched context is sized; every figure is printed by the benchmark."""
-
-    parallel: int  # most sequences decoding at once
-    n_seq_max: int  # sequence ids: the live ones plus parents kept for their children
-    n_ctx: int  # KV cells in total
-    n_batch: int  # most tokens in one llama_decode
-    n_ubatch: int  # physical micro-batch
-    seq_limit: int  # most positions one sequence may use (prompt + output)
-    threads: int
-    offload: bool  # layers on a GPU
-    flash_attn: bool
-    kv_bytes: int  # bytes of KV cache at n_ctx cells
-    # One cache shared by every sequence (a shared prefix is stored once), or one stream of
-    # n_ctx / n_seq_max cells per sequence id (a fork copies the prefix).
-    kv_unified: bool = True
-
-
-def kv_bytes_per_cell(model: LocalModel) -> int:
-    """K and V at f16 for one token: 2 * layers * kv heads * head size * 2 bytes."""
-    import llama_cpp
-
-    m = model.llm._model.model
-    n_layer = llama_cpp.llama_model_n_layer(m)
-    n_head = max(1, llama_cpp.llama_model_n_head(m))
-    n_head_kv = llama_cpp.llama_model_n_head_kv(m) or n_head
-    arch = model.llm.metadata.get("general.architecture", "")
-    head_k = int(model.llm.metadata.get(f"{arch}.attention.key_length", 0) or 0)
-    head_v = int(model.llm.metadata.get(f"{arch}.attention.value_length", 0) or 0)
-    head = llama_cpp.llama_model_n_embd(m) // n_head
-    return n_layer * n_head_kv * ((head_k or head) + (head_v or head)) * 2
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def plan_batch(
-    model: LocalModel,
-    *,
-    max_tokens: int,
-    seq_limit: int,
-    parallel: int | None = None,
-    ctx: int | None = None,
-    flash_attn: bool | None = None,
-    kv_unified: bool | None = None,
-) -> BatchPlan:
-    """Size the context from the model and the machine; a clear error for what cannot fit.
-
-    `seq_limit` is the per-sequence context of the simple path (prompt plus output), so both
-    engines end a too-long node the same way. `ctx` is the total number of KV cells of one
-    unified cache; by default there is room for every live sequence's output and a share of
-    the prompts above it.
-
-    Two layouts of the KV cache. On a GPU, and wherever `ctx` is given, one unified cache: a
-    shared prefix is stored once and a fork only tags cells. On a CPU, by default, one stream
-    of `seq_limit` cells per sequence id (a fork copies the parent's stream) whenever more than
-    `parallel` streams fit in a quarter of the available memory, up to `2 * parallel` (the
-    spare ids hold parents kept until their children start). Attention on the CPU then reads
-    only a sequence's own cells, where in a unified cache every query row walks past every
-    other sequence's cells too. On the 2-core CPU (SmolLM2-135M, the benchmark's tree at 96
-    tokens a node) streams made 124 to 128 tok/s against 82 for the unified cache, at a cost
-    in memory: 3.8 against 0.5 GiB peak. `kv_unified` forces either layout.
-    """
-    import llama_cpp
-
-    offload = model.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
-    max_seq = int(llama_cpp.llama_max_parallel_sequences())
-    if parallel is None:
-        parallel = DEFAULT_PARALLEL_GPU if offload else DEFAULT_PARALLEL_CPU
-    if not 1 <= parallel <= max_seq:
-        raise MaltError(f"--parallel must be between 1 and {max_seq} (got {parallel})")
-    if ctx is not None and ctx < 256:
-        raise MaltError(f"--ctx {ctx} is too small (at least 256)")
-    per_cell = kv_bytes_per_cell(model)
-    avail = None if offload else available_memory()
-    budget = KV_MEMORY_SHARE * avail if avail is not None else None
-    n_ubatch = UBATCH_GPU if offload else UBATCH_CPU
-
-    def make(unified: bool, n_seq_max: int, n_ctx: int, limit: int) -> BatchPlan:
-        return BatchPlan(
-            parallel=parallel,
-            n_seq_max=n_seq_max,
-            n_ctx=n_ctx,
-            n_batch=max(n_ubatch, parallel + 256),
-            n_ubatch=n_ubatch,
-            seq_limit=limit,
-            threads=model.n_threads,
-            offload=offload,
-            # Flash attention skips other sequences' cells instead of computing and masking
-            # them: on the 2-core CPU, 27 sequences, 288 against 249 tok/s alone and 217
-            # against 87 tok/s with 8,000 other cells in a unified cache.
-            flash_attn=True if flash_attn is None else flash_attn,
-            kv_bytes=n_ctx * per_cell,
-            kv_unified=unified,
-        )
-
-    if kv_unified is None:
-        kv_unified = offload or ctx is not None
-    if not kv_unified:
-        stream = -(-seq_limit // 256) * 256
-        n_seq_max = min(max_seq, 2 * parallel)
-        if avail is not None:
-            n_seq_max = min(n_seq_max, int(STREAMS_MEMORY_SHARE * avail // (stream * per_cell)))
-        if n_seq_max >= parallel + 1:
-            return make(False, n_seq_max, n_seq_max * stream, seq_limit)
-    # By default a live sequence holds its own output and, in a tree, about half an output's
-    # worth of shared prompt and parent output; seq_limit leaves room for one long prompt.
-    n_ctx = ctx if ctx is not None else parallel * (max_tokens * 3 // 2 + 128) + seq_limit
-    n_ctx = -(-n_ctx // 256) * 256
-    if budget is not None and n_ctx * per_cell > budget:
-        fit = int(budget // per_cell) // 256 * 256
-        if ctx is not None or fit < min(seq_limit, 4096):
-            raise MaltError(
-                f"a KV cache of {n_ctx} cells needs {_gib(n_ctx * per_cell)} GiB, more than half "
-                f"of the {_gib(avail or 0)} GiB available: lower --ctx or --parallel"
-            )
-        n_ctx = fit
-    return make(True, min(max_seq, 2 * parallel), n_ctx, min(seq_limit, n_ctx))
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f}"
-
-
-def new_context(model: LocalModel, plan: BatchPlan):
-    """A second llama.cpp context on the already loaded weights, sized by `plan`."""
-    import llama_cpp
-
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx = plan.n_ctx
-    p.n_batch = plan.n_batch
-    p.n_ubatch = plan.n_ubatch
-    p.n_seq_max = plan.n_seq_max
-    p.n_outputs_max = plan.n_seq_max  # one row per sequence at most: keeps the buffer small
-    p.n_threads = plan.threads
-    p.n_threads_batch = plan.threads
-    p.kv_unified = plan.kv_unified
-    p.flash_attn_type = (
-        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        if plan.flash_attn
-        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    )
-    p.no_perf = True
-    with _quiet_stderr():
-        ctx = llama_cpp.llama_init_from_model(model.llm._model.model, p)
-        if not ctx and plan.flash_attn:
-            # A device or model without flash-attention kernels: let llama.cpp decide.
-            p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-            ctx = llama_cpp.llama_init_from_model(model.llm._model.model, p)
-    if not ctx:
-        raise MaltError(
-            f"llama.cpp could not create a context of {plan.n_ctx} cells "
-            f"({_gib(plan.kv_bytes)} GiB of KV cache) for {plan.parallel} sequences: "
-            "lower --ctx or --parallel"
-        )
-    return ctx
-
 
 # -- the batch -----------------------------------------------------------------------------------
 
@@ -282,142 +91,6 @@ class TokenBatch:
 
         self.struct.n_tokens = n_tokens
         return int(llama_cpp.llama_decode(ctx, self.struct))
-
-
-# -- sampling ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Draw:
-    """One row of logits and the random streams that each draw a token from it."""
-
-    row: int
-    params: SamplingParams
-    rngs: list[np.random.Generator]
-
-
-class VectorSampler:
-    """Temperature, top-k and top-p sampling over the whole logits matrix of a step.
-
-    The same rules as llama.cpp's chain in the high-level path (top-k, then top-p on the
-    untempered distribution, then temperature, then a draw; greedy at temperature 0), but the
-    passes over the vocabulary are numpy operations on all rows at once. A token more than
-    `CUT` * temperature logits below a row's best has a probability below e^-40 times the best
-    one's, so only the tokens above that line are candidates; they are few, and the per-row work
-    on them is small. Each sequence draws from its own `numpy.random.Generator` seeded with the
-    node's seed, so a node's output depends on its seed and its logits alone.
-    """
-
-    CUT = 40.0
-
-    def __init__(self, eog_ids: Sequence[int], threads: int = 1) -> None:
-        self.eog = np.asarray(sorted(eog_ids), dtype=np.intp)
-        self.threads = max(1, threads)
-        self._pool: ThreadPoolExecutor | None = None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-
-    def sample(self, logits: np.ndarray, draws: list[Draw]) -> list[list[int]]:
-        """One token per generator of every draw, in order. `logits` may be modified."""
-        masked = [d.row for d in draws if d.params.ignore_eos]
-        if masked and self.eog.size:
-            logits[np.ix_(masked, self.eog)] = -np.inf
-        out: list[list[int]] = [[] for _ in draws]
-        greedy = [i for i, d in enumerate(draws) if d.params.temperature <= 0]
-        if greedy:
-            best = _take_rows(logits, [draws[i].row for i in greedy]).argmax(axis=1)
-            for i, b in zip(greedy, best, strict=True):
-                out[i] = [int(b)] * len(draws[i].rngs)
-        chosen = [i for i, d in enumerate(draws) if d.params.temperature > 0]
-        if chosen:
-            rows = _take_rows(logits, [draws[i].row for i in chosen])
-            temps = np.array([draws[i].params.temperature for i in chosen], dtype=np.float32)
-            need_z = np.array(
-                [draws[i].params.top_p < 1.0 and draws[i].params.top_k == 0 for i in chosen]
-            )
-            best, cand_rows, cand_cols, z = self._candidates(rows, temps, need_z)
-            bounds = np.searchsorted(cand_rows, np.arange(len(chosen) + 1))
-            for j, i in enumerate(chosen):
-                cols = cand_cols[bounds[j] : bounds[j + 1]]
-                out[i] = self._draw(rows[j], cols, float(best[j]), float(z[j]), draws[i])
-        return out
-
-    def _candidates(
-        self, rows: np.ndarray, temps: np.ndarray, need_z: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per row: the best logit, the candidate (row, column) pairs, and the softmax
-        normaliser over the full row where top-p needs it. Split over threads when large."""
-        n = rows.shape[0]
-        parts = 1
-        if self.threads > 1 and rows.size >= (1 << 22):
-            parts = min(self.threads, n)
-        if parts == 1:
-            return _candidates_block(rows, temps, need_z, self.CUT)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads)
-        edges = np.linspace(0, n, parts + 1).astype(int)
-        futures = [
-            self._pool.submit(_candidates_block, rows[a:b], temps[a:b], need_z[a:b], self.CUT)
-            for a, b in zip(edges[:-1], edges[1:], strict=True)
-        ]
-        results = [f.result() for f in futures]
-        best = np.concatenate([r[0] for r in results])
-        cand_rows = np.concatenate([r[1] + a for r, a in zip(results, edges[:-1], strict=True)])
-        cand_cols = np.concatenate([r[2] for r in results])
-        z = np.concatenate([r[3] for r in results])
-        return best, cand_rows, cand_cols, z
-
-    @staticmethod
-    def _draw(row: np.ndarray, cols: np.ndarray, best: float, z: float, d: Draw) -> list[int]:
-        p = d.params
-        lv = row[cols].astype(np.float64)
-        n_cand = cols.size
-        if 0 < p.top_k < n_cand:
-            keep = np.argpartition(-lv, p.top_k - 1)[: p.top_k]
-            cols, lv = cols[keep], lv[keep]
-        if p.top_p < 1.0:
-            order = np.argsort(-lv, kind="stable")
-            cols, lv = cols[order], lv[order]
-            if p.top_k > 0:
-                if p.top_k <= n_cand:
-                    z = float(np.exp(lv - best).sum())
-                else:  # the top-k set reaches below the candidates: sum it exactly
-                    top = np.partition(row, row.size - p.top_k)[row.size - p.top_k :]
-                    z = float(np.exp(top.astype(np.float64) - best).sum())
-            cum = np.cumsum(np.exp(lv - best)) / z
-            n_keep = min(int(np.searchsorted(cum, p.top_p)) + 1, cols.size)
-            cols, lv = cols[:n_keep], lv[:n_keep]
-        w = np.exp((lv - lv.max()) / p.temperature)
-        cw = np.cumsum(w)
-        last = cw.size - 1
-        return [
-            int(cols[min(int(np.searchsorted(cw, rng.random() * cw[-1], side="right")), last)])
-            for rng in d.rngs
-        ]
-
-
-def _take_rows(logits: np.ndarray, rows: list[int]) -> np.ndarray:
-    """The rows asked for: a view when they are all rows in order (the usual case)."""
-    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
-        return logits
-    return logits[rows]
-
-
-def _candidates_block(
-    rows: np.ndarray, temps: np.ndarray, need_z: np.ndarray, cut: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    best = rows.max(axis=1)
-    # flatnonzero on the flat mask is an order of magnitude faster than 2-D nonzero.
-    flat = np.flatnonzero(rows >= (best - cut * temps)[:, None])
-    cand_rows, cand_cols = np.divmod(flat, rows.shape[1])
-    z = np.ones(rows.shape[0], dtype=np.float64)
-    if need_z.any():
-        idx = np.flatnonzero(need_z)
-        z[idx] = np.exp(rows[idx] - best[idx, None]).sum(axis=1, dtype=np.float64)
-    return best, cand_rows, cand_cols, z
 
 
 # -- bookkeeping ---------------------------------------------------------------------------------
@@ -615,6 +288,9 @@ class BatchedEngine:
                 request = queue.pop()
                 if request is None:
                     return
+                if request.json_schema is not None:
+                    # The registry gives the judge the simple engine; this is a caller's bug.
+                    raise MaltError("the batched engine cannot hold output to a JSON schema")
                 tokens = self.model.prompt_tokens(request.messages)
                 self._pending.append(_Ticket(request, tokens))
             if not self._try_admit(self._pending[0]):
@@ -915,6 +591,9 @@ class BatchedEngine:
 
     # adapters and teardown --------------------------------------------------------------------
 
+    def load_adapter(self, path: str | Path) -> object:
+        return self.model.load_adapter(path)
+
     def use_adapters(self, adapters: list[tuple[object, float]]) -> None:
         """Generate with these (LoRA handle, scale) pairs from now on; [] is the base model.
 
@@ -947,51 +626,3 @@ def _rest(req: GenRequest, start: int) -> GenRequest:
         expects_children=req.expects_children,
         json_schema=req.json_schema,
     )
-
-
-# -- construction --------------------------------------------------------------------------------
-
-
-def make_engine(
-    kind: str,
-    model_path: str | Path,
-    *,
-    max_tokens: int,
-    seq_ctx: int,
-    ctx: int | None = None,
-    threads: int | None = None,
-    gpu_layers: int | None = None,
-    parallel: int | None = None,
-    flash_attn: bool | None = None,
-    kv_unified: bool | None = None,
-) -> Engine:
-    """The engine `malt run` uses: "batched" (default) or "simple" (node by node).
-
-    `seq_ctx` is the context one node may use (prompt plus output); for the batched engine
-    `ctx` is the total KV cache, shared by every sequence.
-    """
-    if kind == "simple":
-        if parallel is not None:
-            raise MaltError("--parallel needs --engine batched")
-        model = LocalModel(model_path, n_ctx=seq_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
-        return HighLevelEngine(model)
-    if kind != "batched":
-        raise MaltError(f"unknown engine '{kind}': choose one of {', '.join(ENGINES)}")
-    # The high-level context is only used for tokenising: keep it tiny.
-    model = LocalModel(
-        model_path, n_ctx=256, n_batch=64, n_threads=threads, n_gpu_layers=gpu_layers
-    )
-    try:
-        plan = plan_batch(
-            model,
-            max_tokens=max_tokens,
-            seq_limit=seq_ctx,
-            parallel=parallel,
-            ctx=ctx,
-            flash_attn=flash_attn,
-            kv_unified=kv_unified,
-        )
-        return BatchedEngine(model, plan)
-    except BaseException:
-        model.close()
-        raise

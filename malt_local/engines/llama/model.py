@@ -1,23 +1,17 @@
-"""llama.cpp through llama-cpp-python: loading a GGUF, prompts to tokens, and the node-by-node
-engine on the high-level API.
+"""llama.cpp through llama-cpp-python: finding and loading a GGUF, prompts to tokens.
 
 `LocalModel` owns the loaded weights and the prompt side (the GGUF's chat template, rendered in a
-sandbox, then tokenised once). Engines built on it only generate. The high-level engine here is
-the simple path: one completion at a time through `Llama.create_completion`, which reuses the KV
-cache of the previous call's prompt prefix. It is the reference the batched engine is measured
-and tested against.
+sandbox, then tokenised once). Engines built on it (`simple`, `batched`) only generate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from malt_local.chat import ChatTemplate
-from malt_local.engine import Completion, GenRequest, RequestQueue, SamplingParams
+from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
 
 GGUF_MAGIC = b"GGUF"
@@ -35,7 +29,7 @@ def check_gguf(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
+def quiet_stderr() -> Iterator[None]:
     """llama.cpp logs from C straight to fd 2; keep a user's terminal readable."""
     if os.environ.get("MALT_DEBUG"):
         yield
@@ -73,6 +67,15 @@ def set_context_adapters(ctx: object, adapters: list[tuple[object, float]]) -> N
         raise MaltError("llama.cpp could not set the LoRA adapters on the context")
 
 
+def resolve_model_path(spec: str) -> tuple[Path, str | None]:
+    """A GGUF path and its known sha256 (None: hash it) from a path or a pulled alias."""
+    from malt_local.registry import resolve_model
+
+    resolved = resolve_model(spec)
+    check_gguf(Path(resolved.path))
+    return Path(resolved.path), resolved.sha256
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
@@ -97,7 +100,7 @@ class LocalModel:
             n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.n_threads = n_threads or default_threads()
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_ctx=n_ctx,
@@ -155,7 +158,7 @@ class LocalModel:
         """
         import llama_cpp
 
-        with _quiet_stderr():
+        with quiet_stderr():
             handle = llama_cpp.llama_adapter_lora_init(
                 self.llm._model.model, str(path).encode("utf-8")
             )
@@ -182,68 +185,3 @@ class LocalModel:
             self._free_adapters()
         with contextlib.suppress(Exception):
             self.llm.close()
-
-
-class HighLevelEngine:
-    """One completion at a time through `Llama.create_completion` (the simple path)."""
-
-    name = "simple"
-
-    def __init__(self, model: LocalModel) -> None:
-        self.model = model
-        self.model_path = model.path
-
-    def complete(self, tokens: list[int], seed: int, params: SamplingParams) -> Completion:
-        llm = self.model.llm
-        room = self.model.n_ctx - len(tokens)
-        if room <= 0:
-            # The prompt alone fills the context: record an empty, truncated node rather
-            # than fail the whole run; it grades as wrong.
-            return Completion("", "", "length", len(tokens), 0)
-        max_tokens = min(params.max_tokens, room)
-        bias = {t: -1e30 for t in self.model.eog_ids} if params.ignore_eos else None
-        t0 = time.perf_counter()
-        out = llm.create_completion(
-            tokens,
-            max_tokens=max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            seed=seed,
-            logit_bias=bias,
-        )
-        choice = out["choices"][0]
-        usage = out["usage"]
-        return Completion(
-            "",
-            choice["text"],
-            "length" if choice["finish_reason"] == "length" else "stop",
-            usage["prompt_tokens"],
-            usage["completion_tokens"],
-            time.perf_counter() - t0,
-        )
-
-    def use_adapters(self, adapters: list[tuple[object, float]]) -> None:
-        """Generate with these (LoRA handle, scale) pairs from now on; [] is the base model.
-
-        Adapters act per context, so callers switch them between batches of one role's work.
-        The cached prompt prefix is dropped: KV computed under other adapters is wrong for these.
-        """
-        set_context_adapters(self.model.llm._ctx.ctx, adapters)
-        self.model.llm.reset()
-
-    def generate(self, queue: RequestQueue) -> Iterator[Completion]:
-        while (request := queue.pop()) is not None:
-            yield from self._run(request)
-
-    def _run(self, request: GenRequest) -> Iterator[Completion]:
-        tokens = self.model.prompt_tokens(request.messages)
-        for key, seed in zip(request.keys, request.seeds, strict=True):
-            done = self.complete(tokens, seed, request.params)
-            done.key = key
-            yield done
-
-    def close(self) -> None:
-        self.model.close()

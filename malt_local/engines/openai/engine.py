@@ -1,0 +1,451 @@
+"""The OpenAI-compatible engine: each node a chat-completions request, many servers at once.
+
+Every request carries the full messages and every sampling value explicitly (servers' defaults
+differ: llama-server samples with top_k 40 and min_p 0.05 unless told otherwise), the node's own
+seed, and `X-Session-ID: <question id>` so a router with consistent hashing keeps a tree on one
+replica. A node's n children go as one request with `n` only where the server is known to give
+child i the seed + i (llama-server, detected from `/props`, or `--server-n`); each completion
+then records the seed that made it.
+
+The tree scheduler is synchronous; the requests are not. An asyncio loop on a thread of its own
+runs the requests, and `generate` hands them out from per-endpoint queues (deepest nodes first,
+so trees finish and free the servers' caches) while each endpoint has fewer sequences in flight
+than its slots. Failures are retried with jittered exponential backoff (honouring
+`Retry-After`); an endpoint that keeps failing is taken out and its questions move to the
+others. A completion is yielded once per key, so a node is never stored twice, and whatever
+was stored stays: a killed run resumes from the database as with the local engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import heapq
+import itertools
+import queue as queue_mod
+import random
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from malt_local.engines.base import Completion, GenRequest, ModelIdentity, RequestQueue
+from malt_local.engines.openai import http
+from malt_local.engines.openai.routing import Endpoint, pick
+from malt_local.engines.openai.settings import OpenAISettings
+from malt_local.engines.registry import EngineOptions
+from malt_local.errors import MaltError
+
+# Sequences in flight per endpoint when the server does not say (`--max-in-flight`).
+DEFAULT_IN_FLIGHT = 8
+# 408/429 answers retried before the run gives up on a server that stays busy.
+BUSY_RETRIES = 30
+PROBE_TIMEOUT = 10.0
+
+
+# -- start-up: what each server serves ---------------------------------------------------------
+
+
+@dataclass
+class ServerInfo:
+    url: str
+    models: list[str]
+    slots: int | None  # llama-server's total_slots
+    llama_server: bool
+
+
+def _auth(settings: OpenAISettings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+
+
+def probe(url: str, settings: OpenAISettings) -> ServerInfo:
+    """Ask one endpoint what it serves; one clear error for each thing a user can get wrong."""
+    try:
+        r = http.get_sync(url + "/v1/models", _auth(settings), PROBE_TIMEOUT)
+    except http.TransportError as exc:
+        raise MaltError(f"endpoint {url} is not reachable: {exc}") from exc
+    if r.status in (401, 403):
+        raise MaltError(
+            f"endpoint {url} refused the API key (HTTP {r.status}): set $OPENAI_API_KEY "
+            "or name the variable that holds it with --api-key-env"
+        )
+    if r.status != 200:
+        raise MaltError(f"endpoint {url} answered HTTP {r.status} to GET /v1/models")
+    try:
+        data = r.json()
+        models = [str(m["id"]) for m in data["data"]]  # type: ignore[index]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MaltError(f"endpoint {url}: /v1/models is not an OpenAI model list") from exc
+    slots, llama_server = None, False
+    try:
+        props = http.get_sync(url + "/props", _auth(settings), PROBE_TIMEOUT)
+        info = props.json() if props.status == 200 else None
+        if isinstance(info, dict) and isinstance(info.get("total_slots"), int):
+            slots, llama_server = int(info["total_slots"]), True
+    except (http.TransportError, ValueError):
+        pass
+    return ServerInfo(url, models, slots, llama_server)
+
+
+def _settings(options: EngineOptions) -> OpenAISettings:
+    if not isinstance(options.remote, OpenAISettings):
+        raise MaltError("--engine openai needs --endpoint URL (or $MALT_ENDPOINTS)")
+    return options.remote
+
+
+def _check_model(name: str, servers: list[ServerInfo], what: str) -> None:
+    for s in servers:
+        if name not in s.models:
+            raise MaltError(
+                f"endpoint {s.url} does not serve {what} '{name}' "
+                f"(it serves: {', '.join(s.models) or 'nothing'})"
+            )
+
+
+def identify(model_spec: str | None, options: EngineOptions) -> ModelIdentity:
+    """The served model every endpoint lists, checked, as the run records it."""
+    settings = _settings(options)
+    servers = [probe(url, settings) for url in settings.endpoints]
+    name = model_spec or settings.model
+    if not name:
+        served = sorted({m for s in servers for m in s.models})
+        if len(served) != 1:
+            raise MaltError(
+                "pass --model NAME: the endpoints serve "
+                + (", ".join(served) if served else "no model")
+            )
+        name = served[0]
+    _check_model(name, servers, "model")
+    for role, role_name in sorted(settings.role_models.items()):
+        _check_model(role_name, servers, f"the {role}'s model")
+    revision = settings.model_revision
+    sha = settings.model_sha256 or ("served:" + name + (f"@{revision}" if revision else ""))
+    return ModelIdentity(model=name, sha256=sha, served_model=name, revision=revision)
+
+
+def make_openai(options: EngineOptions) -> OpenAIEngine:
+    settings = _settings(options)
+    endpoints = []
+    for url in settings.endpoints:
+        info = probe(url, settings)
+        slots = settings.max_in_flight or info.slots or DEFAULT_IN_FLIGHT
+        server_n = info.llama_server if settings.server_n is None else settings.server_n
+        endpoints.append(Endpoint(url, max(1, slots), server_n))
+    return OpenAIEngine(settings, endpoints)
+
+
+# -- the engine --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """Keys of one request sent together: one, or a node's children with `n`."""
+
+    request: GenRequest
+    keys: list[str]
+    seeds: list[int]
+    with_n: bool
+    tries: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(order=True)
+class _Waiting:
+    priority: tuple
+    order: int
+    request: GenRequest = field(compare=False)
+    start: int = field(default=0, compare=False)  # keys before this one are handed out
+
+
+class _Fatal(Exception):
+    """A failure no retry can fix (a refused key, a bad request); ends the run."""
+
+
+class OpenAIEngine:
+    """Chat-completions requests to one or more endpoints; see the module docstring."""
+
+    name = "openai"
+
+    def __init__(self, settings: OpenAISettings, endpoints: list[Endpoint]) -> None:
+        self.settings = settings
+        self.endpoints = endpoints
+        self._by_url = {e.url: e for e in endpoints}
+        self._waiting: dict[str, list[_Waiting]] = {e.url: [] for e in endpoints}
+        self._order = itertools.count()
+        self._results: queue_mod.Queue = queue_mod.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._yielded: set[str] = set()
+        self._in_flight = 0
+        # What each endpoint was sent, by question: the tests check that a tree stays on one.
+        self.sent: dict[str, set[str]] = {e.url: set() for e in endpoints}
+
+    # -- the synchronous side: routing and hand-out ----------------------------------------------
+
+    def generate(self, queue: RequestQueue) -> Iterator[Completion]:
+        self._start()
+        while True:
+            self._take(queue)
+            self._hand_out()
+            if self._in_flight == 0:
+                if queue or any(self._waiting.values()):
+                    continue
+                return
+            kind, ep, unit, payload = self._results.get()
+            self._in_flight -= 1
+            ep.in_flight -= unit.size
+            if kind == "fatal":
+                raise payload
+            if kind == "moved":
+                self._note_down(ep)
+                self._route(unit.request, (0,), start_keys=unit.keys)
+                continue
+            for c in payload:
+                if c.key not in self._yielded:
+                    self._yielded.add(c.key)
+                    yield c
+
+    def _take(self, queue: RequestQueue) -> None:
+        while (item := queue.pop_with_priority()) is not None:
+            self._route(item[1], item[0])
+
+    def _route(self, request: GenRequest, priority: tuple, start_keys: list[str] | None = None):
+        if start_keys is not None:
+            # A unit coming back from an endpoint that was taken out: only its own keys.
+            idx = [request.keys.index(k) for k in start_keys]
+            request = GenRequest(
+                messages=request.messages,
+                keys=[request.keys[i] for i in idx],
+                seeds=[request.seeds[i] for i in idx],
+                params=request.params,
+                parent_key=request.parent_key,
+                expects_children=request.expects_children,
+                json_schema=request.json_schema,
+                group=request.group,
+                role=request.role,
+            )
+        ep = pick(self.endpoints, request.group or request.keys[0])
+        if ep is None:
+            raise MaltError(self._all_down())
+        heapq.heappush(self._waiting[ep.url], _Waiting(priority, next(self._order), request))
+
+    def _hand_out(self) -> None:
+        for ep in self.endpoints:
+            heap = self._waiting[ep.url]
+            if ep.down and heap:
+                moved, self._waiting[ep.url] = heap, []
+                for w in moved:
+                    rest = w.request.keys[w.start :]
+                    self._route(w.request, w.priority, start_keys=rest)
+                continue
+            while heap and ep.in_flight < ep.slots:
+                w = heap[0]
+                room = ep.slots - ep.in_flight
+                # With n a unit is a node's children (as many as fit), else one key.
+                take = min(room, len(w.request.keys) - w.start) if ep.server_n else 1
+                keys = w.request.keys[w.start : w.start + take]
+                seeds = w.request.seeds[w.start : w.start + take]
+                w.start += take
+                if w.start >= len(w.request.keys):
+                    heapq.heappop(heap)
+                self._submit(ep, _Unit(w.request, keys, seeds, ep.server_n and take > 1))
+
+    def _submit(self, ep: Endpoint, unit: _Unit) -> None:
+        ep.in_flight += unit.size
+        self._in_flight += 1
+        self.sent[ep.url].add(unit.request.group or "")
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._run(ep, unit), self._loop)
+
+    def _note_down(self, ep: Endpoint) -> None:
+        if not getattr(ep, "_reported", False):
+            ep._reported = True  # type: ignore[attr-defined]
+            others = sum(1 for e in self.endpoints if not e.down)
+            sys.stderr.write(
+                f"malt: endpoint {ep.url} taken out after {ep.failures} failures in a row "
+                f"({ep.last_error}); its questions move to the {others} other(s)\n"
+            )
+
+    def _all_down(self) -> str:
+        last = "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints)
+        return f"every endpoint failed ({last}); what was stored is kept: re-run to continue"
+
+    # -- the asynchronous side: one unit's requests ----------------------------------------------
+
+    def _start(self) -> None:
+        if self._loop is not None:
+            return
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="malt-openai", daemon=True
+        )
+        self._thread.start()
+
+    def payload(self, unit: _Unit) -> dict:
+        """The chat-completions body: every sampling value explicit."""
+        r, p = unit.request, unit.request.params
+        body: dict = {
+            "model": self.settings.model_for(r.role),
+            "messages": r.messages,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "min_p": 0.0,
+            "repeat_penalty": 1.0,
+            "max_tokens": p.max_tokens,
+            "seed": unit.seeds[0],
+            "stream": False,
+        }
+        if unit.with_n:
+            body["n"] = unit.size
+        if p.ignore_eos:
+            body["ignore_eos"] = True
+        if r.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "malt", "schema": r.json_schema, "strict": True},
+                # llama-cpp-python's server reads the schema from here.
+                "schema": r.json_schema,
+            }
+        return body
+
+    async def _run(self, ep: Endpoint, unit: _Unit) -> None:
+        try:
+            done = await self._attempts(ep, unit)
+            self._results.put(
+                ("done", ep, unit, done) if done is not None else ("moved", ep, unit, None)
+            )
+        except _Fatal as exc:
+            self._results.put(("fatal", ep, unit, MaltError(str(exc))))
+        except Exception as exc:  # a bug: hand it to the caller's thread with its traceback
+            self._results.put(("fatal", ep, unit, exc))
+
+    async def _attempts(self, ep: Endpoint, unit: _Unit) -> list[Completion] | None:
+        """The unit's completions, or None when `ep` was taken out (the unit moves)."""
+        body = self.payload(unit)
+        headers = {**_auth(self.settings)}
+        if unit.request.group:
+            headers["X-Session-ID"] = unit.request.group
+        timeout = self.settings.read_timeout(unit.request.params.max_tokens, unit.size)
+        busy = 0
+        while True:
+            if ep.down:
+                return None
+            t0 = time.perf_counter()
+            retry_after: float | None = None
+            try:
+                r = await http.request(
+                    ep.url + "/v1/chat/completions",
+                    "POST",
+                    body,
+                    headers,
+                    timeout=timeout,
+                    connect_timeout=self.settings.connect_timeout,
+                )
+            except http.TransportError as exc:
+                error = str(exc)
+            else:
+                if r.status == 200:
+                    try:
+                        out = self._completions(ep, unit, r, time.perf_counter() - t0)
+                    except (ValueError, KeyError, TypeError, IndexError) as exc:
+                        error = f"unreadable answer ({exc})"
+                    else:
+                        ep.failures = 0
+                        return out
+                elif r.status in (401, 403):
+                    raise _Fatal(f"endpoint {ep.url} refused the API key (HTTP {r.status})")
+                elif r.status in (408, 429):
+                    busy += 1
+                    if busy > BUSY_RETRIES:
+                        raise _Fatal(f"endpoint {ep.url} stayed busy (HTTP {r.status})")
+                    await asyncio.sleep(self._delay(busy, _retry_after(r.headers)))
+                    continue
+                elif r.status >= 500:
+                    error = f"HTTP {r.status}"
+                    retry_after = _retry_after(r.headers)
+                else:
+                    raise _Fatal(
+                        f"endpoint {ep.url} answered HTTP {r.status}: "
+                        + r.body[:300].decode("utf-8", "replace")
+                    )
+            ep.failures += 1
+            ep.last_error = error
+            unit.tries += 1
+            if ep.failures >= self.settings.fail_limit or unit.tries >= self.settings.retries:
+                ep.down = True
+                return None
+            await asyncio.sleep(self._delay(unit.tries, retry_after))
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, 120.0)
+        base = min(self.settings.backoff_max, self.settings.backoff * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+    def _completions(
+        self, ep: Endpoint, unit: _Unit, r: http.Response, seconds: float
+    ) -> list[Completion]:
+        data = r.json()
+        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))  # type: ignore[index]
+        if len(choices) != unit.size:
+            raise _Fatal(
+                f"endpoint {ep.url} answered {len(choices)} choice(s) to n = {unit.size}: it "
+                "does not honour n; pass --no-server-n"
+            )
+        usage = data.get("usage") or {}  # type: ignore[union-attr]
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        total = int(usage.get("completion_tokens") or 0)
+        # With n the usage is the request's: each child gets its share.
+        shares = [total // unit.size + (i < total % unit.size) for i in range(unit.size)]
+        out = []
+        for i, (key, choice) in enumerate(zip(unit.keys, choices, strict=True)):
+            text = (choice.get("message") or {}).get("content") or ""
+            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            out.append(
+                Completion(
+                    key,
+                    text,
+                    finish,
+                    prompt_tokens,
+                    shares[i],
+                    seconds,
+                    seed=unit.seeds[0] + i if unit.with_n else None,
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        loop, self._loop = self._loop, None
+
+        def stop() -> None:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.stop()
+
+        loop.call_soon_threadsafe(stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if not loop.is_running():
+            loop.close()
+
+
+def _retry_after(headers: dict[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
