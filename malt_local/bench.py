@@ -1,5 +1,5 @@
-"""`make bench`: the same MALT trees through the node-by-node path and the batched engine, next to
-the raw decode ceiling of the same model, in one run.
+"""`make bench`: the same MALT trees through the node-by-node path, the batched engine and
+llama.cpp's own llama-server, next to the raw decode ceiling of the same model, in one run.
 
     python -m malt_local.bench --model PATH [--n 3] [--questions 4] [--max-tokens 96]
                                [--parallel N] [--ctx N] [--threads N] [--gpu-layers N]
@@ -7,13 +7,16 @@ the raw decode ceiling of the same model, in one run.
 
 (a) `HighLevelEngine` through `TreeRunner` on a temporary database, (b) the batched engine through
 `TreeRunner` on another, (c) a plain loop of `llama_decode` with B sequences, no sampling, on a
-context sized exactly like the engine's, where B is the engine's mean decode batch in (b). Every
-tree has the same questions, n, seeds and a fixed length (end-of-sequence ignored), so (a) and (b)
-generate the same number of tokens. Each part runs in its own process, so each peak RSS is its
+context sized exactly like the engine's, where B is the engine's mean decode batch in (b), (d)
+`--engine openai` through `TreeRunner` against `llama-server` (`make llama-server`) started on
+127.0.0.1 with as many parallel slots as the engine's `--parallel`. Every tree has the same
+questions, n, seeds and a fixed length (end-of-sequence ignored), so (a), (b) and (d) generate
+the same number of tokens. Each part runs in its own process, so each peak RSS is its
 own. A last part times sampling one step's logits with llama.cpp's sampler chains (one call per
 sequence, as the high-level path samples) against the engine's vectorised sampler.
 
-It prints a table with generated tokens/s, nodes/s, the ratios b/a and b/c and peak memory, and
+It prints a table with generated tokens/s, nodes/s, the ratios b/a, b/c and b/d, the requests
+llama-server had in flight per step, and peak memory, and
 writes it to BENCHMARKS.md with the machine it ran on. Speed goals live here, not in timed tests.
 """
 
@@ -37,6 +40,7 @@ SHARED_GSM8K = ROOT.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
 EXAMPLE_GSM8K = ROOT / "examples" / "gsm8k.jsonl"
 TARGET_VS_SIMPLE = 1.7
 TARGET_VS_CEILING = 0.85
+TARGET_VS_SERVER = 2.0
 SAMPLING_BATCHES = (27, 64)
 FLASH = {"auto": None, "on": True, "off": False}
 KV = {"auto": None, "unified": True, "streams": False}
@@ -59,9 +63,9 @@ def questions_file(k: int) -> Path:
 # -- the parts, each run in a child process ------------------------------------------------------
 
 
-def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
-    """(a) or (b): the trees through TreeRunner on a temporary database."""
-    from malt_local.engines import EngineOptions, make_engine
+def execute_tree(args: argparse.Namespace, engine) -> dict:
+    """The bench's trees through TreeRunner and `engine` on a temporary database: the same
+    questions, n, seeds and fixed node length whichever engine generates."""
     from malt_local.prompts import PromptSet
     from malt_local.questions import load_questions
     from malt_local.runs import Run, RunSpec
@@ -69,20 +73,6 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
     from malt_local.tree import TreeRunner
 
     questions = load_questions(questions_file(args.questions))[: args.questions]
-    batched = kind == "batched"
-    engine = make_engine(
-        kind,
-        EngineOptions(
-            model_path=Path(args.model),
-            max_tokens=args.max_tokens,
-            ctx=args.ctx if batched else None,
-            threads=args.threads,
-            gpu_layers=args.gpu_layers,
-            parallel=args.parallel if batched else None,
-            flash_attn=FLASH[args.flash_attn] if batched else None,
-            kv_unified=KV[args.kv] if batched else None,
-        ),
-    )
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
         spec = RunSpec(
@@ -98,13 +88,33 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
         seconds = time.perf_counter() - started
         shape = sorted((r.path, r.completion_tokens) for r in store.nodes("bench"))
         store.close()
-    out = {
-        "kind": kind,
+    return {
         "tokens": progress.completion_tokens,
         "nodes": progress.generated_nodes,
         "seconds": seconds,
         "shape": shape,
     }
+
+
+def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
+    """(a) or (b): the trees through TreeRunner on a temporary database."""
+    from malt_local.engines import EngineOptions, make_engine
+
+    batched = kind == "batched"
+    engine = make_engine(
+        kind,
+        EngineOptions(
+            model_path=Path(args.model),
+            max_tokens=args.max_tokens,
+            ctx=args.ctx if batched else None,
+            threads=args.threads,
+            gpu_layers=args.gpu_layers,
+            parallel=args.parallel if batched else None,
+            flash_attn=FLASH[args.flash_attn] if batched else None,
+            kv_unified=KV[args.kv] if batched else None,
+        ),
+    )
+    out = {"kind": kind, **execute_tree(args, engine)}
     if kind == "batched":
         out["stats"] = asdict(engine.stats)  # type: ignore[attr-defined]
         out["mean_batch"] = engine.stats.mean_batch  # type: ignore[attr-defined]
@@ -139,6 +149,47 @@ def ceiling_part(args: argparse.Namespace) -> dict:
         flash_attn=FLASH[args.flash_attn],
         kv_unified=KV[args.kv],
     )
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def server_part(args: argparse.Namespace) -> dict:
+    """(d): the same trees through `--engine openai` against llama.cpp's own llama-server on this
+    machine, set up like the engine in (b): as many parallel slots as its `--parallel`, each
+    with the cells of one of its sequences, the same KV layout, flash attention and threads.
+    The server's own counters give the sequences it had in flight per `llama_decode`."""
+    from malt_local.engines import EngineOptions, make_engine
+    from malt_local.engines.openai.settings import OpenAISettings
+    from malt_local.llama_server import LlamaServer
+
+    server = LlamaServer(
+        args.model,
+        slots=args.slots,
+        ctx_per_slot=args.slot_ctx,
+        threads=args.server_threads,
+        unified_kv=bool(args.server_kvu),
+        flash_attn=bool(args.server_fa),
+        extra=["--n-gpu-layers", str(args.gpu_layers)] if args.gpu_layers is not None else [],
+    )
+    with server:
+        (model,) = [m["id"] for m in server.get("/v1/models")["data"]]  # type: ignore[index]
+        settings = OpenAISettings(endpoints=(server.url,), model=model)
+        engine = make_engine(
+            "openai", EngineOptions(max_tokens=args.max_tokens, remote=settings)
+        )
+        try:
+            out = {"kind": "server", **execute_tree(args, engine)}
+            out["slots"] = engine.endpoints[0].slots  # type: ignore[attr-defined]
+            out["slot_ctx"] = args.slot_ctx
+            out["server_n"] = engine.endpoints[0].server_n  # type: ignore[attr-defined]
+        finally:
+            engine.close()
+        m = server.metrics()
+        out["server_peak_rss_mib"] = server.peak_rss_mib()
+    out["busy_per_decode"] = m["llamacpp:n_busy_slots_per_decode"]
+    out["decodes"] = int(m["llamacpp:n_decode_total"])
+    out["prompt_tokens"] = int(m["llamacpp:prompt_tokens_total"])
+    out["cached_tokens"] = int(m.get("llamacpp:prompt_tokens_cached_total", 0))
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
@@ -207,10 +258,10 @@ def machine() -> dict:
     }
 
 
-def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> str:
+def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, info: dict) -> str:
     """The markdown written to BENCHMARKS.md (also what the terminal table shows)."""
-    tps = {k: r["tokens"] / r["seconds"] for k, r in (("a", a), ("b", b), ("c", c))}
-    ba, bc = tps["b"] / tps["a"], tps["b"] / tps["c"]
+    tps = {k: r["tokens"] / r["seconds"] for k, r in (("a", a), ("b", b), ("c", c), ("d", d))}
+    ba, bc, bd = tps["b"] / tps["a"], tps["b"] / tps["c"], tps["b"] / tps["d"]
     plan, stats = b["plan"], b["stats"]
     row_rate = (b["tokens"] + stats["prefill_tokens"]) / b["seconds"]
     model = Path(args.model)
@@ -234,7 +285,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         f"- command: `{' '.join(args.command)}`",
         f"- tree: {args.questions} GSM8K questions, n = {args.n} "
         f"({args.n + args.n**2 + args.n**3} nodes each), {args.max_tokens} tokens per node "
-        "(end-of-sequence ignored), temperature 0.3, the same seeds on both paths",
+        "(end-of-sequence ignored), temperature 0.3, the same seeds on every path",
         f"- engine: parallel {plan['parallel']}, {plan['n_ctx']} KV cells "
         f"({layout}), "
         f"n_batch {plan['n_batch']}, n_ubatch {plan['n_ubatch']}, {plan['threads']} threads, "
@@ -248,17 +299,19 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         ("(a) high-level API, node by node", a, a["nodes"]),
         ("(b) batched tree engine", b, b["nodes"]),
         (f"(c) raw `llama_decode` ceiling, B = {c['batch']}, depth {c['depth']}+", c, None),
+        (f"(d) `--engine openai` → llama-server, {d['slots']} slots", d, d["nodes"]),
     )
     for name, r, nodes in rows:
         nps = f"{nodes / r['seconds']:.2f}" if nodes else "—"
         load = "?" if r.get("other_load") is None else f"{r['other_load']:.2f}"
         lines.append(
             f"| {name} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:.1f} "
-            f"| {nps} | {r['peak_rss_mib']:.0f} | {load} |"
+            f"| {nps} | {r.get('server_peak_rss_mib') or r['peak_rss_mib']:.0f} | {load} |"
         )
     ok_a = "met" if ba >= TARGET_VS_SIMPLE else "NOT met"
     ok_c = "met" if bc >= TARGET_VS_CEILING else "NOT met"
-    busiest = max((r.get("other_load") or 0.0) for r in (a, b, c))
+    ok_d = "met" if bd >= TARGET_VS_SERVER else "NOT met"
+    busiest = max((r.get("other_load") or 0.0) for r in (a, b, c, d))
     if busiest > 0.1 * info["cores"]:
         lines += [
             "",
@@ -269,6 +322,8 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         "",
         f"- **b/a = {ba:.2f}×** (target ≥ {TARGET_VS_SIMPLE}×: {ok_a})",
         f"- **b/c = {bc:.0%}** of the raw ceiling (target ≥ {TARGET_VS_CEILING:.0%}: {ok_c})",
+        f"- **b/d = {bd:.2f}×** llama-server on the same tree (goal on a CPU ≥ "
+        f"{TARGET_VS_SERVER}×: {ok_d})",
         f"- (c) decodes B sequences, no sampling, on a context built like the engine's, at the "
         f"engine's mean batch and at its mean depth (a {c['depth']}-token context, then "
         f"{args.max_tokens} steps: the average generated token of (b) sat at position "
@@ -285,6 +340,16 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
         f"- prompts are work too: besides its {b['tokens']} generated tokens, (b) read "
         f"{stats['prefill_tokens']} prompt tokens that (c) has none of; counting both, (b) "
         f"evaluated {row_rate:.1f} tokens/s, {row_rate / tps['c']:.0%} of (c)",
+        f"- (d): llama.cpp's own `llama-server`, built from the same llama.cpp "
+        f"(`make llama-server`), {d['slots']} parallel slots of {d['slot_ctx']} cells "
+        f"({'one unified cache' if plan['kv_unified'] else 'a KV stream each'}), "
+        f"{plan['threads']} threads, flash attention {'on' if plan['flash_attn'] else 'off'}; "
+        f"malt's client sends a node's children as one request "
+        f"{'with n' if d['server_n'] else 'each'}, up to {d['slots']} sequences in flight; "
+        f"**{d['busy_per_decode']:.1f} requests in flight per step** (the server's mean of busy "
+        f"slots per `llama_decode`, over {d['decodes']} calls); prompts: "
+        f"{d['prompt_tokens']} tokens processed, {d['cached_tokens']} reused from a slot's "
+        "cache; peak RSS is the server's",
         "",
         f"Sampling one step's logits ({c['n_vocab']}-token vocabulary, temperature 0.3), "
         "ms per step:",
@@ -327,9 +392,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv", choices=tuple(KV), default="auto", help="[auto: unified]")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--ceiling-seconds", type=float, default=10.0)
-    p.add_argument("--part", choices=("simple", "batched", "ceiling"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--part", choices=("simple", "batched", "ceiling", "server"), help=argparse.SUPPRESS
+    )
     p.add_argument("--batch", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--position", type=float, default=0, help=argparse.SUPPRESS)
+    for hidden in ("--slots", "--slot-ctx", "--server-threads", "--server-kvu", "--server-fa"):
+        p.add_argument(hidden, type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     args.command = ["python", "-m", "malt_local.bench", *given]
@@ -346,7 +415,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.part:
-        out = ceiling_part(args) if args.part == "ceiling" else run_tree_part(args, args.part)
+        parts = {"ceiling": ceiling_part, "server": server_part}
+        out = parts[args.part](args) if args.part in parts else run_tree_part(args, args.part)
         print(json.dumps(out))
         return 0
     if not args.model.is_file():
@@ -356,7 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     if a["shape"] != b["shape"]:
         raise SystemExit("bench: the two paths built different trees")
     c = child(args, "ceiling", batch=f"{b['mean_batch']:.2f}", position=f"{b['mean_position']:.1f}")
-    md = report(args, a, b, c, machine())
+    plan = b["plan"]
+    d = child(
+        args, "server", slots=plan["parallel"], slot_ctx=plan["seq_limit"],
+        server_threads=plan["threads"], server_kvu=int(plan["kv_unified"]),
+        server_fa=int(plan["flash_attn"]),
+    )  # fmt: skip
+    if d["shape"] != b["shape"]:
+        raise SystemExit("bench: llama-server built a different tree")
+    md = report(args, a, b, c, d, machine())
     print_table(md)
     args.out.write_text(md)
     print(f"bench: wrote {args.out}", file=sys.stderr)

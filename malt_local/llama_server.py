@@ -163,6 +163,19 @@ class LlamaServer:
                 out[name] = float(value)
         return out
 
+    def peak_rss_mib(self) -> float | None:
+        """The server process's peak resident memory (Linux `VmHWM`; None elsewhere)."""
+        if self._proc is None:
+            return None
+        try:
+            with open(f"/proc/{self._proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:

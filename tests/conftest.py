@@ -77,3 +77,21 @@ def real_run_db(tmp_path_factory, small_model) -> Path:
     r = malt(*run_argv(db, small_model, "--seed", "1", max_tokens=40, limit=4), env=env)
     assert r.returncode == 0, r.stderr
     return db
+
+
+@pytest.fixture(scope="session")
+def llama_server(small_model, tmp_path_factory):
+    """llama.cpp's own llama-server (`make llama-server`) serving the small model on 127.0.0.1
+    with four parallel slots, for the `--engine openai` tests. Fails, never skips, without the
+    binary; the server is stopped when the session ends."""
+    from malt_local.errors import MaltError
+    from malt_local.llama_server import LlamaServer
+
+    log = tmp_path_factory.mktemp("llama_server") / "server.log"
+    server = LlamaServer(small_model, slots=4, ctx_per_slot=2048, log_path=log)
+    try:
+        server.start()
+    except MaltError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()

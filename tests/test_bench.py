@@ -1,6 +1,7 @@
-"""`make bench` end to end on a tiny tree: the three parts run with the real model and the
-report's ratios are the ones its own table implies. (Speed goals are the benchmark's business;
-this only checks that it measures what it says it measures.)"""
+"""`make bench` end to end on a tiny tree: the four parts run with the real model (the last one
+through a real llama-server) and the report's ratios are the ones its own table implies. (Speed
+goals are the benchmark's business; this only checks that it measures what it says it
+measures.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 def table_rows(md: str) -> dict[str, list[str]]:
     rows = {}
     for line in md.splitlines():
-        m = re.match(r"\| \((a|b|c)\) ", line)
+        m = re.match(r"\| \((a|b|c|d)\) ", line)
         if m:
             rows[m.group(1)] = [cell.strip() for cell in line.strip("|").split("|")]
     return rows
@@ -35,14 +36,20 @@ def test_bench_runs_both_paths_on_the_same_tree_and_reports_consistent_ratios(
     assert r.returncode == 0, r.stderr[-3000:]
     md = out.read_text()
     rows = table_rows(md)
-    assert set(rows) == {"a", "b", "c"}
-    # One question at n = 2 is 2 + 4 + 8 nodes of exactly 8 tokens on both paths.
-    assert rows["a"][1] == rows["b"][1] == str(14 * 8)
-    assert rows["a"][4] != "—" and rows["c"][4] == "—"
+    assert set(rows) == {"a", "b", "c", "d"}
+    # One question at n = 2 is 2 + 4 + 8 nodes of exactly 8 tokens on every tree path,
+    # llama-server's included.
+    assert rows["a"][1] == rows["b"][1] == rows["d"][1] == str(14 * 8)
+    assert rows["a"][4] != "—" and rows["d"][4] != "—" and rows["c"][4] == "—"
     tps = {k: float(v[3]) for k, v in rows.items()}
     ba = float(re.search(r"b/a = ([\d.]+)×", md).group(1))
     bc = float(re.search(r"b/c = (\d+)%", md).group(1))
     assert ba == pytest.approx(tps["b"] / tps["a"], abs=0.02)
     assert bc == pytest.approx(100 * tps["b"] / tps["c"], abs=1.5)
+    bd = float(re.search(r"b/d = ([\d.]+)×", md).group(1))
+    assert bd == pytest.approx(tps["b"] / tps["d"], abs=0.02)
+    # The server had at least one of its slots busy on every step it decoded.
+    busy = float(re.search(r"\*\*([\d.]+) requests in flight per step\*\*", md).group(1))
+    assert 1.0 <= busy <= int(re.search(r"\(d\) .* (\d+) slots", md).group(1))
     assert "a stream for each of" in md and "(CPU)" in md
     assert re.search(r"\| 27 \| [\d.]+ \| [\d.]+ \|", md)  # the sampling timings

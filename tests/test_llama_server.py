@@ -1,0 +1,211 @@
+"""`--engine openai` against a real server: llama.cpp's own llama-server (built by `make
+llama-server` from the llama-cpp-python sdist, so the same llama.cpp as the embedded engine)
+serving the small model on 127.0.0.1 with four parallel slots.
+
+The tree through the server is checked against the embedded engine's tree for the same
+questions: same shape and bookkeeping, and at temperature 0 the same text in every node. With
+sampling, the server gets a node's children as one request with `n` (it samples child i with
+seed + i); the seeds malt stores must then reproduce every text on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import defaultdict
+
+import pytest
+
+from malt_local.judge import PASS_THRESHOLD, SCORES
+from tests.conftest import EXAMPLES, malt, run_argv
+
+N = 2
+MAX_TOKENS = 24
+LIMIT = 2
+# Every column of a node that follows from the tree and the model, not from when it ran.
+SAME = ("question_id", "role", "depth", "branch", "path", "messages", "output", "finish_reason",
+        "answer", "correct", "reward", "value", "label", "prompt_tokens",
+        "completion_tokens")  # fmt: skip
+
+
+def rows(db, sql, args=()):
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+def by_place(db) -> dict[tuple[str, str], dict]:
+    """Nodes by (question, path): the key that is the same in two databases."""
+    nodes = rows(db, "SELECT * FROM nodes")
+    ids = {n["id"]: n for n in nodes}
+    out = {}
+    for n in nodes:
+        parent = ids[n["parent_id"]]["path"] if n["parent_id"] else None
+        out[(n["question_id"], n["path"])] = {**n, "parent_path": parent}
+    return out
+
+
+def served(server, *extra: str) -> list[str]:
+    return ["--engine", "openai", "--endpoint", server.url, *extra]
+
+
+@pytest.fixture(scope="module")
+def greedy_trees(tmp_path_factory, small_model, llama_server):
+    """The same n = 2 tree at temperature 0 from the embedded engine and through the server."""
+    d = tmp_path_factory.mktemp("greedy")
+    env = {"MALT_HOME": str(d / "home")}
+    common = ("--seed", "1", "--temperature", "0", "--json")
+    local, remote = d / "local.db", d / "server.db"
+    r = malt(*run_argv(local, small_model, *common, n=N, max_tokens=MAX_TOKENS, limit=LIMIT),
+             env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    argv = run_argv(remote, small_model, *common, n=N, max_tokens=MAX_TOKENS, limit=LIMIT)
+    at = argv.index("--model")
+    del argv[at : at + 2]  # the server's one model is the run's model
+    r = malt(*argv, *served(llama_server), env=env)
+    assert r.returncode == 0, r.stderr
+    return local, remote, json.loads(r.stdout)
+
+
+def test_server_tree_has_the_local_engines_shape_and_bookkeeping(greedy_trees, llama_server):
+    local, remote, result = greedy_trees
+    a, b = by_place(local), by_place(remote)
+    assert set(a) == set(b) and len(b) == LIMIT * (N + N**2 + N**3)
+    (run,) = rows(remote, "SELECT * FROM runs")
+    assert run["id"] == result["run_id"]
+    # The run records what the server serves (its /v1/models id), not a local file.
+    (model,) = [m["id"] for m in llama_server.get("/v1/models")["data"]]
+    assert run["model"] == model and run["model_sha256"] == f"served:{model}"
+    for key, node in b.items():
+        assert node["run_id"] == run["id"]
+        assert node["parent_path"] == a[key]["parent_path"]
+        assert node["prompt_tokens"] > 0 and 0 < node["completion_tokens"] <= MAX_TOKENS
+        assert node["finish_reason"] in ("stop", "length")
+        if node["role"] == "refiner":
+            assert node["reward"] == float(node["correct"]) and node["value"] == node["reward"]
+        assert node["label"] == int(node["value"] > run["theta"])
+    # Credit: every inner node's value is the mean of its children's.
+    children = defaultdict(list)
+    for node in b.values():
+        children[(node["question_id"], node["parent_path"])].append(node)
+    for (qid, path), node in b.items():
+        if node["role"] != "refiner":
+            kids = children[(qid, path)]
+            assert len(kids) == N
+            assert node["value"] == pytest.approx(sum(k["value"] for k in kids) / N)
+    # Ids follow from the tree: the same place gets the same id in a re-run of the same run.
+    r = malt(*["run", "--db", str(remote), "--json"], *served(llama_server),
+             str(EXAMPLES / "questions.jsonl"), "--limit", str(LIMIT),
+             env={"MALT_HOME": str(remote.parent / "home")})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nodes_generated"] == 0
+    assert {n["id"] for n in by_place(remote).values()} == {n["id"] for n in b.values()}
+
+
+def test_server_tree_at_temperature_0_equals_the_local_engines_text(greedy_trees):
+    local, remote, _ = greedy_trees
+    a, b = by_place(local), by_place(remote)
+    different = [k for k in a if any(a[k][c] != b[k][c] for c in SAME)]
+    assert not different, [(k, {c: (a[k][c], b[k][c]) for c in SAME if a[k][c] != b[k][c]})
+                           for k in different[:2]]  # fmt: skip
+    # The first child of every node has the seed the local engine gave it; greedy decoding
+    # makes the seeds irrelevant to the text, so this is bookkeeping, not sampling.
+    for key, node in b.items():
+        if node["branch"] == 0:
+            assert node["seed"] == a[key]["seed"]
+
+
+def test_children_go_with_n_and_the_stored_seeds_reproduce_every_text(
+    tmp_path, small_model, llama_server
+):
+    from malt_local.engines import EngineOptions, make_engine
+    from malt_local.engines.openai.settings import OpenAISettings
+
+    # The engine reads the server's four slots from /props and knows it samples n with seed + i.
+    options = EngineOptions(
+        max_tokens=MAX_TOKENS,
+        remote=OpenAISettings(endpoints=(llama_server.url,), model="m"),
+    )
+    engine = make_engine("openai", options)
+    try:
+        (ep,) = engine.endpoints
+        assert ep.slots == 4 and ep.server_n
+    finally:
+        engine.close()
+
+    db = tmp_path / "sampled.db"
+    argv = [*run_argv(db, small_model, "--seed", "3", "--temperature", "0.8", n=N,
+                      max_tokens=MAX_TOKENS, limit=1), *served(llama_server)]  # fmt: skip
+    at = argv.index("--model")
+    del argv[at : at + 2]
+    before = llama_server.metrics()
+    r = malt(*argv, env={"MALT_HOME": str(tmp_path / "home")})
+    assert r.returncode == 0, r.stderr
+    after = llama_server.metrics()
+    nodes = rows(db, "SELECT * FROM nodes ORDER BY question_id, path")
+    assert len(nodes) == N + N**2 + N**3
+    # Sampling made distinct siblings with distinct seeds.
+    siblings = defaultdict(list)
+    for n in nodes:
+        siblings[n["parent_id"]].append(n)
+    for group in siblings.values():
+        assert len({n["seed"] for n in group}) == N
+    assert any(len({n["output"] for n in group}) == N for group in siblings.values())
+    # One request per node that has children (1 + N + N²), each with n = N: the server
+    # processed each of those prompts once, so it read fewer prompts than it made outputs.
+    tokens = after["llamacpp:tokens_predicted_total"] - before["llamacpp:tokens_predicted_total"]
+    assert tokens == sum(n["completion_tokens"] for n in nodes)
+    # Each stored (messages, seed) alone reproduces the stored text.
+    for n in nodes:
+        answer = llama_server.post(
+            "/v1/chat/completions",
+            {
+                "messages": json.loads(n["messages"]), "seed": n["seed"], "temperature": 0.8,
+                "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
+                "max_tokens": MAX_TOKENS, "n": 1,
+            },
+        )  # fmt: skip
+        assert answer["choices"][0]["message"]["content"] == n["output"], n["path"]
+
+
+def test_judge_through_the_server_gives_schema_valid_verdicts(tmp_path, llama_server):
+    db = tmp_path / "judge.db"
+    r = malt("run", "--task", "judge", "--n", "2", "--max-tokens", "16", "--limit", "1",
+             "--db", str(db), "--json", *served(llama_server), str(EXAMPLES / "capitals.txt"),
+             env={"MALT_HOME": str(tmp_path / "home")})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["judge"]["judged"] == 8 and result["judge"]["sets_rewards"]
+    judgements = rows(db, "SELECT * FROM judgements")
+    leaves = {n["id"]: n for n in rows(db, "SELECT * FROM nodes WHERE depth = 3")}
+    assert set(leaves) == {j["node_id"] for j in judgements}
+    for j in judgements:
+        # response_format held the server to the schema: the raw reply is the verdict.
+        assert j["valid"] == 1, j["output"]
+        reply = json.loads(j["output"], strict=False)
+        assert list(reply) == ["explanation", "key_matches", "reasoning_score",
+                               "correctness_score"]  # fmt: skip
+        assert reply["correctness_score"] in SCORES and reply["reasoning_score"] in SCORES
+        assert 1 <= len(reply["explanation"]) <= 300 and len(reply["key_matches"]) <= 5
+        assert all(1 <= len(m) <= 60 for m in reply["key_matches"])
+        assert j["correctness_score"] == reply["correctness_score"]
+        expected = 1.0 if j["correctness_score"] >= PASS_THRESHOLD else 0.0
+        assert leaves[j["node_id"]]["reward"] == expected
+
+
+def test_malt_eval_runs_through_the_server(tmp_path, llama_server):
+    db = tmp_path / "eval.db"
+    r = malt("eval", str(EXAMPLES / "gsm8k.jsonl"), "--mode", "all", "--votes", "2",
+             "--samples", "2", "--seeds", "1", "--max-tokens", "16", "--db", str(db), "--json",
+             *served(llama_server), env={"MALT_HOME": str(tmp_path / "home")})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["columns"] == ["SA", "SA+MV", "MA", "MA+MV"]
+    # Two questions, two votes, three roles.
+    assert out["generations_new"] == out["generations_total"] == 2 * 2 * 3
+    gens = rows(db, "SELECT * FROM eval_generations")
+    assert len(gens) == 12
+    assert all(g["output"] and g["prompt_tokens"] > 0 for g in gens)
