@@ -186,6 +186,9 @@ def server_part(args: argparse.Namespace) -> dict:
             engine.close()
         m = server.metrics()
         out["server_peak_rss_mib"] = server.peak_rss_mib()
+    # The server's own count of generated tokens is (d)'s figure; what malt stored per node is
+    # kept next to it, so a client that books tokens wrongly shows up in the report.
+    out["stored_tokens"], out["tokens"] = out["tokens"], int(m["llamacpp:tokens_predicted_total"])
     out["busy_per_decode"] = m["llamacpp:n_busy_slots_per_decode"]
     out["decodes"] = int(m["llamacpp:n_decode_total"])
     out["prompt_tokens"] = int(m["llamacpp:prompt_tokens_total"])
@@ -349,7 +352,13 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, info: d
         f"**{d['busy_per_decode']:.1f} requests in flight per step** (the server's mean of busy "
         f"slots per `llama_decode`, over {d['decodes']} calls); prompts: "
         f"{d['prompt_tokens']} tokens processed, {d['cached_tokens']} reused from a slot's "
-        "cache; peak RSS is the server's",
+        "cache; peak RSS is the server's"
+        + (
+            ""
+            if d["stored_tokens"] == d["tokens"]
+            else f" (**malt stored {d['stored_tokens']} completion tokens for these nodes**, "
+            "not the server's count: a bookkeeping error of the client)"
+        ),
         "",
         f"Sampling one step's logits ({c['n_vocab']}-token vocabulary, temperature 0.3), "
         "ms per step:",
@@ -432,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         server_threads=plan["threads"], server_kvu=int(plan["kv_unified"]),
         server_fa=int(plan["flash_attn"]),
     )  # fmt: skip
-    if d["shape"] != b["shape"]:
+    if [p for p, _ in d["shape"]] != [p for p, _ in b["shape"]] or d["tokens"] != b["tokens"]:
         raise SystemExit("bench: llama-server built a different tree")
     md = report(args, a, b, c, d, machine())
     print_table(md)

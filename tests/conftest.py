@@ -88,7 +88,8 @@ def llama_server(small_model, tmp_path_factory):
     from malt_local.llama_server import LlamaServer
 
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
-    server = LlamaServer(small_model, slots=4, ctx_per_slot=2048, log_path=log)
+    # Flash attention on, a KV stream per slot: as the batched engine runs on a CPU.
+    server = LlamaServer(small_model, slots=4, ctx_per_slot=2048, flash_attn=True, log_path=log)
     try:
         server.start()
     except MaltError as exc:
