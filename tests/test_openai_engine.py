@@ -307,3 +307,22 @@ def test_continuing_against_another_served_model_is_refused(tmp_path):
         assert r.exit_code == 0, r.stderr
         assert json.loads(r.stdout)["nodes_generated"] == 0
     assert len(nodes(db)) == NODES
+
+
+def test_eval_runs_through_the_server(tmp_path):
+    db = tmp_path / "ev.db"
+    with FakeOpenAI() as server:
+        argv = ["eval", "--engine", "openai", "--endpoint", server.url, "--model", "fake-model",
+                "--mode", "all", "--votes", "1", "--samples", "2", "--seeds", "1",
+                "--max-tokens", "16", "--role-model", "verifier=fake-model", "--db", str(db),
+                "--json", str(GSM8K)]  # fmt: skip
+        r = CliRunner().invoke(cli, argv)
+        assert r.exit_code == 0, r.stderr
+    result = json.loads(r.stdout)
+    # SA: 2 generator turns; MA adds a critique and a refinement to each.
+    assert result["generations_total"] == 6 == len(server.chats)
+    assert {c.body["model"] for c in server.chats} == {"fake-model"}
+    assert all(c.session for c in server.chats)
+    r = CliRunner().invoke(cli, [*argv[:-1], "--parallel", "4", str(GSM8K)])
+    assert r.exit_code == 2
+    assert "--parallel is for the llama.cpp engines" in r.stderr

@@ -131,6 +131,12 @@ def engine_options(
     parallel: int | None,
     remote: object | None,
 ) -> EngineOptions:
+    if remote is not None:
+        local_only = {"--ctx": ctx, "--threads": threads, "--gpu-layers": gpu_layers,
+                      "--parallel": parallel}  # fmt: skip
+        for flag, value in local_only.items():
+            if value is not None:
+                raise MaltError(f"{flag} is for the llama.cpp engines, not --engine openai")
     return EngineOptions(
         max_tokens=max_tokens or 512,
         ctx=ctx,
