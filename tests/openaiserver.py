@@ -51,12 +51,15 @@ class FakeOpenAI:
         slots: int | None = None,
         delay: float = 0.0,
         hang_seconds: float = 30.0,
+        json_schema_format: bool = True,
     ) -> None:
         self.models = models
         self.api_key = api_key
         self.slots = slots
         self.delay = delay
         self.hang_seconds = hang_seconds
+        # False: refuse response_format "json_schema" with 422, as llama-cpp-python's server does.
+        self.json_schema_format = json_schema_format
         self.script: list[str | None] = []
         self.chats: list[ChatRequest] = []
         self.killed = threading.Event()
@@ -143,6 +146,10 @@ class FakeOpenAI:
                     fault,
                 )
             )
+        fmt = (body.get("response_format") or {}).get("type")
+        if fmt == "json_schema" and not self.json_schema_format:
+            self._json(h, 422, {"detail": [{"msg": "Input should be 'text' or 'json_object'"}]})
+            return
         if fault == "kill" or self.killed.is_set():
             self.kill()
             h.close_connection = True

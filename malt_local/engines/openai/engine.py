@@ -146,6 +146,7 @@ class _Unit:
     keys: list[str]
     seeds: list[int]
     with_n: bool
+    priority: tuple = ()
     tries: int = 0
 
     @property
@@ -202,7 +203,7 @@ class OpenAIEngine:
                 raise payload
             if kind == "moved":
                 self._note_down(ep)
-                self._route(unit.request, (0,), start_keys=unit.keys)
+                self._route(unit.request, unit.priority, start_keys=unit.keys)
                 continue
             for c in payload:
                 if c.key not in self._yielded:
@@ -252,7 +253,8 @@ class OpenAIEngine:
                 w.start += take
                 if w.start >= len(w.request.keys):
                     heapq.heappop(heap)
-                self._submit(ep, _Unit(w.request, keys, seeds, ep.server_n and take > 1))
+                unit = _Unit(w.request, keys, seeds, ep.server_n and take > 1, w.priority)
+                self._submit(ep, unit)
 
     def _submit(self, ep: Endpoint, unit: _Unit) -> None:
         ep.in_flight += unit.size
@@ -262,8 +264,8 @@ class OpenAIEngine:
         asyncio.run_coroutine_threadsafe(self._run(ep, unit), self._loop)
 
     def _note_down(self, ep: Endpoint) -> None:
-        if not getattr(ep, "_reported", False):
-            ep._reported = True  # type: ignore[attr-defined]
+        if not ep.reported:
+            ep.reported = True
             others = sum(1 for e in self.endpoints if not e.down)
             sys.stderr.write(
                 f"malt: endpoint {ep.url} taken out after {ep.failures} failures in a row "
@@ -285,7 +287,7 @@ class OpenAIEngine:
         )
         self._thread.start()
 
-    def payload(self, unit: _Unit) -> dict:
+    def payload(self, unit: _Unit, schema_style: str = "json_schema") -> dict:
         """The chat-completions body: every sampling value explicit."""
         r, p = unit.request, unit.request.params
         body: dict = {
@@ -304,12 +306,12 @@ class OpenAIEngine:
             body["n"] = unit.size
         if p.ignore_eos:
             body["ignore_eos"] = True
-        if r.json_schema is not None:
+        if r.json_schema is not None and schema_style == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": r.json_schema}
+        elif r.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "malt", "schema": r.json_schema, "strict": True},
-                # llama-cpp-python's server reads the schema from here.
-                "schema": r.json_schema,
             }
         return body
 
@@ -326,7 +328,6 @@ class OpenAIEngine:
 
     async def _attempts(self, ep: Endpoint, unit: _Unit) -> list[Completion] | None:
         """The unit's completions, or None when `ep` was taken out (the unit moves)."""
-        body = self.payload(unit)
         headers = {**_auth(self.settings)}
         if unit.request.group:
             headers["X-Session-ID"] = unit.request.group
@@ -337,6 +338,8 @@ class OpenAIEngine:
                 return None
             t0 = time.perf_counter()
             retry_after: float | None = None
+            style = ep.schema_style
+            body = self.payload(unit, style)
             try:
                 r = await http.request(
                     ep.url + "/v1/chat/completions",
@@ -364,6 +367,14 @@ class OpenAIEngine:
                     if busy > BUSY_RETRIES:
                         raise _Fatal(f"endpoint {ep.url} stayed busy (HTTP {r.status})")
                     await asyncio.sleep(self._delay(busy, _retry_after(r.headers)))
+                    continue
+                elif (
+                    r.status in (400, 422)
+                    and unit.request.json_schema is not None
+                    and style == "json_schema"
+                ):
+                    # A server that does not know the json_schema format: the older form.
+                    ep.schema_style = "json_object"
                     continue
                 elif r.status >= 500:
                     error = f"HTTP {r.status}"
