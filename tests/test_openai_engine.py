@@ -334,3 +334,15 @@ def test_eval_runs_through_the_server(tmp_path):
     r = CliRunner().invoke(cli, [*argv[:-1], "--parallel", "4", str(GSM8K)])
     assert r.exit_code == 2
     assert "--parallel is for the llama.cpp engines" in r.stderr
+
+
+def test_a_lone_endpoint_rides_out_a_burst_of_errors(tmp_path):
+    # More failures in a row than take an endpoint out when there are others to go to.
+    db = tmp_path / "b.db"
+    with FakeOpenAI() as server:
+        server.script = ["503"] * 5
+        r = run(db, server.url)
+        assert r.exit_code == 0, r.stderr
+    assert "taken out" not in r.stderr
+    assert len(server.chats) == NODES + 5
+    assert_complete_tree(db)

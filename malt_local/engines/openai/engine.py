@@ -42,6 +42,8 @@ DEFAULT_IN_FLIGHT = 8
 # 408/429 answers retried before the run gives up on a server that stays busy.
 BUSY_RETRIES = 30
 PROBE_TIMEOUT = 10.0
+# How long start-up waits for a server that answers 503 while it loads its model.
+LOADING_WAIT = 120.0
 
 
 # -- start-up: what each server serves ---------------------------------------------------------
@@ -61,10 +63,16 @@ def _auth(settings: OpenAISettings) -> dict[str, str]:
 
 def probe(url: str, settings: OpenAISettings) -> ServerInfo:
     """Ask one endpoint what it serves; one clear error for each thing a user can get wrong."""
-    try:
-        r = http.get_sync(url + "/v1/models", _auth(settings), PROBE_TIMEOUT)
-    except http.TransportError as exc:
-        raise MaltError(f"endpoint {url} is not reachable: {exc}") from exc
+    deadline = time.monotonic() + LOADING_WAIT
+    while True:
+        try:
+            r = http.get_sync(url + "/v1/models", _auth(settings), PROBE_TIMEOUT)
+        except http.TransportError as exc:
+            raise MaltError(f"endpoint {url} is not reachable: {exc}") from exc
+        # 503: a server still loading its model (llama-server, vLLM); wait for it a while.
+        if r.status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     if r.status in (401, 403):
         raise MaltError(
             f"endpoint {url} refused the API key (HTTP {r.status}): set $OPENAI_API_KEY "
@@ -387,7 +395,12 @@ class OpenAIEngine:
             ep.failures += 1
             ep.last_error = error
             unit.tries += 1
-            if ep.failures >= self.settings.fail_limit or unit.tries >= self.settings.retries:
+            others = any(not e.down for e in self.endpoints if e is not ep)
+            # The last endpoint standing is kept while the request has tries left: a run with
+            # one server rides out a restart instead of stopping at its first three errors.
+            if unit.tries >= self.settings.retries or (
+                others and ep.failures >= self.settings.fail_limit
+            ):
                 ep.down = True
                 return None
             await asyncio.sleep(self._delay(unit.tries, retry_after))
