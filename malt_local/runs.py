@@ -185,7 +185,7 @@ def differences(old: RunSpec, new: RunSpec) -> list[str]:
 def _model_label(spec: RunSpec) -> str:
     if spec.served_model is None:
         return spec.model
-    return f"served model {spec.model}" + (f"@{spec.model_revision}" if spec.model_revision else "")
+    return spec.model + (f"@{spec.model_revision}" if spec.model_revision else "")
 
 
 def choose_run(store: Store, run_id: str | None, new_run: bool) -> dict | None:

@@ -30,6 +30,9 @@ def isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MALT_HOME", str(home))
     for var in ("MALT_DB", "MALT_MODEL"):
         monkeypatch.delenv(var, raising=False)
+    # --engine openai reads these; a developer's shell must not point tests at a real server.
+    for var in ("MALT_ENDPOINTS", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
     return home
 
 

@@ -12,6 +12,7 @@ from malt_local.engines import ENGINES, EngineOptions, engine_kind, engine_names
 from malt_local.errors import MaltError
 
 ENDPOINTS_ENV = "MALT_ENDPOINTS"
+FLAG_NAMES = {"endpoints": "--endpoint", "role_models": "--role-model", "server_n": "--server-n"}
 
 
 def engine_option(default: str = "batched") -> Callable:
@@ -99,7 +100,7 @@ def pop_server_settings(kind: str, flags: dict) -> object | None:
     if engine_kind(kind).local:
         extra = [k for k, v in given.items() if v not in (None, (), "OPENAI_API_KEY")]
         if extra:
-            flag = "--" + extra[0].replace("_", "-")
+            flag = FLAG_NAMES.get(extra[0], "--" + extra[0].replace("_", "-"))
             raise MaltError(f"{flag} needs --engine openai")
         return None
     if given["max_in_flight"] is not None and given["max_in_flight"] < 1:
@@ -130,6 +131,12 @@ def engine_options(
     parallel: int | None,
     remote: object | None,
 ) -> EngineOptions:
+    if remote is not None:
+        local_only = {"--ctx": ctx, "--threads": threads, "--gpu-layers": gpu_layers,
+                      "--parallel": parallel}  # fmt: skip
+        for flag, value in local_only.items():
+            if value is not None:
+                raise MaltError(f"{flag} is for the llama.cpp engines, not --engine openai")
     return EngineOptions(
         max_tokens=max_tokens or 512,
         ctx=ctx,

@@ -42,6 +42,8 @@ DEFAULT_IN_FLIGHT = 8
 # 408/429 answers retried before the run gives up on a server that stays busy.
 BUSY_RETRIES = 30
 PROBE_TIMEOUT = 10.0
+# How long start-up waits for a server that answers 503 while it loads its model.
+LOADING_WAIT = 120.0
 
 
 # -- start-up: what each server serves ---------------------------------------------------------
@@ -61,10 +63,16 @@ def _auth(settings: OpenAISettings) -> dict[str, str]:
 
 def probe(url: str, settings: OpenAISettings) -> ServerInfo:
     """Ask one endpoint what it serves; one clear error for each thing a user can get wrong."""
-    try:
-        r = http.get_sync(url + "/v1/models", _auth(settings), PROBE_TIMEOUT)
-    except http.TransportError as exc:
-        raise MaltError(f"endpoint {url} is not reachable: {exc}") from exc
+    deadline = time.monotonic() + LOADING_WAIT
+    while True:
+        try:
+            r = http.get_sync(url + "/v1/models", _auth(settings), PROBE_TIMEOUT)
+        except http.TransportError as exc:
+            raise MaltError(f"endpoint {url} is not reachable: {exc}") from exc
+        # 503: a server still loading its model (llama-server, vLLM); wait for it a while.
+        if r.status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     if r.status in (401, 403):
         raise MaltError(
             f"endpoint {url} refused the API key (HTTP {r.status}): set $OPENAI_API_KEY "
@@ -146,6 +154,7 @@ class _Unit:
     keys: list[str]
     seeds: list[int]
     with_n: bool
+    priority: tuple = ()
     tries: int = 0
 
     @property
@@ -202,7 +211,7 @@ class OpenAIEngine:
                 raise payload
             if kind == "moved":
                 self._note_down(ep)
-                self._route(unit.request, (0,), start_keys=unit.keys)
+                self._route(unit.request, unit.priority, start_keys=unit.keys)
                 continue
             for c in payload:
                 if c.key not in self._yielded:
@@ -252,7 +261,8 @@ class OpenAIEngine:
                 w.start += take
                 if w.start >= len(w.request.keys):
                     heapq.heappop(heap)
-                self._submit(ep, _Unit(w.request, keys, seeds, ep.server_n and take > 1))
+                unit = _Unit(w.request, keys, seeds, ep.server_n and take > 1, w.priority)
+                self._submit(ep, unit)
 
     def _submit(self, ep: Endpoint, unit: _Unit) -> None:
         ep.in_flight += unit.size
@@ -262,8 +272,8 @@ class OpenAIEngine:
         asyncio.run_coroutine_threadsafe(self._run(ep, unit), self._loop)
 
     def _note_down(self, ep: Endpoint) -> None:
-        if not getattr(ep, "_reported", False):
-            ep._reported = True  # type: ignore[attr-defined]
+        if not ep.reported:
+            ep.reported = True
             others = sum(1 for e in self.endpoints if not e.down)
             sys.stderr.write(
                 f"malt: endpoint {ep.url} taken out after {ep.failures} failures in a row "
@@ -285,7 +295,7 @@ class OpenAIEngine:
         )
         self._thread.start()
 
-    def payload(self, unit: _Unit) -> dict:
+    def payload(self, unit: _Unit, schema_style: str = "json_schema") -> dict:
         """The chat-completions body: every sampling value explicit."""
         r, p = unit.request, unit.request.params
         body: dict = {
@@ -304,12 +314,12 @@ class OpenAIEngine:
             body["n"] = unit.size
         if p.ignore_eos:
             body["ignore_eos"] = True
-        if r.json_schema is not None:
+        if r.json_schema is not None and schema_style == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": r.json_schema}
+        elif r.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "malt", "schema": r.json_schema, "strict": True},
-                # llama-cpp-python's server reads the schema from here.
-                "schema": r.json_schema,
             }
         return body
 
@@ -326,7 +336,6 @@ class OpenAIEngine:
 
     async def _attempts(self, ep: Endpoint, unit: _Unit) -> list[Completion] | None:
         """The unit's completions, or None when `ep` was taken out (the unit moves)."""
-        body = self.payload(unit)
         headers = {**_auth(self.settings)}
         if unit.request.group:
             headers["X-Session-ID"] = unit.request.group
@@ -337,6 +346,8 @@ class OpenAIEngine:
                 return None
             t0 = time.perf_counter()
             retry_after: float | None = None
+            style = ep.schema_style
+            body = self.payload(unit, style)
             try:
                 r = await http.request(
                     ep.url + "/v1/chat/completions",
@@ -365,6 +376,14 @@ class OpenAIEngine:
                         raise _Fatal(f"endpoint {ep.url} stayed busy (HTTP {r.status})")
                     await asyncio.sleep(self._delay(busy, _retry_after(r.headers)))
                     continue
+                elif (
+                    r.status in (400, 422)
+                    and unit.request.json_schema is not None
+                    and style == "json_schema"
+                ):
+                    # A server that does not know the json_schema format: the older form.
+                    ep.schema_style = "json_object"
+                    continue
                 elif r.status >= 500:
                     error = f"HTTP {r.status}"
                     retry_after = _retry_after(r.headers)
@@ -376,7 +395,12 @@ class OpenAIEngine:
             ep.failures += 1
             ep.last_error = error
             unit.tries += 1
-            if ep.failures >= self.settings.fail_limit or unit.tries >= self.settings.retries:
+            others = any(not e.down for e in self.endpoints if e is not ep)
+            # The last endpoint standing is kept while the request has tries left: a run with
+            # one server rides out a restart instead of stopping at its first three errors.
+            if unit.tries >= self.settings.retries or (
+                others and ep.failures >= self.settings.fail_limit
+            ):
                 ep.down = True
                 return None
             await asyncio.sleep(self._delay(unit.tries, retry_after))

@@ -23,6 +23,10 @@ class Endpoint:
     failures: int = 0  # failures in a row; a success resets
     down: bool = False
     last_error: str = ""
+    # How the server takes a JSON schema: the OpenAI "json_schema" response format, or
+    # "json_object" with a "schema" (llama-cpp-python's server, which refuses the former).
+    schema_style: str = "json_schema"
+    reported: bool = False  # its removal was announced
 
 
 def score(url: str, key: str) -> int:

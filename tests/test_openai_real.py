@@ -1,0 +1,132 @@
+"""`--engine openai` against a real OpenAI-compatible server serving the small model:
+llama-cpp-python's own server (`python -m llama_cpp.server`, from the test extra), on 127.0.0.1.
+
+It honours seeds, sampling values, a JSON schema (as `json_object` + `schema`) and usage; it
+ignores `n` and serves one request at a time, so it shows correctness, not throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from malt_local.judge import JUDGE_SCHEMA, SCORES
+from tests.conftest import EXAMPLES, malt
+
+SERVED = "smollm2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server(small_model, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(small_model),
+            "--model_alias", SERVED, "--host", "127.0.0.1", "--port", str(port),
+            "--n_ctx", "4096", "--n_threads", "2", "--verbose", "False"]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rows(db: Path, sql: str) -> list[dict]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
+def test_tree_through_the_server_has_the_local_engines_shape_and_bookkeeping(
+    tmp_path, small_model, llama_server
+):
+    common = ["--n", "2", "--max-tokens", "24", "--limit", "1", "--seed", "4", "--json"]
+    served_db, local_db = tmp_path / "served.db", tmp_path / "local.db"
+    env = {"MALT_HOME": str(tmp_path / "home")}
+    r = malt("run", "--engine", "openai", "--endpoint", llama_server, "--model", SERVED,
+             "--db", str(served_db), *common, str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    served = json.loads(r.stdout)
+    r = malt("run", "--engine", "simple", "--model", str(small_model), "--db", str(local_db),
+             *common, str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    local = json.loads(r.stdout)
+    assert served["nodes_generated"] == local["nodes_generated"] == 14
+    assert served["config"]["model"] == SERVED and served["config"]["engine"] == "openai"
+    sql = "SELECT * FROM nodes ORDER BY path"
+    a, b = rows(served_db, sql), rows(local_db, sql)
+    strip = lambda node: node["id"].split("/", 1)[1]  # noqa: E731 - run ids differ
+    assert [strip(x) for x in a] == [strip(x) for x in b]
+    for x, y in zip(a, b, strict=True):
+        for column in ("role", "depth", "branch", "path", "seed"):
+            assert x[column] == y[column], column
+        if x["depth"] == 1:
+            assert x["messages"] == y["messages"]  # the same prompt went to both
+        assert x["prompt_tokens"] > 0 and x["completion_tokens"] > 0
+        assert x["completion_tokens"] <= 24 and x["finish_reason"] in ("stop", "length")
+        assert x["value"] is not None and x["label"] is not None
+        if x["depth"] == 3:
+            assert x["reward"] in (0.0, 1.0)
+    # The generators' prompt was read as the same number of tokens by the server.
+    assert a[0]["prompt_tokens"] == b[0]["prompt_tokens"]
+    # Sampling is explicit and seeded: the same command on a fresh database gives the same tree.
+    again_db = tmp_path / "again.db"
+    r = malt("run", "--engine", "openai", "--endpoint", llama_server, "--model", SERVED,
+             "--db", str(again_db), *common, str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [x["output"] for x in rows(again_db, sql)] == [x["output"] for x in a]
+
+
+def test_judge_through_the_server_gives_schema_valid_verdicts(tmp_path, llama_server):
+    db = tmp_path / "judge.db"
+    r = malt("run", "--engine", "openai", "--endpoint", llama_server, "--task", "judge",
+             "--n", "2", "--max-tokens", "16", "--limit", "1", "--db", str(db), "--json",
+             str(EXAMPLES / "capitals.txt"), env={"MALT_HOME": str(tmp_path / "home")})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["judge"]["judged"] == 8 and result["judge"]["model"] == SERVED
+    judgements = rows(db, "SELECT * FROM judgements")
+    assert len(judgements) == 8
+    for j in judgements:
+        assert j["valid"] == 1, j["output"]
+        reply = json.loads(j["output"], strict=False)
+        assert set(reply) == set(JUDGE_SCHEMA["required"])
+        assert reply["correctness_score"] in SCORES and reply["reasoning_score"] in SCORES
+        assert j["model"] == SERVED and j["model_sha256"] == "served:" + SERVED
+    leaves = rows(db, "SELECT * FROM nodes WHERE depth = 3")
+    assert all(leaf["reward"] in (0.0, 1.0) for leaf in leaves)
