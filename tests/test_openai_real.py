@@ -36,7 +36,8 @@ def llama_server(small_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(small_model),
             "--model_alias", SERVED, "--host", "127.0.0.1", "--port", str(port),
-            "--n_ctx", "4096", "--n_threads", "2", "--verbose", "False"]  # fmt: skip
+            "--n_ctx", "4096", "--n_threads", "1", "--n_threads_batch", "1",
+            "--verbose", "False"]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -82,8 +83,9 @@ def test_tree_through_the_server_has_the_local_engines_shape_and_bookkeeping(
              "--db", str(served_db), *common, str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     served = json.loads(r.stdout)
+    # One thread each, as the server: on a busy 2-core machine spinning threads crawl.
     r = malt("run", "--engine", "simple", "--model", str(small_model), "--db", str(local_db),
-             *common, str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
+             "--threads", "1", *common, str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     local = json.loads(r.stdout)
     assert served["nodes_generated"] == local["nodes_generated"] == 14
