@@ -174,9 +174,7 @@ def server_part(args: argparse.Namespace) -> dict:
     with server:
         (model,) = [m["id"] for m in server.get("/v1/models")["data"]]  # type: ignore[index]
         settings = OpenAISettings(endpoints=(server.url,), model=model)
-        engine = make_engine(
-            "openai", EngineOptions(max_tokens=args.max_tokens, remote=settings)
-        )
+        engine = make_engine("openai", EngineOptions(max_tokens=args.max_tokens, remote=settings))
         try:
             out = {"kind": "server", **execute_tree(args, engine)}
             out["slots"] = engine.endpoints[0].slots  # type: ignore[attr-defined]

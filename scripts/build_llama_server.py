@@ -4,12 +4,13 @@ The OpenAI-engine tests and `make bench` need a real OpenAI-compatible server on
 llama.cpp that llama-cpp-python embeds ships inside its sdist (`vendor/llama.cpp`), so building
 `llama-server` from the same sdist gives a server on exactly the llama.cpp the embedded engine
 runs: the same kernels, the same chat template code. Nothing is downloaded at test time: pip
-fetches the sdist (through its cache and index settings, like `make install`), cmake builds the one
-target (CPU, Release, no curl or TLS, no web UI, no tests or examples, statically linked so the binary stands
-alone), and the binary is moved into `~/.cache/malt/llama-server/<version>/` atomically, where
-`malt_local.llama_server` finds it. The version is the installed llama-cpp-python's, so the
-server always runs the embedded engine's llama.cpp. A second call finds the binary and returns at
-once; the path is printed on stdout. Run it with the project's environment (`make llama-server`).
+fetches the sdist (through its cache and index settings, like `make install`), cmake builds the
+one target (CPU, Release, no curl or TLS, no web UI, no tests or examples, statically linked so
+the binary stands alone), and the binary is moved atomically into
+`~/.cache/malt/llama-server/<version>/`, where `malt_local.llama_server` finds it. The version is
+the installed llama-cpp-python's, so the server always runs the embedded engine's llama.cpp. A
+second call finds the binary and returns at once; the path is printed on stdout. Run it with the
+project's environment (`make llama-server`).
 
     python scripts/build_llama_server.py
 """
@@ -23,9 +24,8 @@ import sys
 import tarfile
 import tempfile
 import time
-from pathlib import Path
-
 from importlib.metadata import version
+from pathlib import Path
 
 from malt_local.llama_server import cached_binary
 
@@ -56,23 +56,21 @@ def build(release: str, dest: Path, jobs: str) -> None:
     """Download the sdist, build the `llama-server` target and move the binary to `dest`."""
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} not found: install cmake and a C++ compiler (e.g. build-essential)")
+            raise SystemExit(
+                f"{tool} not found: install cmake and a C++ compiler (build-essential)"
+            )
     with tempfile.TemporaryDirectory(prefix="malt-llama-server-") as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-python"]
-            + [f"llama-cpp-python=={release}", "-d", tmp],
-            check=True,
-        )
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
+        sdist = ["--no-binary", "llama-cpp-python", f"llama-cpp-python=={release}"]
+        subprocess.run([*pip, *sdist, "-d", tmp], check=True)
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
         source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
         out = Path(tmp) / "build"
         subprocess.run(["cmake", "-S", str(source), "-B", str(out), *CMAKE_FLAGS], check=True)
-        subprocess.run(
-            ["cmake", "--build", str(out), "--config", "Release", "--target", "llama-server", "-j", jobs],
-            check=True,
-        )
+        target = ["--config", "Release", "--target", "llama-server", "-j", jobs]
+        subprocess.run(["cmake", "--build", str(out), *target], check=True)
         built = out / "bin" / "llama-server"
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_suffix(".part")
