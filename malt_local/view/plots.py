@@ -25,6 +25,7 @@ class Bar:
     title: str
     err_top: float | None = None  # y of the error bar's ends (value ± err), if any
     err_bottom: float | None = None
+    label: str = ""  # the value written above the bar, when the bar is wide enough
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def bar_chart(
                     tip.replace("  ", " ").strip(),
                     y_of(value + err) if err else None,
                     y_of(value - err) if err else None,
+                    f"{value:.3g}" if bw >= 24 else "",
                 )
             )
     legend = (

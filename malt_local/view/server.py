@@ -20,6 +20,7 @@ import ipaddress
 import re
 import sys
 import threading
+import traceback
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -140,18 +141,28 @@ class Handler(BaseHTTPRequestHandler):
         except MaltError as exc:
             self._error(HTTPStatus.BAD_REQUEST, exc.format_message())
             return
+        except Exception:  # a bug: the traceback goes to the terminal, the browser gets a 500
+            traceback.print_exc()
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "malt view failed: see its terminal")
+            return
         if page is None:
             self._error(HTTPStatus.NOT_FOUND, f"no page at {path}")
             return
-        body = self.server.env.get_template(page.template).render(**page.context, path=path)
-        self._send(HTTPStatus.OK, "text/html; charset=utf-8", body.encode("utf-8"))
+        self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode("utf-8"))
 
     def do_POST(self) -> None:  # noqa: N802
         self._error(HTTPStatus.METHOD_NOT_ALLOWED, "malt view is read-only")
 
     do_PUT = do_DELETE = do_PATCH = do_POST  # noqa: N815
 
-    def _page(self, path: str, params: dict) -> pages.Page | None:
+    def _page(self, path: str, params: dict) -> str | None:
+        """The rendered page at `path`, or None when no route matches."""
+        page = self._route(path, params)
+        if page is None:
+            return None
+        return self.server.env.get_template(page.template).render(**page.context, path=path)
+
+    def _route(self, path: str, params: dict) -> pages.Page | None:
         if path == "/training":
             return pages.training(self.server.train, params)
         for pattern, name, has_run in ROUTES:
