@@ -199,6 +199,13 @@ def test_pairs_are_the_exported_pairs(gold_db, tmp_path):
                 assert pair.prompt == row["prompt"]
                 assert [{"role": "assistant", "content": pair.chosen.output}] == row["chosen"]
                 assert [{"role": "assistant", "content": pair.rejected.output}] == row["rejected"]
+        # A page of them: the same pairs, counted in full.
+        full = data.pairs(store, "rgold", "refiner")["pairs"]
+        page = data.pairs(store, "rgold", "refiner", start=2, limit=3)
+        assert page["total"] == len(full) == 8
+        assert [(x.chosen.id, x.rejected.id) for x in page["pairs"]] == [
+            (x.chosen.id, x.rejected.id) for x in full[2:5]
+        ]
         # --theta relabels the same way export does.
         ex.export(gold_db, out, ex.ExportOptions(formats=("dpo",), theta=0.2))
         rows = (out / "verifier.dpo.jsonl").read_text().splitlines()
@@ -239,6 +246,15 @@ def test_question_filters(gold_db):
 
 
 def test_tree_data_has_every_node_under_its_parent(gold_db):
+    judged = f"rgold/{Q_A.id}/0.1.2"
+    with sqlite3.connect(gold_db) as conn:
+        conn.execute(
+            "INSERT INTO judgements (node_id, run_id, correctness_score, reasoning_score, "
+            "explanation, key_matches, valid, output, model, created_at) "
+            "VALUES (?, 'rgold', 0.0, 0.5, 'States 7, not 18.', '[]', 1, '{}', 'judge.gguf', '')",
+            [judged],
+        )
+    conn.close()
     store = Store.read_only(gold_db)
     try:
         t = data.tree(store, "rgold", Q_A.id)
@@ -249,6 +265,8 @@ def test_tree_data_has_every_node_under_its_parent(gold_db):
     assert [v.name for v in t["roots"][1].children] == ["V2.1", "V2.2", "V2.3"]
     leaf = t["roots"][0].children[1].children[2]
     assert (leaf.name, leaf.path, leaf.reward) == ("R1.2.3", "0.1.2", 0.0)
+    assert leaf.id == judged and leaf.judgement["explanation"] == "States 7, not 18."
+    assert t["roots"][0].children[1].children[1].judgement is None
     assert t["roots"][0].value == pytest.approx(5 / 9)
 
 

@@ -223,24 +223,42 @@ class Pair:
     rejected: export.ExportNode
 
 
-def pairs(store: Store, run_id: str, role: str, theta: float | None = None) -> dict:
-    """The DPO pairs of `role` an export of this run writes, in file order (export's rule)."""
+def pairs(
+    store: Store,
+    run_id: str,
+    role: str,
+    theta: float | None = None,
+    start: int = 0,
+    limit: int | None = None,
+) -> dict:
+    """The DPO pairs of `role` an export of this run writes, in file order (export's rule):
+    all are counted, only `limit` of them from index `start` are kept (a page)."""
     if role not in export.ROLES:
         raise MaltError(f"unknown role '{role}': choose {', '.join(export.ROLES)}")
     options = export.ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
     options.validate()
     (run,) = export.source_runs(store, options)
     out: list[Pair] = []
-    complete = incomplete = 0
+    complete = incomplete = total = 0
+    end = None if limit is None else start + limit
     for t in export.iter_trees(store, run):
         if not t.complete():
             incomplete += 1
             continue
         complete += 1
         for chosen, rejected in export.tree_pairs(t, role):
-            record = export.dpo_record(chosen, rejected)
-            out.append(Pair(t.question.id, t.question.text, record["prompt"], chosen, rejected))
-    return {"theta": run.theta, "pairs": out, "complete": complete, "incomplete": incomplete}
+            if total >= start and (end is None or total < end):
+                record = export.dpo_record(chosen, rejected)
+                out.append(Pair(t.question.id, t.question.text, record["prompt"], chosen, rejected))
+            total += 1
+    return {
+        "theta": run.theta,
+        "pairs": out,
+        "start": start,
+        "total": total,
+        "complete": complete,
+        "incomplete": incomplete,
+    }
 
 
 # --------------------------------------------------------------------------- evaluations

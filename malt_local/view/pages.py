@@ -15,6 +15,7 @@ from malt_local.store import Store
 from malt_local.view import data, plots
 
 REFRESH_SECONDS = 5  # a run page reloads itself this often while its run is unfinished
+PAIRS_PER_PAGE = 100  # a big run has thousands of pairs: the page shows them 100 at a time
 TRISTATE = {"": None, "yes": True, "no": False}
 
 
@@ -117,9 +118,13 @@ def pairs(store: Store, run_id: str, params: dict) -> Page:
         theta = float(theta_text) if theta_text else None
     except ValueError as exc:
         raise MaltError(f"theta must be a number (got {theta_text!r})") from exc
-    if store.run(run_id) is None:
-        raise NotFound(f"no run '{run_id}'")
-    result = data.pairs(store, run_id, role, theta)
+    start_text = _one(params, "start", "0")
+    if not start_text.isdigit():
+        raise MaltError(f"start must be a whole number (got {start_text!r})")
+    start = int(start_text)
+    result = data.pairs(store, run_id, role, theta, start, PAIRS_PER_PAGE)
+    result["next"] = start + PAIRS_PER_PAGE if start + PAIRS_PER_PAGE < result["total"] else None
+    result["prev"] = max(0, start - PAIRS_PER_PAGE) if start else None
     return Page("pairs.html", {"run_id": run_id, "role": role, "roles": ROLE_ORDER, **result})
 
 
