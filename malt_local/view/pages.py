@@ -178,7 +178,7 @@ def _eval_charts(bench: dict) -> list[plots.Chart]:
                     for k, lab in labels.items()
                 ],
                 ymax=100,
-                ylabel="% of questions",
+                ylabel="%",
                 unit="%",
             )
         )
