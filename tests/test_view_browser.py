@@ -4,10 +4,11 @@ The browser is Debian's `chromium` (`make browser` installs it; `make test` depe
 driven by Playwright's Python package through `executable_path`. It is never skipped: without
 the browser these tests fail and say how to install it.
 
-One module fixture builds the data with the real CLI: `malt run` (n = 2, SmolLM2-135M) over
-three example questions and one whose text plants a `<script>` and an `onerror=` attribute,
-then a real `malt eval`; one refiner output is overwritten with the same kind of payload, as a
-model could write it. `malt view` runs as a subprocess, as a user starts it.
+One module fixture builds the data with the real CLI: a copy of the suite's real `malt run`
+(n = 2, SmolLM2-135M, `real_run_db`) and a real `malt eval` into it; one question's text and
+one refiner output are then overwritten with a `<script>` and an `onerror=` attribute, as a
+questions file or a model could write them. `malt view` runs as a subprocess, as a user starts
+it.
 """
 
 from __future__ import annotations
@@ -74,28 +75,28 @@ class View:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory, small_model):
+def real(tmp_path_factory, small_model, real_run_db):
+    """A copy of the suite's shared real run (which has right and wrong nodes in every role),
+    a real `malt eval` added to it, and planted markup in one question and one output."""
     d = tmp_path_factory.mktemp("view")
     env = {"MALT_HOME": str(d / "home")}
-    questions = d / "questions.jsonl"
-    lines = (EXAMPLES / "questions.jsonl").read_text(encoding="utf-8").splitlines()[:3]
-    planted = (VIEW_DATA / "planted.jsonl").read_text(encoding="utf-8").splitlines()
-    questions.write_text("\n".join(lines + planted) + "\n", encoding="utf-8")
     db = d / "malt.db"
-    argv = run_argv(db, small_model, "--seed", "1", max_tokens=40, limit=4, questions=questions)
-    r = malt(*argv, env=env)
-    assert r.returncode == 0, r.stderr
+    copy_db(real_run_db, db)
     r = malt(
-        "eval", str(EXAMPLES / "gsm8k.jsonl"), "--samples", "2", "--seeds", "2", "--votes", "2",
-        "--max-tokens", "16", "--model", str(small_model), "--db", str(db), "--json", env=env,
+        "eval", str(EXAMPLES / "gsm8k.jsonl"), "--samples", "1", "--seeds", "2", "--votes", "2",
+        "--max-tokens", "12", "--model", str(small_model), "--db", str(db), "--json", env=env,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     evaluation = json.loads(r.stdout)
     (run,) = rows(db, "SELECT id FROM runs")
-    planted_q = next(q for q in rows(db, "SELECT * FROM questions") if "<script>" in q["question"])
-    # Overwrite the first refiner leaf of the first question, as a model might have written it.
+    first = rows(db, "SELECT question_id FROM run_questions ORDER BY position LIMIT 1")[0][
+        "question_id"
+    ]
+    planted = json.loads((VIEW_DATA / "planted.jsonl").read_text(encoding="utf-8"))["question"]
+    # The planted markup, as a questions file or a model could have written it.
     leaf = rows(db, "SELECT id, question_id FROM nodes WHERE depth = 3 ORDER BY id LIMIT 1")[0]
     with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE questions SET question = ? WHERE id = ?", [planted, first])
         conn.execute("UPDATE nodes SET output = ? WHERE id = ?", [PLANTED_OUTPUT, leaf["id"]])
     conn.close()
     view = View(db, "--train", str(VIEW_DATA / "train_manifest.json"))
@@ -103,14 +104,25 @@ def real(tmp_path_factory, small_model):
         db=db,
         dir=d,
         env=env,
-        argv=argv,
+        # The arguments that made real_run_db: re-running them resumes the run.
+        argv=run_argv(db, small_model, "--seed", "1", max_tokens=40, limit=4),
         run_id=run["id"],
         eval=evaluation,
-        planted_question=planted_q["id"],
+        planted_question=first,
         planted_leaf=leaf,
         view=view,
     )
     view.stop()
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy through SQLite's backup API (the source may be in WAL mode)."""
+    a = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+    b = sqlite3.connect(dst)
+    a.backup(b)
+    b.execute("PRAGMA journal_mode = WAL")
+    a.close()
+    b.close()
 
 
 @pytest.fixture(scope="module")
@@ -305,16 +317,12 @@ def screenshot_dir(tmp_path) -> Path:
 def test_a_page_opened_during_a_run_shows_new_nodes_after_a_reload(real, page, small_model):
     """Nodes deleted as if the run had been killed; `malt run` resumes while the view serves."""
     db = real.dir / "live.db"
-    src = sqlite3.connect(real.db)
-    dst = sqlite3.connect(db)
-    src.backup(dst)
-    src.close()
+    copy_db(real.db, db)
     qid = question_ids(real)[1]
     prefix = f"{real.run_id}/{qid}/1"
-    with dst:
-        dst.execute("PRAGMA journal_mode = WAL")
-        dst.execute("DELETE FROM nodes WHERE id = ? OR id LIKE ?", [prefix, prefix + ".%"])
-    dst.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM nodes WHERE id = ? OR id LIKE ?", [prefix, prefix + ".%"])
+    conn.close()
     missing = {f"{prefix}{s}" for s in ("", ".0", ".1", ".0.0", ".0.1", ".1.0", ".1.1")}
     view = View(db)
     try:
