@@ -6,7 +6,7 @@ MODEL_DIR ?= $(HOME)/.cache/malt/models
 SMALL_MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 export MALT_TEST_MODEL ?= $(SMALL_MODEL)
 
-.PHONY: install model llama-server demo test bench lint clean
+.PHONY: install model llama-server demo test bench lint clean browser screenshots
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,19 @@ demo: install model
 
 test: install model llama-server
 	$(BIN)/python -m pytest -q
+
+# The browser tests of `malt view` drive Debian's chromium (Playwright's own browser download
+# cannot work offline); installed here when missing, so CI never skips them.
+CHROMIUM ?= /usr/bin/chromium
+test: browser
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q chromium)
+
+# The README's screenshots of `malt view`, from a real run of the small model.
+screenshots: install model browser
+	MALT_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_view_browser.py \
+		-k "screenshot or evaluation_page"
 
 bench: install model llama-server
 	$(BIN)/python -m malt_local.bench --model $(SMALL_MODEL)

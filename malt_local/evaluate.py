@@ -562,46 +562,66 @@ class EvalRunner:
                 "questions": len(bench.questions),
                 "samples": len(samples[0]),
                 "seeds": self.settings.seeds,
-                "accuracy": {},
-                "turnwise": {},
-                "self_correction": {},
+                **benchmark_measures(
+                    stored, self.run_id, bench.label, samples, self.settings, self.adapter_sets
+                ),
                 "sampled": [[q.id for q in qs] for qs in samples],
             }
-            for aset in self.adapter_sets:
-                per_seed: list[list[QuestionScore]] = []
-                for s, questions in enumerate(samples):
-                    scores = []
-                    for q in questions:
-                        chains = [
-                            self._chain(stored, aset, Slot(s, q, p))
-                            for p in range(self.settings.votes)
-                        ]
-                        if any(c is None for c in chains):
-                            raise MaltError(
-                                f"evaluation {self.run_id} is incomplete for {bench.label}"
-                            )
-                        scores.append(score_question(chains, q))  # type: ignore[arg-type]
-                    per_seed.append(scores)
-                names = column_names(self.settings, aset)
-                measures = summarize(per_seed, self.settings)
-                for measure, column in names.items():
-                    entry["accuracy"][column] = measures["accuracy"][measure]
-                    if measure.startswith("ma"):
-                        entry["turnwise"][column] = measures["turnwise"][measure]
-                        entry["self_correction"][column] = measures["self_correction"][measure]
             out.append(entry)
         return {"benchmarks": out}
 
-    def _chain(
-        self, stored: dict[str, EvalGeneration], aset: AdapterSet, slot: Slot
-    ) -> Chain | None:
-        turns = []
-        for role in self.settings.roles:
-            gen = stored.get(self.gid(aset, slot, role))
-            if gen is None:
-                return None
-            turns.append(Turn(gen.answer, bool(gen.correct)))
-        return Chain(*turns)
+
+def benchmark_measures(
+    stored: dict[str, EvalGeneration],
+    run_id: str,
+    label: str,
+    samples: Sequence[Sequence[Question]],
+    settings: EvalSettings,
+    adapter_sets: Sequence[AdapterSet],
+) -> dict:
+    """Accuracy, turn-wise accuracy and self-correction of one benchmark, keyed by column
+    (SA, MA+MV, ...), from stored generations: `malt eval` prints them, `malt view` draws them."""
+    out: dict = {"accuracy": {}, "turnwise": {}, "self_correction": {}}
+    for aset in adapter_sets:
+        per_seed: list[list[QuestionScore]] = []
+        for s, questions in enumerate(samples):
+            scores = []
+            for q in questions:
+                chains = [
+                    stored_chain(stored, run_id, aset.id, Slot(s, q, p), settings.roles)
+                    for p in range(settings.votes)
+                ]
+                if any(c is None for c in chains):
+                    raise MaltError(f"evaluation {run_id} is incomplete for {label}")
+                scores.append(score_question(chains, q))  # type: ignore[arg-type]
+            per_seed.append(scores)
+        measures = summarize(per_seed, settings)
+        for measure, column in column_names(settings, aset).items():
+            out["accuracy"][column] = measures["accuracy"][measure]
+            if measure.startswith("ma"):
+                out["turnwise"][column] = measures["turnwise"][measure]
+                out["self_correction"][column] = measures["self_correction"][measure]
+    return out
+
+
+def stored_chain(
+    stored: dict[str, EvalGeneration],
+    run_id: str,
+    adapter_set: str,
+    slot: Slot,
+    roles: Sequence[str],
+) -> Chain | None:
+    """One pass's graded turns, or None while any of them is missing."""
+    turns = []
+    for role in roles:
+        gid = generation_id(
+            run_id, adapter_set, slot.seed_index, slot.question.id, slot.pass_index, role
+        )
+        gen = stored.get(gid)
+        if gen is None:
+            return None
+        turns.append(Turn(gen.answer, bool(gen.correct)))
+    return Chain(*turns)
 
 
 # --------------------------------------------------------------------------- measures (pure)

@@ -237,6 +237,18 @@ def pairs_for_group(
     return [(pos[i], neg[j]) for _, i, j in ranked]
 
 
+def tree_pairs(
+    tree: Tree, role: str, max_pairs: int | None = None
+) -> list[tuple[ExportNode, ExportNode]]:
+    """The (chosen, rejected) pairs of `role` that a DPO export writes for one complete tree,
+    in file order; `malt view` shows these, so the page and the file cannot disagree."""
+    return [
+        pair
+        for group in sibling_groups(tree.role_nodes(role))
+        for pair in pairs_for_group(group, tree.run.theta, max_pairs)
+    ]
+
+
 def sibling_groups(nodes: list[ExportNode]) -> list[list[ExportNode]]:
     """Nodes of one role grouped by parent, groups in parent order (nodes are in path order)."""
     groups: dict[str, list[ExportNode]] = {}
@@ -510,7 +522,8 @@ def file_names(role: str, formats: tuple[str, ...], split: bool) -> dict[str, st
 # --------------------------------------------------------------------------- reading
 
 
-def _runs(store: Store, options: ExportOptions) -> list[RunInfo]:
+def source_runs(store: Store, options: ExportOptions) -> list[RunInfo]:
+    """The runs an export reads, each with the θ it labels with."""
     rows = store.runs()
     if not rows:
         raise MaltError(f"nothing to export: {store.path} has no runs (run `malt run` first)")
@@ -630,7 +643,7 @@ def export(db_path: Path, out: Path, options: ExportOptions) -> dict:
     try:
         store.db.execute("BEGIN")  # one snapshot for the whole export
         try:
-            runs = _runs(store, options)
+            runs = source_runs(store, options)
             splitter = None
             if options.valid_fraction is not None:
                 splitter = Splitter.anchored(
@@ -757,20 +770,19 @@ def _write_tree(
         if rf.seed_json:
             rf.seed_json.add(json_example(node, tree))
     if rf.dpo and rf.dpo_prov:
-        for group in sibling_groups(role_nodes):
-            for chosen, rejected in pairs_for_group(group, theta, options.max_pairs_per_group):
-                rf.dpo.write_line(dpo_record(chosen, rejected))
-                rf.dpo_prov.write_line(
-                    {
-                        "run_id": tree.run.id,
-                        "question_id": tree.question.id,
-                        "parent_id": chosen.parent_id,
-                        "chosen_id": chosen.id,
-                        "rejected_id": rejected.id,
-                        "chosen_score": _score(chosen),
-                        "rejected_score": _score(rejected),
-                    }
-                )
+        for chosen, rejected in tree_pairs(tree, role, options.max_pairs_per_group):
+            rf.dpo.write_line(dpo_record(chosen, rejected))
+            rf.dpo_prov.write_line(
+                {
+                    "run_id": tree.run.id,
+                    "question_id": tree.question.id,
+                    "parent_id": chosen.parent_id,
+                    "chosen_id": chosen.id,
+                    "rejected_id": rejected.id,
+                    "chosen_score": _score(chosen),
+                    "rejected_score": _score(rejected),
+                }
+            )
 
 
 def _node_provenance(tree: Tree, node: ExportNode) -> dict:

@@ -23,12 +23,12 @@ def status(db_path: Path, run_id: str | None = None) -> dict:
             runs = [r for r in runs if r["id"] == run_id]
             if not runs:
                 raise MaltError(f"no run '{run_id}' in {db_path}")
-        return {"db": str(db_path), "runs": [_run_status(store, r) for r in runs]}
+        return {"db": str(db_path), "runs": [run_status(store, r) for r in runs]}
     finally:
         store.close()
 
 
-def _run_status(store: Store, run: dict) -> dict:
+def run_status(store: Store, run: dict) -> dict:
     db = store.db
     n = run["n"]
     n_questions = db.execute(

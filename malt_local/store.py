@@ -83,6 +83,29 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise MaltError(f"{self.path} is not a malt database: {exc}") from exc
 
+    @classmethod
+    def read_only(cls, path: str | Path) -> Store:
+        """The database opened read-only (SQLite `mode=ro`): no migration, no WAL switch, and
+        every write through this connection fails, so a viewer can never change the data. WAL
+        lets it read while `malt run` writes."""
+        p = Path(path)
+        if not p.is_file():
+            raise MaltError(f"no database at {p} (run `malt run` first, or pass --db)")
+        store = cls.__new__(cls)
+        store.path = p
+        try:
+            conn = sqlite3.connect(
+                p.resolve().as_uri() + "?mode=ro", uri=True, timeout=30, check_same_thread=False
+            )
+            store.db = Database(conn)
+            tables = set(store.db.table_names())
+        except sqlite3.DatabaseError as exc:
+            raise MaltError(f"{p} is not a malt database: {exc}") from exc
+        if not {"runs", "questions", "nodes"} <= tables:
+            store.close()
+            raise MaltError(f"{p} is not a malt database (no runs/questions/nodes tables)")
+        return store
+
     def close(self) -> None:
         self.db.close()
 

@@ -18,6 +18,10 @@ def test_wheel_carries_prompts_and_models_toml(tmp_path):
     assert "malt_local/_data/models.toml" in names
     for role in ("generator", "verifier", "refiner"):
         assert f"malt_local/_data/prompts/{role}.j2" in names
+    # `malt view` serves its templates and stylesheet from the package: nothing from the network.
+    for page in ("base", "_charts", "tree", "pairs", "evals", "run", "questions", "training"):
+        assert f"malt_local/view/templates/{page}.html" in names
+    assert "malt_local/view/static/view.css" in names
 
     target = tmp_path / "site"
     subprocess.run(

@@ -60,6 +60,7 @@ def _register() -> None:
     # -- more command modules register here (one line each) --
     __import__("malt_local.cli.export", fromlist=["register"]).register(cli)
     __import__("malt_local.cli.eval", fromlist=["register"]).register(cli)
+    __import__("malt_local.cli.view", fromlist=["register"]).register(cli)
     from malt_local.cli import pull as pull_cmds
 
     pull_cmds.register(cli)

@@ -1,0 +1,203 @@
+"""The pages of `malt view`: each turns a request's parameters into a template and its context.
+
+A page function reads through `data` and draws through `plots`; it never writes HTML itself.
+Templates are rendered with autoescaping on, so questions and model outputs are always text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from malt_local.errors import MaltError
+from malt_local.report import ROLE_ORDER
+from malt_local.store import Store
+from malt_local.view import data, plots
+
+REFRESH_SECONDS = 5  # a run page reloads itself this often while its run is unfinished
+PAIRS_PER_PAGE = 100  # a big run has thousands of pairs: the page shows them 100 at a time
+TRISTATE = {"": None, "yes": True, "no": False}
+
+
+@dataclass(frozen=True)
+class Page:
+    template: str
+    context: dict
+
+
+class NotFound(MaltError):
+    """A page or record that does not exist: a 404, not a server error."""
+
+
+def _one(params: dict[str, list[str]], name: str, default: str = "") -> str:
+    values = params.get(name) or [default]
+    return values[0]
+
+
+def index(store: Store, params: dict) -> Page:
+    evals = "eval_runs" in store.db.table_names()
+    return Page("index.html", {"runs": data.runs(store), "has_evals": evals})
+
+
+def run(store: Store, run_id: str, params: dict) -> Page:
+    page = data.run_page(store, run_id)
+    status = page["run"]
+    roles = status["roles"]
+    bins = [f"{i / data.VALUE_BINS:.1f}" for i in range(data.VALUE_BINS)]
+    value_chart = plots.bar_chart(
+        "Value distribution per role (nodes per value bin)",
+        [
+            (b, [(r, page["value_hist"][r][i], None) for r in ROLE_ORDER])
+            for i, b in enumerate(bins)
+        ],
+        ylabel="nodes",
+    )
+    rate_chart = plots.bar_chart(
+        "Positive rate per role",
+        [(r, [("", 100 * (roles[r]["positive_rate"] or 0), None)]) for r in ROLE_ORDER],
+        ymax=100,
+        ylabel="%",
+        unit="%",
+    )
+    cap = page["length_cap"]
+    step = cap / data.LENGTH_BINS
+    length_chart = plots.bar_chart(
+        f"Output length per role (nodes per token bin, max {cap})",
+        [
+            (f"{int(i * step)}", [(r, page["length_hist"][r][i], None) for r in ROLE_ORDER])
+            for i in range(data.LENGTH_BINS)
+        ],
+        ylabel="nodes",
+    )
+    return Page(
+        "run.html",
+        {
+            **page,
+            "charts": [value_chart, rate_chart, length_chart],
+            "refresh": None if page["complete"] else REFRESH_SECONDS,
+        },
+    )
+
+
+def questions(store: Store, run_id: str, params: dict) -> Page:
+    try:
+        flt = data.QuestionFilter(
+            search=_one(params, "q").strip(),
+            task=_one(params, "task"),
+            solved=TRISTATE[_one(params, "solved")],
+            positives=TRISTATE[_one(params, "positives")],
+            truncated=TRISTATE[_one(params, "truncated")],
+        )
+    except KeyError as exc:
+        raise MaltError(f"filter values are yes, no or empty (got {exc})") from exc
+    rows = data.questions(store, run_id, flt)
+    return Page(
+        "questions.html",
+        {
+            "run_id": run_id,
+            "rows": rows,
+            "filter": flt,
+            "params": {
+                k: _one(params, k) for k in ("q", "task", "solved", "positives", "truncated")
+            },
+            "tasks": data.tasks(store, run_id),
+        },
+    )
+
+
+def tree(store: Store, run_id: str, question_id: str, params: dict) -> Page:
+    if store.question(question_id) is None:
+        raise NotFound(f"no question '{question_id}'")
+    return Page("tree.html", data.tree(store, run_id, question_id))
+
+
+def pairs(store: Store, run_id: str, params: dict) -> Page:
+    role = _one(params, "role", "verifier")
+    theta_text = _one(params, "theta")
+    try:
+        theta = float(theta_text) if theta_text else None
+    except ValueError as exc:
+        raise MaltError(f"theta must be a number (got {theta_text!r})") from exc
+    start_text = _one(params, "start", "0")
+    if not start_text.isdigit():
+        raise MaltError(f"start must be a whole number (got {start_text!r})")
+    start = int(start_text)
+    result = data.pairs(store, run_id, role, theta, start, PAIRS_PER_PAGE)
+    result["next"] = start + PAIRS_PER_PAGE if start + PAIRS_PER_PAGE < result["total"] else None
+    result["prev"] = max(0, start - PAIRS_PER_PAGE) if start else None
+    return Page("pairs.html", {"run_id": run_id, "role": role, "roles": ROLE_ORDER, **result})
+
+
+def evaluations(store: Store, params: dict) -> Page:
+    evals = data.evaluations(store)
+    for ev in evals:
+        for bench in ev["benchmarks"]:
+            bench["charts"] = _eval_charts(bench) if "accuracy" in bench else []
+    return Page("evals.html", {"evals": evals})
+
+
+def _eval_charts(bench: dict) -> list[plots.Chart]:
+    acc = bench["accuracy"]
+    charts = [
+        plots.bar_chart(
+            f"{bench['benchmark']}: accuracy (mean ± std over {bench['seeds']} seeds)",
+            [(col, [("", s["mean"], s["std"])]) for col, s in acc.items()],
+            ymax=100,
+            ylabel="%",
+            unit="%",
+        )
+    ]
+    turnwise = bench.get("turnwise") or {}
+    if turnwise:
+        turns = ("after_generator", "after_verifier", "after_refiner")
+        charts.append(
+            plots.line_chart(
+                f"{bench['benchmark']}: turn-wise accuracy",
+                [
+                    (col, [(i, t[k]["mean"], t[k]["std"]) for i, k in enumerate(turns)])
+                    for col, t in turnwise.items()
+                ],
+                xlabels=["after G", "after V", "after R"],
+                ymax=100,
+                ylabel="%",
+            )
+        )
+    correction = bench.get("self_correction") or {}
+    if correction:
+        labels = {
+            "wrong_to_right": "wrong→right",
+            "right_to_right": "right→right",
+            "wrong_to_wrong": "wrong→wrong",
+            "right_to_wrong": "right→wrong",
+        }
+        charts.append(
+            plots.bar_chart(
+                f"{bench['benchmark']}: self-correction (G answer → R answer)",
+                [
+                    (lab, [(col, c["percent"][k], None) for col, c in correction.items()])
+                    for k, lab in labels.items()
+                ],
+                ymax=100,
+                ylabel="%",
+                unit="%",
+            )
+        )
+    return charts
+
+
+def training(train: Path | None, params: dict) -> Page:
+    result = data.training(train)
+    charts = []
+    if result:
+        for role, stages in sorted(result["curves"].items()):
+            charts.append(
+                plots.line_chart(
+                    f"{role}: training loss",
+                    [
+                        (stage, [(s, loss, None) for s, loss in pts])
+                        for stage, pts in stages.items()
+                    ],
+                    ylabel="loss",
+                )
+            )
+    return Page("training.html", {"training": result, "charts": charts})
