@@ -6,7 +6,7 @@ MODEL_DIR ?= $(HOME)/.cache/malt/models
 SMALL_MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 export MALT_TEST_MODEL ?= $(SMALL_MODEL)
 
-.PHONY: install model demo test bench lint clean
+.PHONY: install model demo test bench lint clean install-train loop
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,15 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# The training extra (`malt train`): torch first, pinned by constraints-train.txt so pip takes
+# the CPU wheel instead of several GB of CUDA, then the rest of the extra under that pin.
+install-train: $(VENV)/.installed-train
+
+$(VENV)/.installed-train: $(VENV)/.installed constraints-train.txt
+	$(BIN)/python -m pip install -q -c constraints-train.txt torch
+	$(BIN)/python -m pip install -q -c constraints-train.txt -e '.[train]'
 	touch $@
 
 model: $(SMALL_MODEL)
@@ -28,8 +37,12 @@ demo: install model
 	$(BIN)/malt run --n 2 --max-tokens 96 --model smollm2-135m --db demo.db examples/questions.jsonl
 	$(BIN)/malt status --db demo.db
 
-test: install model
+test: install install-train model
 	$(BIN)/python -m pytest -q
+
+# The whole MALT loop on the small model, offline: pull --file, run, export, train, eval.
+loop: install install-train model
+	$(BIN)/python -m pytest -q tests/test_train.py -k whole_loop
 
 bench: install model
 	$(BIN)/python -m malt_local.bench --model $(SMALL_MODEL)
