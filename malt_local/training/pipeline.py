@@ -166,6 +166,7 @@ def train(
             raise MaltError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
     stages_read = ["sft", "dpo"] if stage in ("all", "dpo") else ["sft"]
     data = load_export(export_dir, roles, stages_read)
+    plan_stages(data, roles, stage, None, False)  # refuses DPO-only with no pairs, early
     base = resolve_base(data, base_path)
     ident = fingerprint(data.manifest_sha256, _base_identity(base), settings.record())
     existing = _check_out(out, ident, force)
