@@ -42,7 +42,7 @@ test: install install-train model
 
 # The whole MALT loop on the small model, offline: pull --file, run, export, train, eval.
 loop: install install-train model
-	$(BIN)/python -m pytest -q tests/test_train.py -k whole_loop
+	bash scripts/loop.sh $(SMALL_MODEL) loop
 
 bench: install model
 	$(BIN)/python -m malt_local.bench --model $(SMALL_MODEL)

@@ -124,7 +124,9 @@ def test_peft_names_map_to_llama_cpp_tensors_and_only_q_k_b_are_permuted():
     rng = np.random.default_rng(0)
     w: dict[str, np.ndarray] = {}
     for mod, out_dim in (("self_attn.q_proj", 8), ("self_attn.k_proj", 4), ("mlp.up_proj", 6)):
-        w[f"base_model.model.model.layers.3.{mod}.lora_A.weight"] = rng.standard_normal((2, 5), dtype=np.float32)
+        w[f"base_model.model.model.layers.3.{mod}.lora_A.weight"] = rng.standard_normal(
+            (2, 5), dtype=np.float32
+        )
         w[f"base_model.model.model.layers.3.{mod}.lora_B.weight"] = rng.standard_normal(
             (out_dim, 2), dtype=np.float32
         )
@@ -133,17 +135,23 @@ def test_peft_names_map_to_llama_cpp_tensors_and_only_q_k_b_are_permuted():
         f"blk.3.{t}.weight.lora_{ab}" for t in ("attn_q", "attn_k", "ffn_up") for ab in "ab"
     )
     key = "base_model.model.model.layers.3.{}.lora_{}.weight"
-    np.testing.assert_array_equal(got["blk.3.attn_q.weight.lora_a"], w[key.format("self_attn.q_proj", "A")])
+    np.testing.assert_array_equal(
+        got["blk.3.attn_q.weight.lora_a"], w[key.format("self_attn.q_proj", "A")]
+    )
     np.testing.assert_array_equal(
         got["blk.3.attn_q.weight.lora_b"], rope_permute(w[key.format("self_attn.q_proj", "B")], 2)
     )
     np.testing.assert_array_equal(
         got["blk.3.attn_k.weight.lora_b"], rope_permute(w[key.format("self_attn.k_proj", "B")], 1)
     )
-    np.testing.assert_array_equal(got["blk.3.ffn_up.weight.lora_b"], w[key.format("mlp.up_proj", "B")])
+    np.testing.assert_array_equal(
+        got["blk.3.ffn_up.weight.lora_b"], w[key.format("mlp.up_proj", "B")]
+    )
     # Qwen2 has no permutation.
     plain = gguf_tensors(w, BaseShape("qwen2", 2, 1))
-    np.testing.assert_array_equal(plain["blk.3.attn_q.weight.lora_b"], w[key.format("self_attn.q_proj", "B")])
+    np.testing.assert_array_equal(
+        plain["blk.3.attn_q.weight.lora_b"], w[key.format("self_attn.q_proj", "B")]
+    )
     with pytest.raises(MaltError, match="no llama.cpp counterpart"):
         gguf_tensors({"base_model.model.lm_head.lora_A.weight": np.zeros((2, 2))}, shape)
     with pytest.raises(MaltError, match="not supported"):
@@ -206,7 +214,9 @@ def test_unknown_model_and_mismatched_base_are_refused(tmp_path, small_model, is
     export = small_export(tmp_path, sha=sha)
     out = tmp_path / "adapters"
     one_line_exit_2(cli_train(str(export), "--out", str(out)), "is not known here")
-    r = malt("pull", "smollm2-135m", "--file", str(small_model), env={"MALT_HOME": str(isolated_env)})
+    r = malt(
+        "pull", "smollm2-135m", "--file", str(small_model), env={"MALT_HOME": str(isolated_env)}
+    )
     assert r.returncode == 0, r.stderr
     # A Hugging Face folder of another model: another vocabulary.
     hf = tmp_path / "hf"
@@ -261,7 +271,9 @@ def test_adapters_manifest_gives_each_role_its_stack(tmp_path):
     }
     with pytest.raises(MaltError, match="no manifest.json"):
         adapter_values(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"tool": "malt-train", "adapters": adapters}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"tool": "malt-train", "adapters": adapters})
+    )
     with pytest.raises(MaltError, match="generator-sft.gguf is missing"):
         adapter_values(tmp_path)
     for info in adapters.values():
@@ -347,7 +359,9 @@ def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, 
     assert m["adapters"]["verifier-dpo"]["loss"][0][1] == pytest.approx(0.6931, abs=1e-3)
     assert m["base"]["kind"] == "gguf" and m["base"]["sha256"] == sha256_file(small_model)
     assert m["export"]["manifest_sha256"] == sha256_file(exported / "manifest.json")
-    assert m["export"]["files"]["verifier.dpo.jsonl"] == sha256_file(exported / "verifier.dpo.jsonl")
+    assert m["export"]["files"]["verifier.dpo.jsonl"] == sha256_file(
+        exported / "verifier.dpo.jsonl"
+    )
     assert m["settings"]["beta"] == 0.2 and m["settings"]["max_steps"] == 3
     assert m["versions"]["trl"] and m["versions"]["torch"]
     assert json.loads((out / "manifest.json").read_text()) == m
@@ -372,9 +386,9 @@ def eval_rows(db: Path) -> dict:
     conn.row_factory = sqlite3.Row
     rows = {}
     for g in conn.execute("SELECT * FROM eval_generations"):
-        rows[(g["adapter_set"], g["seed_index"], g["question_id"], g["pass_index"], g["role"])] = (
-            g["output"]
-        )
+        rows[(g["adapter_set"], g["seed_index"], g["question_id"], g["pass_index"], g["role"])] = g[
+            "output"
+        ]
     conn.close()
     return rows
 
@@ -416,7 +430,9 @@ def test_sft_loss_falls_over_several_epochs(memorised):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_llama_cpp_greedy_with_the_gguf_lora_equals_transformers_peft(memorised, exported, home, small_model, monkeypatch):
+def test_llama_cpp_greedy_with_the_gguf_lora_equals_transformers_peft(
+    memorised, exported, home, small_model, monkeypatch
+):
     """The conversion is exact: same prompt tokens, same greedy continuation."""
     import llama_cpp
     import torch
@@ -429,7 +445,9 @@ def test_llama_cpp_greedy_with_the_gguf_lora_equals_transformers_peft(memorised,
     folder = cache_root() / memorised["manifest"]["base"]["sha256"]
     tok = AutoTokenizer.from_pretrained(str(folder))
     row = json.loads((exported / "generator.sft.jsonl").read_text().splitlines()[0])
-    ids = list(tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_dict=False))
+    ids = list(
+        tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_dict=False)
+    )
     n = 24
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     peft = PeftModel.from_pretrained(model, str(memorised["out"] / "generator-sft"))
@@ -440,7 +458,9 @@ def test_llama_cpp_greedy_with_the_gguf_lora_equals_transformers_peft(memorised,
         hf = hf[: hf.index(tok.eos_token_id)]
 
     def llama(lora: Path | None) -> list[int]:
-        llm = llama_cpp.Llama(str(small_model), lora_path=str(lora) if lora else None, n_ctx=1024, verbose=False)
+        llm = llama_cpp.Llama(
+            str(small_model), lora_path=str(lora) if lora else None, n_ctx=1024, verbose=False
+        )
         toks = []
         for t in llm.generate(ids, temp=0.0, top_k=1):
             if t == llm.token_eos() or len(toks) >= n:

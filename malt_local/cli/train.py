@@ -20,9 +20,7 @@ def register(cli: click.Group) -> None:
 
 
 @click.command(name="train")
-@click.argument(
-    "export_dir", required=False, default="export", type=click.Path(path_type=Path)
-)
+@click.argument("export_dir", required=False, default="export", type=click.Path(path_type=Path))
 @click.option(
     "--role",
     type=click.Choice([*ROLES, "all"]),
@@ -50,7 +48,9 @@ def register(cli: click.Group) -> None:
     show_default=True,
     help="Adapters folder: ROLE-STAGE/ (PEFT), ROLE-STAGE.gguf, manifest.json.",
 )
-@click.option("--epochs", type=float, default=DEFAULTS.epochs, show_default=True, help="SFT epochs.")
+@click.option(
+    "--epochs", type=float, default=DEFAULTS.epochs, show_default=True, help="SFT epochs."
+)
 @click.option(
     "--dpo-epochs", type=float, default=DEFAULTS.dpo_epochs, show_default=True, help="DPO epochs."
 )

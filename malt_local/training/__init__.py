@@ -23,6 +23,4 @@ def require_extra() -> None:
 
     missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
     if missing:
-        raise MaltError(
-            f"malt train needs {', '.join(missing)}: pip install 'malt-local[train]'"
-        )
+        raise MaltError(f"malt train needs {', '.join(missing)}: pip install 'malt-local[train]'")

@@ -135,12 +135,12 @@ def load_export(folder: Path, roles: list[str], stages: list[str]) -> ExportData
             entry = manifest["files"].get(name)
             path = folder / name
             if entry is None or not path.is_file():
-                raise MaltError(
-                    f"{folder} has no {name} (export it with malt export --format all)"
-                )
+                raise MaltError(f"{folder} has no {name} (export it with malt export --format all)")
             digest = _sha256(path)
             if isinstance(entry, dict) and entry.get("sha256") not in (None, digest):
-                raise MaltError(f"{path} changed after the export (its sha256 is not the manifest's)")
+                raise MaltError(
+                    f"{path} changed after the export (its sha256 is not the manifest's)"
+                )
             data.files[name] = digest
             (data.sft if stage == "sft" else data.dpo)[role] = _rows(path, stage)
         if not data.sft[role]:

@@ -45,9 +45,7 @@ def apply_order(adapters: dict) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for role in ROLES:
         files = [
-            adapters[f"{role}-{stage}"]["gguf"]
-            for stage in STAGES
-            if f"{role}-{stage}" in adapters
+            adapters[f"{role}-{stage}"]["gguf"] for stage in STAGES if f"{role}-{stage}" in adapters
         ]
         if files:
             out[role] = files

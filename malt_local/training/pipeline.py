@@ -139,7 +139,11 @@ def _base_identity(base: Base) -> dict:
     config = (base.path / "config.json").read_bytes()
     import hashlib
 
-    return {"kind": "hf", "path": str(base.path.resolve()), "config": hashlib.sha256(config).hexdigest()}
+    return {
+        "kind": "hf",
+        "path": str(base.path.resolve()),
+        "config": hashlib.sha256(config).hexdigest(),
+    }
 
 
 def train(
@@ -202,7 +206,16 @@ def train(
             emit("load", {"base": str(base.path)})
             model, tokenizer = load_base(base, run_device)
         results[st.name] = _train_one(
-            st, data, base, model, tokenizer, settings, partial, run_device, sources, report_to,
+            st,
+            data,
+            base,
+            model,
+            tokenizer,
+            settings,
+            partial,
+            run_device,
+            sources,
+            report_to,
             emit,
         )
         sources[st.name] = partial / st.name / "adapter"
@@ -245,8 +258,16 @@ def _train_one(
         emit("step", {"stage": st.name, "step": step, "total": total, "loss": loss})
 
     trained, result = train_stage(
-        st.stage, st.name, model, tokenizer, rows, settings, folder / "checkpoints", device,
-        report_to=report_to, on_step=on_step,
+        st.stage,
+        st.name,
+        model,
+        tokenizer,
+        rows,
+        settings,
+        folder / "checkpoints",
+        device,
+        report_to=report_to,
+        on_step=on_step,
     )
     adapter = folder / "adapter"
     tmp = folder / "adapter.tmp"
