@@ -13,12 +13,12 @@ other roles' turns it reads. SmolLM2's chat template has no `{% generation %}` m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from malt_local.errors import MaltError
+from malt_local.hashing import sha256_file as _sha256
 
 MANIFEST = "manifest.json"
 
@@ -48,14 +48,6 @@ class ExportData:
     def model(self) -> DataModel | None:
         """The one model of the data (None when the export mixes runs of several models)."""
         return self.models[0] if len(self.models) == 1 else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_manifest(folder: Path) -> dict:

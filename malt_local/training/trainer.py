@@ -184,37 +184,30 @@ def train_stage(
     stop = _StopOnSignal()
     common = _common_args(settings, work, device, report_to)
     if stage == "sft":
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig as Config
+        from trl import SFTTrainer as Trainer
 
-        args = SFTConfig(
-            **common,
-            learning_rate=settings.lr,
-            num_train_epochs=settings.epochs,
-            completion_only_loss=True,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=_lora_config(settings),
-        )
+        specific = {
+            "learning_rate": settings.lr,
+            "num_train_epochs": settings.epochs,
+            "completion_only_loss": True,
+        }
     else:
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
 
-        args = DPOConfig(
-            **common,
-            learning_rate=settings.dpo_lr,
-            num_train_epochs=settings.dpo_epochs,
-            beta=settings.beta,
-        )
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=_lora_config(settings),
-        )
+        specific = {
+            "learning_rate": settings.dpo_lr,
+            "num_train_epochs": settings.dpo_epochs,
+            "beta": settings.beta,
+        }
+    trainer = Trainer(
+        model=model,
+        args=Config(**common, **specific),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=_lora_config(settings),
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_callback(stop, on_step))
     start = time.monotonic()
