@@ -3,9 +3,10 @@
 The real tests share trained outputs through module fixtures (few steps, short rows), so the
 whole file costs a few minutes on two cores:
 
-* `loop`: `malt pull --file` -> the shared real run -> `malt export` -> `malt train --role all`
-  (every role and stage, the base found from the export's model sha256) -> `malt eval
-  --adapters`. This is the whole MALT loop, offline; `make loop` runs it.
+* `loop`: `malt pull --file` -> `malt run` (examples/sums.jsonl, which the small model gets
+  partly right, so every role has positives and pairs) -> `malt export` -> `malt train --role
+  all` (every role and stage, the base found from the export's model sha256) -> `malt eval
+  --adapters`. This is the whole MALT loop, offline; `make loop` runs the same commands.
 * `memorised`: the generator's SFT adapter trained several epochs on its positives: the loss
   falls, llama.cpp's greedy text with the GGUF LoRA equals transformers + PEFT's, and it is the
   uninterrupted reference for the SIGINT and SIGKILL tests.
@@ -37,6 +38,7 @@ from tests.conftest import EXAMPLES, malt
 
 ROLES = ("generator", "verifier", "refiner")
 # Few steps and short rows: enough to change the model, cheap on two cores.
+SUMS = EXAMPLES / "sums.jsonl"
 QUICK = ["--batch-size", "2", "--max-length", "192", "--lora-dropout", "0"]
 
 
@@ -298,9 +300,17 @@ def home(tmp_path_factory, small_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(real_run_db, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train_export") / "export"
-    r = malt("export", "--db", str(real_run_db), "--out", str(out))
+def exported(home, tmp_path_factory) -> Path:
+    """A real `malt run` on sums the small model gets partly right, then `malt export`."""
+    d = tmp_path_factory.mktemp("train_run")
+    env = {"MALT_HOME": str(home)}
+    r = malt(
+        "run", "--n", "2", "--max-tokens", "32", "--model", "smollm2-135m", "--db",
+        str(d / "malt.db"), str(SUMS), env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = d / "export"
+    r = malt("export", "--db", str(d / "malt.db"), "--out", str(out), env=env)
     assert r.returncode == 0, r.stderr
     for role in ROLES:
         assert (out / f"{role}.sft.jsonl").read_text().strip(), f"no {role} positives"
@@ -325,7 +335,11 @@ MEMORISE = ["--role", "generator", "--stage", "sft", "--epochs", "3", "--lr", "1
 
 
 def memorise_argv(exported: Path, out: Path) -> list[str]:
-    return ["train", str(exported), "--out", str(out), *MEMORISE, *QUICK, "--save-steps", "1"]
+    """One row a step, so that a few positives still make several steps (the last flag wins)."""
+    return [
+        "train", str(exported), "--out", str(out), *MEMORISE, *QUICK, "--batch-size", "1",
+        "--max-steps", "8", "--save-steps", "1",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +411,7 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
     loop, small_model, tmp_path
 ):
     out, db = loop["out"], tmp_path / "eval.db"
-    common = ["eval", str(EXAMPLES / "questions.jsonl"), "--model", str(small_model), "--db",
+    common = ["eval", str(SUMS), "--model", str(small_model), "--db",
               str(db), "--mode", "ma", "--votes", "1", "--samples", "3", "--seeds", "1",
               "--max-tokens", "24", "--json"]  # fmt: skip
     r = malt(*common, "--adapters", str(out))
