@@ -306,7 +306,7 @@ def exported(home, tmp_path_factory) -> Path:
     env = {"MALT_HOME": str(home)}
     r = malt(
         "run", "--n", "2", "--max-tokens", "32", "--model", "smollm2-135m", "--db",
-        str(d / "malt.db"), str(SUMS), env=env,
+        str(d / "malt.db"), str(SUMS), env=env, timeout=1800,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     out = d / "export"
@@ -314,6 +314,7 @@ def exported(home, tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stderr
     for role in ROLES:
         assert (out / f"{role}.sft.jsonl").read_text().strip(), f"no {role} positives"
+    for role in ("verifier", "refiner"):
         assert (out / f"{role}.dpo.jsonl").read_text().strip(), f"no {role} pairs"
     return out
 
@@ -380,7 +381,8 @@ def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, 
     assert m["versions"]["trl"] and m["versions"]["torch"]
     assert json.loads((out / "manifest.json").read_text()) == m
     assert not out.with_name("adapters.partial").exists()
-    print(f"\nmalt train --role all (5 stages x 3 steps): {loop['seconds']:.0f} s")
+    per_step = {name: m["adapters"][name]["seconds_per_step"] for name in stages}
+    print(f"\nmalt train --role all (5 stages x 3 steps): {loop['seconds']:.0f} s, {per_step}")
 
 
 def test_same_command_again_trains_nothing_and_other_settings_need_force(loop, exported, home):
