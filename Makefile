@@ -6,7 +6,7 @@ MODEL_DIR ?= $(HOME)/.cache/malt/models
 SMALL_MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 export MALT_TEST_MODEL ?= $(SMALL_MODEL)
 
-.PHONY: install model llama-server demo test bench lint clean browser screenshots
+.PHONY: install install-train model llama-server demo test bench lint clean browser screenshots loop
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,15 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# The training extra (`malt train`): torch first, pinned by constraints-train.txt so pip takes
+# the CPU wheel instead of several GB of CUDA, then the rest of the extra under that pin.
+install-train: $(VENV)/.installed-train
+
+$(VENV)/.installed-train: $(VENV)/.installed constraints-train.txt
+	$(BIN)/python -m pip install -q -c constraints-train.txt torch
+	$(BIN)/python -m pip install -q -c constraints-train.txt -e '.[train]'
 	touch $@
 
 model: $(SMALL_MODEL)
@@ -33,7 +42,7 @@ demo: install model
 	$(BIN)/malt run --n 2 --max-tokens 96 --model smollm2-135m --db demo.db examples/questions.jsonl
 	$(BIN)/malt status --db demo.db
 
-test: install model llama-server
+test: install install-train model llama-server
 	$(BIN)/python -m pytest -q
 
 # The browser tests of `malt view` drive Debian's chromium (Playwright's own browser download
@@ -48,6 +57,10 @@ browser:
 screenshots: install model browser
 	MALT_SCREENSHOTS=docs $(BIN)/python -m pytest -q tests/test_view_browser.py \
 		-k "screenshot or evaluation_page"
+
+# The whole MALT loop on the small model, offline: pull --file, run, export, train, eval.
+loop: install install-train model
+	bash scripts/loop.sh $(SMALL_MODEL) loop
 
 bench: install model llama-server
 	$(BIN)/python -m malt_local.bench --model $(SMALL_MODEL)

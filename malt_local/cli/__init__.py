@@ -64,6 +64,7 @@ def _register() -> None:
     from malt_local.cli import pull as pull_cmds
 
     pull_cmds.register(cli)
+    __import__("malt_local.cli.train", fromlist=["register"]).register(cli)
 
 
 _register()

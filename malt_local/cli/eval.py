@@ -69,6 +69,12 @@ def register(cli: click.Group) -> None:
     help="LoRA adapter GGUF for generator|verifier|refiner, scale 1.0 unless "
     ":SCALE. Repeatable; several for one role are applied together.",
 )
+@click.option(
+    "--adapters",
+    "adapters_dir",
+    type=click.Path(path_type=Path),
+    help="A malt train folder: every role its adapters from manifest.json (SFT, then DPO).",
+)
 @db_option
 @click.option(
     "--temperature",
@@ -106,6 +112,7 @@ def eval_cmd(
     seeds: int,
     model: str | None,
     adapters: tuple[str, ...],
+    adapters_dir: Path | None,
     db_path: Path | None,
     temperature: float,
     top_p: float,
@@ -145,6 +152,10 @@ def eval_cmd(
     )
     settings.validate()
     remote = pop_server_settings(engine_kind, server_flags)
+    if adapters_dir is not None:
+        from malt_local.training.manifest import adapter_values
+
+        adapters = (*adapter_values(adapters_dir), *adapters)
     if ctx is not None and ctx < 256:
         raise MaltError(f"--ctx {ctx} is too small (at least 256)")
     show = not json_ and sys.stderr.isatty()
