@@ -33,7 +33,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_GSM8K = ROOT.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
+# The first 200 GSM8K test rows, shipped with the tests (tests/data/README.md).
+GSM8K_SLICE = ROOT / "tests" / "data" / "gsm8k" / "test.jsonl"
 EXAMPLE_GSM8K = ROOT / "examples" / "gsm8k.jsonl"
 TARGET_VS_SIMPLE = 1.7
 TARGET_VS_CEILING = 0.85
@@ -49,11 +50,11 @@ def peak_rss_mib() -> float:
 
 
 def questions_file(k: int) -> Path:
-    if SHARED_GSM8K.is_file():
-        return SHARED_GSM8K
+    if GSM8K_SLICE.is_file():
+        return GSM8K_SLICE
     if EXAMPLE_GSM8K.is_file() and k <= 3:
         return EXAMPLE_GSM8K
-    raise SystemExit(f"bench: no GSM8K questions found ({SHARED_GSM8K} or {EXAMPLE_GSM8K})")
+    raise SystemExit(f"bench: no GSM8K questions found ({GSM8K_SLICE} or {EXAMPLE_GSM8K})")
 
 
 # -- the parts, each run in a child process ------------------------------------------------------

@@ -96,7 +96,8 @@ def run_cmd(
 ) -> None:
     """Build the MALT tree for every question, storing each node as it is made.
 
-    QUESTIONS is a .jsonl, .json, .csv or .txt file (GSM8K, MATH, CSQA or question/answer rows).
+    QUESTIONS is a .jsonl, .json, .csv, .tsv, .txt or .parquet file (GSM8K, MATH, CSQA or
+    question/answer rows), UTF-8 or with a byte-order mark.
     Re-running the same command continues where it stopped.
     """
     from malt_local import runner
