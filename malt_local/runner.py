@@ -11,13 +11,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from malt_local import fit
 from malt_local.batched_engine import make_engine
 from malt_local.errors import MaltError
 from malt_local.hashing import cached_sha256
 from malt_local.judge import check_judge_model, plan_judge, run_judge
 from malt_local.llama_engine import check_gguf
 from malt_local.prompts import PromptSet
-from malt_local.questions import load_questions
+from malt_local.questions import Question, load_questions
 from malt_local.runs import (
     RunSettings,
     RunSpec,
@@ -117,11 +118,12 @@ def run_tree(
         run_model_sha256=spec.model_sha256,
     )
 
+    seq_ctx = context_size(spec.max_tokens, ctx)
     engine = make_engine(
         engine_kind,
         model_path,
         max_tokens=spec.max_tokens,
-        seq_ctx=context_size(spec.max_tokens, ctx),
+        seq_ctx=seq_ctx,
         ctx=ctx,
         threads=threads,
         gpu_layers=gpu_layers,
@@ -137,8 +139,11 @@ def run_tree(
         if judge_plan is not None:
             check_judge_model(store, run["id"], judge_plan.name, judge_plan.sha256)
         store.add_questions(run["id"], questions)
-        with progress_display(show_progress, len(questions) * tree_size(spec.n)) as on_progress:
-            runner = TreeRunner(store, run, questions, engine, prompts, on_progress)
+        skipped = check_fit(store, run["id"], questions, prompts, engine, spec.max_tokens, seq_ctx)
+        too_long = {s.question_id for s in skipped}
+        fitting = [q for q in questions if q.id not in too_long]
+        with progress_display(show_progress, len(fitting) * tree_size(spec.n)) as on_progress:
+            runner = TreeRunner(store, run, fitting, engine, prompts, on_progress)
             started = time.monotonic()
             final = runner.execute()
         elapsed = time.monotonic() - started
@@ -162,6 +167,7 @@ def run_tree(
         "db": str(db_path),
         "questions": len(questions),
         "questions_complete": final.questions_complete,
+        "too_long": [fit.as_dict(s) for s in skipped],
         "nodes_total": final.done,
         "nodes_expected": final.total,
         "nodes_generated": final.generated_nodes,
@@ -171,6 +177,32 @@ def run_tree(
         "config": asdict(spec),
         "judge": asdict(judged) if judged is not None else None,
     }
+
+
+def check_fit(
+    store: Store,
+    run_id: str,
+    questions: list[Question],
+    prompts: PromptSet,
+    engine,
+    max_tokens: int,
+    seq_ctx: int,
+) -> list[fit.Skipped]:
+    """Record and return the questions too long for one node's context (malt_local/fit.py)."""
+    model = getattr(engine, "model", None)
+    if model is None:  # an engine without a local tokenizer: the server enforces its context
+        return []
+    plan = getattr(engine, "plan", None)
+    limit = min(seq_ctx, plan.seq_limit) if plan is not None else seq_ctx
+    skipped = fit.find_too_long(
+        questions,
+        prompts,
+        lambda messages: len(model.prompt_tokens(messages)),
+        max_tokens=max_tokens,
+        limit=limit,
+    )
+    fit.record_skipped(store, run_id, [q.id for q in questions], skipped)
+    return skipped
 
 
 class progress_display:  # noqa: N801 - used as a context manager

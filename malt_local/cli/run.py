@@ -131,12 +131,19 @@ def run_cmd(
     if json_:
         click.echo(json.dumps(result, indent=2))
     else:
+        too_long = result["too_long"]
         click.echo(
             f"run {result['run_id']}: {result['questions']} questions, "
             f"{result['nodes_generated']} nodes generated, {result['nodes_total']} stored, "
             f"{result['questions_complete']} trees complete, "
-            f"{result['tokens_per_second']:.1f} tok/s -> {result['db']}"
+            + (f"{len(too_long)} skipped as too long, " if too_long else "")
+            + f"{result['tokens_per_second']:.1f} tok/s -> {result['db']}"
         )
+        if too_long:
+            from malt_local.fit import Skipped
+
+            for skipped in too_long:
+                click.echo(Skipped(**skipped).describe(), err=True)
         if result.get("judge"):
             j = result["judge"]
             click.echo(
