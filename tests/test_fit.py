@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 from malt_local.fit import find_too_long
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions import Question, load_questions
 from tests.conftest import EXAMPLES, malt
+from tests.test_run_e2e import rows
 
 
 def words(messages):
@@ -48,15 +48,6 @@ def test_default_templates_hold_the_question_once():
         assert q.text in first_user["content"]  # the generator's turn, seen by every role
         for _, option in q.options:
             assert text.count(f": {option}") == 1
-
-
-def rows(db, sql, args=()):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 def test_real_run_skips_a_too_long_question_and_builds_the_rest(tmp_path, small_model):
