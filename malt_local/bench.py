@@ -92,7 +92,7 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
         store.insert_run(spec.row("bench"))
         run = store.run("bench")
         store.add_questions("bench", questions)
-        runner = TreeRunner(store, run, questions, engine, PromptSet())
+        runner = TreeRunner(store, run, questions, engine, PromptSet(args.prompts))
         started = time.perf_counter()
         progress = runner.execute()
         seconds = time.perf_counter() - started
@@ -422,6 +422,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flash-attn", choices=tuple(FLASH), default="auto", help="[auto: on]")
     p.add_argument("--kv", choices=tuple(KV), default="auto", help="[auto: unified]")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--prompts", type=Path, default=None, help="templates folder [the default]")
     p.add_argument("--ceiling-seconds", type=float, default=10.0)
     p.add_argument("--part", choices=("simple", "batched", "ceiling"), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=float, default=0, help=argparse.SUPPRESS)
@@ -432,7 +433,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.passthrough = [
         x
         for key in ("model", "n", "questions", "max_tokens", "parallel", "ctx", "threads",
-                    "gpu_layers", "ceiling_seconds", "flash_attn", "kv")
+                    "gpu_layers", "ceiling_seconds", "flash_attn", "kv", "prompts")
         if getattr(args, key) is not None
         for x in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
     ]  # fmt: skip
