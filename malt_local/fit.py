@@ -92,6 +92,12 @@ def record_skipped(store: Store, run_id: str, checked: Iterable[str], skipped: l
             )
 
 
+def started_questions(store: Store, run_id: str) -> set[str]:
+    """Questions with at least one stored node in the run."""
+    rows = store.db.execute("SELECT DISTINCT question_id FROM nodes WHERE run_id = ?", [run_id])
+    return {r[0] for r in rows}
+
+
 def skipped_in_run(store: Store, run_id: str) -> list[dict]:
     """The run's skipped questions in run order, for `malt status`."""
     return list(

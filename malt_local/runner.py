@@ -194,8 +194,10 @@ def check_fit(
         return []
     plan = getattr(engine, "plan", None)
     limit = min(seq_ctx, plan.seq_limit) if plan is not None else seq_ctx
+    # A tree already started (under a larger --ctx) is continued, not dropped.
+    started = fit.started_questions(store, run_id)
     skipped = fit.find_too_long(
-        questions,
+        [q for q in questions if q.id not in started],
         prompts,
         lambda messages: len(model.prompt_tokens(messages)),
         max_tokens=max_tokens,
