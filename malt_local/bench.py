@@ -400,6 +400,20 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, info: dict) -> s
     return "\n".join(lines) + "\n"
 
 
+# Hand-written measurements below this line (e.g. prompt tokens saved by a template change,
+# measured with `--part batched --prompts DIR`) survive a rerun of the benchmark.
+KEEP_MARKER = "<!-- notes below are kept when make bench rewrites this file -->"
+
+
+def kept_notes(path: Path) -> str:
+    """The part of an existing report from KEEP_MARKER on, or nothing."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    at = text.find(KEEP_MARKER)
+    return "\n" + text[at:] if at >= 0 else ""
+
+
 def print_table(md: str) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
@@ -455,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     c = child(args, "ceiling", batch=f"{b['mean_batch']:.2f}", position=f"{b['mean_position']:.1f}")
     md = report(args, a, b, c, machine())
     print_table(md)
-    args.out.write_text(md)
+    args.out.write_text(md + kept_notes(args.out))
     print(f"bench: wrote {args.out}", file=sys.stderr)
     return 0
 
