@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -50,6 +52,9 @@ PIECES = st.sampled_from(
         "x^2",
         "=",
         "%",
+        "1" * 400,  # past a float's range: was infinity, equal to every other huge number
+        "/",
+        " " * 3000,  # long blank runs: the Final Answer regexes once took seconds per line
     ]
 )
 OUTPUT = st.lists(st.one_of(PIECES, st.text(max_size=8)), max_size=12).map("".join)
@@ -223,3 +228,25 @@ def test_dpo_pairs_follow_the_pairing_rule(group):
     # K pairs are the first K of the full list: a smaller cap never changes which come first.
     if max_pairs is not None:
         assert pairs == pairs_for_group(siblings, theta, None)[:max_pairs]
+
+
+def test_long_blank_lines_grade_in_linear_time():
+    """A line of 200,000 blanks once sent the Final Answer regexes into quadratic backtracking
+    (28 s at 50,000). A child process with a generous limit turns a hang into a failure."""
+    code = (
+        "from malt_local.grading import grade\n"
+        "for text in (' ' * 200_000 + 'x', 'final answer' + '\\t' * 200_000 + 'x',\n"
+        "             '### ' + ' ' * 200_000 + 'final answer' + ' ' * 200_000):\n"
+        "    for task in ('gsm8k', 'math', 'exact'):\n"
+        "        grade(text, '1', task)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_numbers_past_a_float_are_compared_exactly():
+    big = "1" * 400
+    assert answers_equal(big, big, "gsm8k") and not answers_equal(big, big[:-1] + "2", "gsm8k")
+    assert normalize_answer(big, "gsm8k") == big
+    assert normalize_answer(big + "/3", "gsm8k") == big + "/3"
+    assert grade(f"Final Answer: {big}", big, "gsm8k") == (big, 1)
+    assert grade(f"Final Answer: -{big}", big, "gsm8k") == ("-" + big, 0)
