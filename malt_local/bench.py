@@ -36,7 +36,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_GSM8K = ROOT.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
+# The first 200 GSM8K test rows, shipped with the tests (tests/data/README.md).
+GSM8K_SLICE = ROOT / "tests" / "data" / "gsm8k" / "test.jsonl"
 EXAMPLE_GSM8K = ROOT / "examples" / "gsm8k.jsonl"
 TARGET_VS_SIMPLE = 1.7
 TARGET_VS_CEILING = 0.85
@@ -53,11 +54,11 @@ def peak_rss_mib() -> float:
 
 
 def questions_file(k: int) -> Path:
-    if SHARED_GSM8K.is_file():
-        return SHARED_GSM8K
+    if GSM8K_SLICE.is_file():
+        return GSM8K_SLICE
     if EXAMPLE_GSM8K.is_file() and k <= 3:
         return EXAMPLE_GSM8K
-    raise SystemExit(f"bench: no GSM8K questions found ({SHARED_GSM8K} or {EXAMPLE_GSM8K})")
+    raise SystemExit(f"bench: no GSM8K questions found ({GSM8K_SLICE} or {EXAMPLE_GSM8K})")
 
 
 # -- the parts, each run in a child process ------------------------------------------------------
@@ -82,7 +83,7 @@ def execute_tree(args: argparse.Namespace, engine) -> dict:
         )  # fmt: skip
         store.insert_run(spec.row("bench"))
         store.add_questions("bench", questions)
-        runner = TreeRunner(store, Run("bench", spec), questions, engine, PromptSet())
+        runner = TreeRunner(store, Run("bench", spec), questions, engine, PromptSet(args.prompts))
         started = time.perf_counter()
         progress = runner.execute()
         seconds = time.perf_counter() - started
@@ -376,6 +377,20 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, info: d
     return "\n".join(lines) + "\n"
 
 
+# Hand-written measurements below this line (e.g. prompt tokens saved by a template change,
+# measured with `--part batched --prompts DIR`) survive a rerun of the benchmark.
+KEEP_MARKER = "<!-- notes below are kept when make bench rewrites this file -->"
+
+
+def kept_notes(path: Path) -> str:
+    """The part of an existing report from KEEP_MARKER on, or nothing."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    at = text.find(KEEP_MARKER)
+    return "\n" + text[at:] if at >= 0 else ""
+
+
 def print_table(md: str) -> None:
     from rich.console import Console
     from rich.markdown import Markdown
@@ -398,6 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flash-attn", choices=tuple(FLASH), default="auto", help="[auto: on]")
     p.add_argument("--kv", choices=tuple(KV), default="auto", help="[auto: unified]")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--prompts", type=Path, default=None, help="templates folder [the default]")
     p.add_argument("--ceiling-seconds", type=float, default=10.0)
     p.add_argument(
         "--part", choices=("simple", "batched", "ceiling", "server"), help=argparse.SUPPRESS
@@ -412,7 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.passthrough = [
         x
         for key in ("model", "n", "questions", "max_tokens", "parallel", "ctx", "threads",
-                    "gpu_layers", "ceiling_seconds", "flash_attn", "kv")
+                    "gpu_layers", "ceiling_seconds", "flash_attn", "kv", "prompts")
         if getattr(args, key) is not None
         for x in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
     ]  # fmt: skip
@@ -443,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench: llama-server built a different tree")
     md = report(args, a, b, c, d, machine())
     print_table(md)
-    args.out.write_text(md)
+    args.out.write_text(md + kept_notes(args.out))
     print(f"bench: wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -198,3 +198,28 @@ def m002_judgements(db: Database) -> None:
         )"""
     )
     db.execute("CREATE INDEX judgements_run ON judgements(run_id)")
+
+
+@migrations()
+def m004_skipped_questions(db: Database) -> None:
+    """Questions a run gives no tree, and why (malt_local/fit.py: `too_long` so far).
+
+    A question whose longest prompt cannot fit the context with room to answer is recorded here
+    before generation instead of being stored as empty nodes graded as answers. The numbers say
+    what to change: `needed_tokens` (the refiner's prompt plus max_tokens for each of the three
+    answers) against `limit_tokens` (the context one node may use). A later run that fits it
+    deletes its row and builds the tree.
+    """
+    db.execute(
+        """
+        CREATE TABLE skipped_questions (
+            run_id TEXT NOT NULL REFERENCES runs(id),
+            question_id TEXT NOT NULL REFERENCES questions(id),
+            reason TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            needed_tokens INTEGER NOT NULL,
+            limit_tokens INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (run_id, question_id)
+        )"""
+    )

@@ -1,9 +1,12 @@
-"""Questions in: `.jsonl`, `.json`, `.csv` and `.txt`, in the shapes the benchmarks ship.
+"""Questions in: `.jsonl`, `.json`, `.csv`, `.tsv`, `.txt` and `.parquet`, in the shapes the
+benchmarks ship (`malt_local.question_files` reads the files as the tools that write them do).
 
 The shape of a row decides the task (and so the grader): GSM8K rows have an `answer` ending in
 `#### N`, MATH rows a `problem` and an `answer` or a `\\boxed{}` solution, CSQA rows `options`
 and a letter. Anything else with `question` and `answer`/`ground_truth` is graded by exact match.
 A question's id is a hash of its content, so re-running a grown file only adds the new rows.
+A question and its ground truth are the field's text as written, less leading and trailing
+whitespace (a cell's trailing line break is not part of the question, and ids ignore it too).
 
 `.txt`: one question per line, the ground truth after a TAB; blank lines and lines starting
 with `#` are skipped.
@@ -11,15 +14,14 @@ with `#` are skipped.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from malt_local.errors import MaltError
+from malt_local.question_files import read_rows
 
 # "judge" is never detected: `--task judge` asks for the LLM judge (free-form answers).
 TASKS = ("gsm8k", "math", "csqa", "exact", "judge")
@@ -58,17 +60,7 @@ def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
         raise MaltError(f"questions file not found: {p}")
     if p.is_dir():
         raise MaltError(f"questions path is a folder, not a file: {p}")
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MaltError(f"cannot read questions file {p}: {exc}") from exc
-    suffix = p.suffix.lower()
-    readers = {".jsonl": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".txt": _rows_txt}
-    if suffix not in readers:
-        raise MaltError(
-            f"unsupported questions file type '{suffix}': use .jsonl, .json, .csv or .txt"
-        )
-    questions = [_to_question(row, line, task, str(p)) for line, row in readers[suffix](raw, p)]
+    questions = [_to_question(row, line, task, str(p)) for line, row in read_rows(p)]
     if not questions:
         raise MaltError(f"no questions in {p}")
     # The same question twice is one tree: ids are content hashes.
@@ -76,68 +68,6 @@ def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
     for q in questions:
         unique.setdefault(q.id, q)
     return list(unique.values())
-
-
-def _rows_jsonl(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MaltError(f"{p}:{n}: malformed JSON: {exc.msg}") from exc
-        if not isinstance(row, dict):
-            raise MaltError(f"{p}:{n}: expected a JSON object per line")
-        yield n, row
-
-
-def _rows_json(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
-    try:
-        data = json.loads(raw) if raw.strip() else []
-    except json.JSONDecodeError as exc:
-        raise MaltError(f"{p}:{exc.lineno}: malformed JSON: {exc.msg}") from exc
-    if isinstance(data, dict):
-        # {"questions": [...]} or {"examples": [...]}, the shapes people tend to wrap lists in.
-        for key in ("questions", "examples", "data", "rows"):
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-        else:
-            data = [data]
-    if not isinstance(data, list):
-        raise MaltError(f"{p}: expected a JSON list of objects")
-    for n, row in enumerate(data, 1):
-        if not isinstance(row, dict):
-            raise MaltError(f"{p}: item {n} is not an object")
-        yield n, row
-
-
-def _rows_csv(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
-    if not raw.strip():
-        return
-    reader = csv.DictReader(raw.splitlines())
-    if not reader.fieldnames or not any(reader.fieldnames):
-        raise MaltError(f"{p}:1: CSV has no header row")
-    try:
-        for row in reader:
-            n = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                raise MaltError(f"{p}:{n}: malformed CSV: wrong number of fields")
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            yield n, {k.strip(): v for k, v in row.items() if k}
-    except csv.Error as exc:
-        raise MaltError(f"{p}:{reader.line_num}: malformed CSV: {exc}") from exc
-
-
-def _rows_txt(raw: str, p: Path) -> Iterator[tuple[int, dict]]:
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if "\t" not in line:
-            raise MaltError(f"{p}:{n}: expected 'question<TAB>ground truth'")
-        question, _, answer = line.rpartition("\t")
-        yield n, {"question": question.strip(), "answer": answer.strip()}
 
 
 def detect_task(row: dict) -> str:
@@ -172,7 +102,8 @@ def _to_question(row: dict, line: int, forced: str | None, source: str) -> Quest
 
 
 def _ground_truth(row: dict, shape: str, task: str, where: str) -> str:
-    for key in ("ground_truth", "answer", "target", "label"):
+    # answerKey: CommonsenseQA as the Hub ships it (choices {label, text} and a letter).
+    for key in ("ground_truth", "answer", "answerKey", "target", "label"):
         value = row.get(key)
         if value is not None and str(value).strip():
             answer = str(value).strip()

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from malt_local.errors import MaltError
+from malt_local.fit import skipped_in_run
 from malt_local.store import Store
 from malt_local.tree import tree_size
 
@@ -31,9 +32,12 @@ def status(db_path: Path, run_id: str | None = None) -> dict:
 def run_status(store: Store, run: dict) -> dict:
     db = store.db
     n = run["n"]
+    too_long = skipped_in_run(store, run["id"])
+    # Questions skipped as too long get no tree: they are listed, not expected.
     n_questions = db.execute(
         "SELECT COUNT(*) FROM run_questions WHERE run_id = ?", [run["id"]]
     ).fetchone()[0]
+    n_trees = n_questions - len(too_long)
     roles = {}
     for row in db.execute(
         """SELECT role, COUNT(*), SUM(label = 1), SUM(label IS NOT NULL), AVG(correct),
@@ -44,7 +48,7 @@ def run_status(store: Store, run: dict) -> dict:
         role, count, pos, labelled, acc, ptok, ctok, ms = row
         roles[role] = {
             "nodes": count,
-            "expected": n_questions * n ** (ROLE_ORDER.index(role) + 1),
+            "expected": n_trees * n ** (ROLE_ORDER.index(role) + 1),
             "labelled": labelled or 0,
             "positives": pos or 0,
             "positive_rate": (pos or 0) / labelled if labelled else None,
@@ -58,7 +62,7 @@ def run_status(store: Store, run: dict) -> dict:
             role,
             {
                 "nodes": 0,
-                "expected": n_questions * n ** (ROLE_ORDER.index(role) + 1),
+                "expected": n_trees * n ** (ROLE_ORDER.index(role) + 1),
                 "labelled": 0,
                 "positives": 0,
                 "positive_rate": None,
@@ -91,8 +95,9 @@ def run_status(store: Store, run: dict) -> dict:
         "max_tokens": run["max_tokens"],
         "questions": n_questions,
         "questions_complete": complete,
+        "too_long": too_long,
         "nodes": done,
-        "nodes_expected": n_questions * tree_size(n),
+        "nodes_expected": n_trees * tree_size(n),
         "leaf_accuracy": leaf,
         "completion_tokens": sum(r["completion_tokens"] for r in roles.values()),
         "prompt_tokens": sum(r["prompt_tokens"] for r in roles.values()),
@@ -123,7 +128,8 @@ def print_status(data: dict) -> None:
         )
         console.print(
             f"  questions {run['questions_complete']}/{run['questions']} complete, "
-            f"nodes {run['nodes']}/{run['nodes_expected']}, leaf accuracy "
+            + (f"{len(run['too_long'])} skipped as too long, " if run["too_long"] else "")
+            + f"nodes {run['nodes']}/{run['nodes_expected']}, leaf accuracy "
             f"{_pct(run['leaf_accuracy'])}, {run['completion_tokens']} tokens generated, "
             f"{run['generation_seconds']:.0f} node-seconds (batched nodes overlap)"
         )
@@ -140,6 +146,14 @@ def print_status(data: dict) -> None:
                 str(r["completion_tokens"]),
             )
         console.print(table)
+        for s in run["too_long"]:
+            where = f" ({s['source']})" if s["source"] else ""
+            console.print(
+                f"  skipped, too long: {s['question_id']}{where} needs {s['needed_tokens']} "
+                f"tokens with room to answer, a node's context holds {s['limit_tokens']}",
+                markup=False,
+                highlight=False,
+            )
 
 
 def tree(db_path: Path, question_id: str, run_id: str | None = None) -> dict:

@@ -13,8 +13,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from malt_local import fit
 from malt_local.engines import (
+    Engine,
     EngineOptions,
+    MeasuresPrompts,
     ModelIdentity,
     engine_kind,
     identify_model,
@@ -22,7 +25,7 @@ from malt_local.engines import (
 )
 from malt_local.judge import JudgeModel, JudgePlan, check_judge_model, plan_judge, run_judge
 from malt_local.prompts import PromptSet
-from malt_local.questions import load_questions
+from malt_local.questions import Question, load_questions
 from malt_local.runs import (
     Run,
     RunSettings,
@@ -126,9 +129,12 @@ def run_tree(
         if judge_plan is not None:
             check_judge_model(store, run["id"], judge_plan.name, judge_plan.model.sha256)
         store.add_questions(run["id"], questions)
-        with progress_display(show_progress, len(questions) * tree_size(spec.n)) as on_progress:
+        skipped = check_fit(store, run["id"], questions, prompts, engine, spec.max_tokens)
+        too_long = {s.question_id for s in skipped}
+        fitting = [q for q in questions if q.id not in too_long]
+        with progress_display(show_progress, len(fitting) * tree_size(spec.n)) as on_progress:
             runner = TreeRunner(
-                store, Run(run["id"], spec), questions, engine, prompts, on_progress
+                store, Run(run["id"], spec), fitting, engine, prompts, on_progress
             )
             started = time.monotonic()
             final = runner.execute()
@@ -152,6 +158,7 @@ def run_tree(
         "db": str(db_path),
         "questions": len(questions),
         "questions_complete": final.questions_complete,
+        "too_long": [fit.as_dict(s) for s in skipped],
         "nodes_total": final.done,
         "nodes_expected": final.total,
         "nodes_generated": final.generated_nodes,
@@ -173,6 +180,30 @@ def _judge_options(base: EngineOptions, local: bool, plan: JudgePlan) -> EngineO
     (`--ctx` sizes the tree's shared cache, not one verdict's)."""
     options = dataclasses.replace(base, judge=True, ctx=None, parallel=None)
     return options.for_model(local, plan.target)
+
+
+def check_fit(
+    store: Store,
+    run_id: str,
+    questions: list[Question],
+    prompts: PromptSet,
+    engine: Engine,
+    max_tokens: int,
+) -> list[fit.Skipped]:
+    """Record and return the questions too long for one node's context (malt_local/fit.py)."""
+    if not isinstance(engine, MeasuresPrompts):  # a server enforces its own context
+        return []
+    # A tree already started (under a larger --ctx) is continued, not dropped.
+    started = fit.started_questions(store, run_id)
+    skipped = fit.find_too_long(
+        [q for q in questions if q.id not in started],
+        prompts,
+        engine.prompt_length,
+        max_tokens=max_tokens,
+        limit=engine.node_context(),
+    )
+    fit.record_skipped(store, run_id, [q.id for q in questions], skipped)
+    return skipped
 
 
 class progress_display:  # noqa: N801 - used as a context manager

@@ -13,10 +13,27 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests (tests/test_fuzz.py, tests/test_question_files_properties.py): "ci", the
+# default, is derandomized and bounded (the whole set well under a minute on two cores);
+# HYPOTHESIS_PROFILE=fuzz searches longer with fresh examples. No example database is written
+# into the checkout.
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("fuzz", max_examples=2000, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+# Slices of the benchmark files (tests/data/README.md): the suite reads nothing outside the repo.
+TEST_DATA = ROOT / "tests" / "data"
 DEFAULT_MODEL = Path.home() / ".cache/malt/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

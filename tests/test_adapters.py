@@ -31,7 +31,7 @@ from malt_local.evaluate import (
 )
 from malt_local.prompts import PromptSet
 from malt_local.store import Store
-from tests.conftest import SHARED_DATASETS, malt
+from tests.conftest import TEST_DATA, malt
 
 RANK = 4
 
@@ -330,7 +330,7 @@ def test_each_role_adapter_changes_only_its_role(tmp_path, small_model, lora):
 def test_cli_eval_with_an_adapter_reports_both_configurations(tmp_path, small_model, lora, lora2):
     path = tmp_path / "csqa" / "validation.jsonl"
     path.parent.mkdir()
-    src = SHARED_DATASETS / "csqa/validation.jsonl"
+    src = TEST_DATA / "csqa/validation.jsonl"
     path.write_text("".join(src.read_text().splitlines(keepends=True)[:6]))
     db = tmp_path / "e.db"
     r = malt(

@@ -53,3 +53,14 @@ def test_bench_runs_both_paths_on_the_same_tree_and_reports_consistent_ratios(
     assert 1.0 <= busy <= int(re.search(r"\(d\) .* (\d+) slots", md).group(1))
     assert "a stream for each of" in md and "(CPU)" in md
     assert re.search(r"\| 27 \| [\d.]+ \| [\d.]+ \|", md)  # the sampling timings
+
+
+def test_hand_written_notes_below_the_marker_survive_a_rerun(tmp_path):
+    from malt_local.bench import KEEP_MARKER, kept_notes
+
+    out = tmp_path / "BENCH.md"
+    assert kept_notes(out) == ""
+    out.write_text("# old table\n| 1 |\n")
+    assert kept_notes(out) == ""
+    out.write_text(f"# old table\n| 1 |\n\n{KEEP_MARKER}\n## Prompt tokens\nsaved 30%\n")
+    assert kept_notes(out) == f"\n{KEEP_MARKER}\n## Prompt tokens\nsaved 30%\n"

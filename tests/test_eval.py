@@ -32,7 +32,7 @@ from malt_local.grading import answers_equal, grade
 from malt_local.prompts import PromptSet
 from malt_local.questions import Question
 from malt_local.store import Store
-from tests.conftest import SHARED_DATASETS, malt
+from tests.conftest import TEST_DATA, malt
 from tests.fakes import FakeEngine
 
 # --------------------------------------------------------------------------- protocol
@@ -467,9 +467,9 @@ def hand_vote(answers: list, task: str, options) -> int | None:
 
 def test_real_model_eval_all_modes_recomputed_by_hand(tmp_path, small_model):
     files = [
-        slice_of(SHARED_DATASETS / "gsm8k/test.jsonl", tmp_path / "gsm8k/test.jsonl"),
-        slice_of(SHARED_DATASETS / "math500/test.jsonl", tmp_path / "math500/test.jsonl"),
-        slice_of(SHARED_DATASETS / "csqa/validation.jsonl", tmp_path / "csqa/validation.jsonl"),
+        slice_of(TEST_DATA / "gsm8k/test.jsonl", tmp_path / "gsm8k/test.jsonl"),
+        slice_of(TEST_DATA / "math500/test.jsonl", tmp_path / "math500/test.jsonl"),
+        slice_of(TEST_DATA / "csqa/validation.jsonl", tmp_path / "csqa/validation.jsonl"),
     ]
     db = tmp_path / "eval.db"
     votes, seeds = 2, 2

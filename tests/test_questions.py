@@ -4,7 +4,7 @@ import pytest
 
 from malt_local.errors import MaltError
 from malt_local.questions import last_boxed, load_questions
-from tests.conftest import EXAMPLES, SHARED_DATASETS
+from tests.conftest import EXAMPLES, TEST_DATA
 
 
 def write(tmp_path, name, text):
@@ -114,11 +114,13 @@ def test_missing_file_and_unknown_task(tmp_path):
 
 
 def test_real_benchmark_files_load_with_right_tasks():
-    assert {q.task for q in load_questions(SHARED_DATASETS / "gsm8k/test.jsonl")} == {"gsm8k"}
-    math = load_questions(SHARED_DATASETS / "math500/test.jsonl")
-    assert len(math) == 500 and {q.task for q in math} == {"math"}
-    csqa = load_questions(SHARED_DATASETS / "csqa/validation.jsonl")
-    assert {q.task for q in csqa} == {"csqa"}
+    gsm8k = load_questions(TEST_DATA / "gsm8k/test.jsonl")
+    assert len(gsm8k) == 200 and {q.task for q in gsm8k} == {"gsm8k"}
+    assert all(q.ground_truth.lstrip("-").replace(".", "").isdigit() for q in gsm8k)
+    math = load_questions(TEST_DATA / "math500/test.jsonl")
+    assert len(math) == 200 and {q.task for q in math} == {"math"}
+    csqa = load_questions(TEST_DATA / "csqa/validation.jsonl")
+    assert len(csqa) == 200 and {q.task for q in csqa} == {"csqa"}
     assert all(q.ground_truth in "ABCDE" for q in csqa)
 
 

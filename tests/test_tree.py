@@ -85,7 +85,10 @@ def test_requests_share_prompts_and_extend_parents(setup):
     msgs = json.loads(node.messages)
     gen = next(n for n in store.nodes("rtest") if n.id == node.parent_id.rsplit(".", 1)[0])
     assert msgs[2] == {"role": "assistant", "content": gen.output}
-    assert node.seed == derive_seed(7, node.question_id, (0, 0, 0)) or node.seed > 0
+    # Every node's seed is the one derived from the run seed and its own place in the tree.
+    nodes = list(store.nodes("rtest"))
+    assert all(n.seed == derive_seed(7, n.question_id, n.branches) for n in nodes)
+    assert len({n.seed for n in nodes}) == len(nodes)
 
 
 def test_seeds_differ_per_node_and_are_stable():

@@ -102,7 +102,8 @@ def run_cmd(
 ) -> None:
     """Build the MALT tree for every question, storing each node as it is made.
 
-    QUESTIONS is a .jsonl, .json, .csv or .txt file (GSM8K, MATH, CSQA or question/answer rows).
+    QUESTIONS is a .jsonl, .json, .csv, .tsv, .txt or .parquet file (GSM8K, MATH, CSQA or
+    question/answer rows), UTF-8 or with a byte-order mark.
     Re-running the same command continues where it stopped.
     """
     from malt_local import runner
@@ -141,12 +142,19 @@ def run_cmd(
     if json_:
         click.echo(json.dumps(result, indent=2))
     else:
+        too_long = result["too_long"]
         click.echo(
             f"run {result['run_id']}: {result['questions']} questions, "
             f"{result['nodes_generated']} nodes generated, {result['nodes_total']} stored, "
             f"{result['questions_complete']} trees complete, "
-            f"{result['tokens_per_second']:.1f} tok/s -> {result['db']}"
+            + (f"{len(too_long)} skipped as too long, " if too_long else "")
+            + f"{result['tokens_per_second']:.1f} tok/s -> {result['db']}"
         )
+        if too_long:
+            from malt_local.fit import Skipped
+
+            for skipped in too_long:
+                click.echo(Skipped(**skipped).describe(), err=True)
         if result.get("judge"):
             j = result["judge"]
             click.echo(

@@ -137,3 +137,18 @@ class AdapterEngine(Protocol):
     def use_adapters(self, adapters: list[tuple[object, float]]) -> None:
         """Generate with these (handle, scale) pairs from now on; [] is the base model."""
         ...
+
+
+@runtime_checkable
+class MeasuresPrompts(Protocol):
+    """An engine that tokenizes prompts itself and knows the context one node may use (the
+    llama.cpp engines), so a question too long for it is found before anything is generated.
+    A server enforces its own context instead."""
+
+    def prompt_length(self, messages: list[dict[str, str]]) -> int:
+        """Tokens of this prompt as the engine would feed it."""
+        ...
+
+    def node_context(self) -> int:
+        """Most positions one node may use, prompt and output together."""
+        ...

@@ -589,6 +589,12 @@ class BatchedEngine:
         self.stats.preempted += len(keys)
         self._blocked = True
 
+    def prompt_length(self, messages: list[dict[str, str]]) -> int:
+        return len(self.model.prompt_tokens(messages))
+
+    def node_context(self) -> int:
+        return self.plan.seq_limit
+
     # adapters and teardown --------------------------------------------------------------------
 
     def load_adapter(self, path: str | Path) -> object:

@@ -97,5 +97,11 @@ class HighLevelEngine:
             done.key = key
             yield done
 
+    def prompt_length(self, messages: list[dict[str, str]]) -> int:
+        return len(self.model.prompt_tokens(messages))
+
+    def node_context(self) -> int:
+        return self.model.n_ctx
+
     def close(self) -> None:
         self.model.close()

@@ -1,0 +1,118 @@
+"""Questions too long for the context, found before anything is generated.
+
+A node's prompt holds every turn above it, so the refiner's is the longest: the question in the
+generator's turn, the generator's answer, the verifier's turn and critique, the refiner's turn,
+and then the refiner's own answer must fit too. A question fits when the refiner's prompt with
+empty answers, plus `max_tokens` for each of the three answers, fits the context one node may
+use. One that does not would give nodes cut short or empty (an empty output is graded wrong and
+would be valued and labelled as if the model had answered), so it gets no tree: it is recorded
+in `skipped_questions` with the numbers, reported by `malt run` and `malt status`, and the rest
+of the run goes on. A later `malt run` with a larger `--ctx` or smaller `--max-tokens` checks
+again and builds its tree.
+
+The rows are written here rather than in `store.py` so this check stays one self-contained
+piece: the table is this module's alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from malt_local.prompts import PromptSet, TreeContext
+from malt_local.questions import Question
+from malt_local.store import Store, utcnow
+
+TOO_LONG = "too_long"
+ANSWERS_PER_PATH = 3  # generator, verifier and refiner each answer once along a path
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A question that gets no tree in a run, and why, in numbers a user can act on."""
+
+    question_id: str
+    source: str
+    line: int
+    prompt_tokens: int  # the refiner's prompt with the answers above it left empty
+    needed_tokens: int  # prompt_tokens plus max_tokens for each of the three answers
+    limit_tokens: int  # the context one node may use
+    reason: str = TOO_LONG
+
+    def describe(self) -> str:
+        """One line: which question, how long, what to change."""
+        where = f" ({self.source}:{self.line})" if self.source else ""
+        return (
+            f"question {self.question_id}{where} skipped, too long: its prompts need "
+            f"{self.needed_tokens} tokens with room to answer ({self.prompt_tokens} of prompt "
+            f"+ 3 x max-tokens) but a node's context holds {self.limit_tokens}; raise --ctx "
+            "or lower --max-tokens"
+        )
+
+
+def find_too_long(
+    questions: Iterable[Question],
+    prompts: PromptSet,
+    count_tokens: Callable[[list[dict[str, str]]], int],
+    *,
+    max_tokens: int,
+    limit: int,
+) -> list[Skipped]:
+    """The questions whose longest path cannot fit `limit` tokens, in the given order."""
+    out = []
+    for q in questions:
+        messages = prompts.messages("refiner", TreeContext(q, generation="", critique=""))
+        prompt = count_tokens(messages)
+        needed = prompt + ANSWERS_PER_PATH * max_tokens
+        if needed > limit:
+            out.append(Skipped(q.id, q.source, q.line, prompt, needed, limit))
+    return out
+
+
+def record_skipped(store: Store, run_id: str, checked: Iterable[str], skipped: list[Skipped]):
+    """Replace the run's skip rows for the questions just checked (one transaction)."""
+    with store.db.atomic():
+        for qid in checked:
+            store.db.execute(
+                "DELETE FROM skipped_questions WHERE run_id = ? AND question_id = ?", [run_id, qid]
+            )
+        for s in skipped:
+            store.db.execute(
+                "INSERT INTO skipped_questions (run_id, question_id, reason, prompt_tokens, "
+                "needed_tokens, limit_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    s.question_id,
+                    s.reason,
+                    s.prompt_tokens,
+                    s.needed_tokens,
+                    s.limit_tokens,
+                    utcnow(),
+                ],
+            )
+
+
+def started_questions(store: Store, run_id: str) -> set[str]:
+    """Questions with at least one stored node in the run."""
+    rows = store.db.execute("SELECT DISTINCT question_id FROM nodes WHERE run_id = ?", [run_id])
+    return {r[0] for r in rows}
+
+
+def skipped_in_run(store: Store, run_id: str) -> list[dict]:
+    """The run's skipped questions in run order, for `malt status`."""
+    return list(
+        store.db.query(
+            """SELECT s.question_id, s.reason, s.prompt_tokens, s.needed_tokens, s.limit_tokens,
+                      q.source
+               FROM skipped_questions s
+               JOIN questions q ON q.id = s.question_id
+               LEFT JOIN run_questions rq
+                 ON rq.run_id = s.run_id AND rq.question_id = s.question_id
+               WHERE s.run_id = ? ORDER BY rq.position, s.question_id""",
+            [run_id],
+        )
+    )
+
+
+def as_dict(s: Skipped) -> dict:
+    return asdict(s)
