@@ -352,7 +352,7 @@ def memorised(home, exported, tmp_path_factory) -> dict:
 
 
 def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, small_model):
-    from malt_local.adapters import AdapterSpec, check_adapters
+    from malt_local.engines.llama.adapters import AdapterSpec, check_adapters
     from malt_local.hashing import sha256_file
 
     out, m = loop["out"], loop["manifest"]

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from malt_local.adapters import GGUFHeader, read_gguf_header
+from malt_local.engines.llama.adapters import GGUFHeader, read_gguf_header
 from malt_local.errors import MaltError
 from malt_local.paths import malt_home
 from malt_local.training.data import ExportData
