@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 import jinja2
 
 from malt_local import credit
+from malt_local.claims import ClaimCursor, Claims
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
 from malt_local.prompts import PromptSet
@@ -323,12 +324,12 @@ def check_judge_model(store: Store, run_id: str, name: str, sha256: str | None) 
             )
 
 
-def _pending(store: Store, run_id: str, after: str, limit: int) -> list[dict]:
-    """The next refiner leaves of a run without a verdict, after node id `after`.
+def _pending(store: Store, after: str, before: str, limit: int) -> list[dict]:
+    """The next refiner leaves without a verdict whose ids lie between `after` and `before`.
 
-    A node's id is `run/question/path`, so walking the primary key from `run/` visits the run's
-    trees question by question in path order, with no sort however large the run (keyset
-    pagination: each query starts where the previous one stopped).
+    A node's id is `run/question/path`, so walking the primary key over a question's id range
+    visits its leaves in path order with no sort (keyset pagination: each query starts where
+    the previous one stopped).
     """
     return list(
         store.db.query(
@@ -340,11 +341,30 @@ def _pending(store: Store, run_id: str, after: str, limit: int) -> list[dict]:
                WHERE n.id > ? AND n.id < ? AND n.depth = 3 AND j.node_id IS NULL
                ORDER BY n.id
                LIMIT ?""",
-            # The id range is the run's nodes ("0" sorts right after "/"); no run_id
-            # condition, which would lead SQLite to another index and a sort per query.
-            [after, run_id + "0", limit],
+            # No run_id condition, which would lead SQLite to another index and a sort.
+            [after, before, limit],
         )
     )
+
+
+def _unjudged_questions(store: Store, run: dict) -> list[str]:
+    """The run's finished trees with a refiner leaf that has no verdict, in id order.
+
+    Only finished trees: another process may still be building a tree of its own questions
+    file, and will judge it when it is done.
+    """
+    return [
+        qid
+        for (qid,) in store.db.execute(
+            """SELECT n.question_id FROM nodes n
+               LEFT JOIN judgements j ON j.node_id = n.id
+               WHERE n.run_id = ? AND n.depth = 3
+               GROUP BY n.question_id
+               HAVING COUNT(*) = ? AND SUM(j.node_id IS NULL) > 0
+               ORDER BY n.question_id""",
+            [run["id"], run["n"] ** 3],
+        )
+    ]
 
 
 def _options(raw: str | None) -> list[tuple[str, str]]:
@@ -378,22 +398,27 @@ def judge_run(
     progress = Progress(total=total, done=summary.already)
     if on_progress:
         on_progress(progress)
-    last_question: str | None = None
-    after = run_id + "/"
-    while batch := _pending(store, run_id, after, _BATCH):
-        after = batch[-1]["id"]
-        for leaf in batch:
-            if sets_rewards and last_question not in (None, leaf["question_id"]):
-                summary.credited += _credit(store, run, last_question)
-            last_question = leaf["question_id"]
-            _judge_one(store, run, backend, prompt, leaf, sets_rewards, summary)
-            progress.done += 1
-            progress.generated_nodes += 1
-            if on_progress:
-                on_progress(progress)
+    # Several processes on one run judge question by question, each under its claim.
+    claims = Claims(store, "judge", run_id)
+    cursor = ClaimCursor(claims, _unjudged_questions(store, run))
+    with claims:
+        while True:
+            qid = cursor.next()
+            if qid is None:
+                if not cursor.waiting:
+                    break
+                cursor.pause()
+                continue
+            done = _judge_question(
+                store, run, backend, prompt, qid, claims, summary, progress, on_progress
+            )
+            if not done:
+                cursor.watch(qid)  # another process took it over
+                continue
+            if sets_rewards:
+                summary.credited += _credit(store, run, qid)
+            claims.finish(qid)
     if sets_rewards:
-        if last_question is not None:
-            summary.credited += _credit(store, run, last_question)
         # Trees whose last verdict was written by a pass that stopped before their credit.
         for (qid,) in db.execute(
             """SELECT question_id FROM nodes WHERE run_id = ? GROUP BY question_id
@@ -403,6 +428,33 @@ def judge_run(
         ).fetchall():
             summary.credited += _credit(store, run, qid)
     return summary
+
+
+def _judge_question(
+    store: Store,
+    run: dict,
+    backend: JudgeBackend,
+    prompt: JudgePrompt,
+    question_id: str,
+    claims: Claims,
+    summary: JudgeSummary,
+    progress: Progress,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> bool:
+    """Judge one claimed question's unjudged leaves; False when the claim was lost."""
+    sets_rewards = run.get("task") == JUDGE_TASK
+    prefix = f"{run['id']}/{question_id}/"
+    after, before = prefix, prefix[:-1] + "0"  # "0" sorts right after "/"
+    while batch := _pending(store, after, before, _BATCH):
+        after = batch[-1]["id"]
+        for leaf in batch:
+            if not _judge_one(store, run, backend, prompt, leaf, sets_rewards, summary, claims):
+                return False
+            progress.done += 1
+            progress.generated_nodes += 1
+            if on_progress:
+                on_progress(progress)
+    return True
 
 
 def _credit(store: Store, run: dict, question_id: str) -> int:
@@ -417,7 +469,9 @@ def _judge_one(
     leaf: dict,
     sets_rewards: bool,
     summary: JudgeSummary,
-) -> None:
+    claims: Claims,
+) -> bool:
+    """Judge one leaf and store the verdict, if this process still holds its question."""
     messages = prompt.messages(
         question=leaf["question"],
         ground_truth=leaf["ground_truth"],
@@ -431,10 +485,9 @@ def _judge_one(
     )
     out = backend.complete(messages, seed)
     verdict = parse_judgement(out.text)
-    summary.judged += 1
-    summary.invalid += not verdict.valid
-    summary.passed += verdict.passed
-    with store.db.atomic():
+    with store.immediate():
+        if not claims.keep(leaf["question_id"]):
+            return False
         store.db.execute(
             """INSERT INTO judgements (node_id, run_id, correctness_score, reasoning_score,
                    explanation, key_matches, valid, output, model, model_sha256,
@@ -469,6 +522,10 @@ def _judge_one(
                     leaf["id"],
                 ],
             )
+    summary.judged += 1
+    summary.invalid += not verdict.valid
+    summary.passed += verdict.passed
+    return True
 
 
 # --------------------------------------------------------------------------- malt run --judge

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from malt_local.batched_engine import make_engine
+from malt_local.diskspace import disk_guard
 from malt_local.errors import MaltError
 from malt_local.hashing import cached_sha256
 from malt_local.judge import check_judge_model, plan_judge, run_judge
@@ -23,9 +24,9 @@ from malt_local.runs import (
     RunSpec,
     check_same,
     choose_run,
-    new_run_id,
     prompts_digest,
     settings_from_run,
+    start_run,
     with_defaults,
 )
 from malt_local.store import Store
@@ -127,36 +128,35 @@ def run_tree(
         gpu_layers=gpu_layers,
         parallel=parallel,
     )
-    store = Store(db_path)
-    try:
-        if run is None:
-            rid = new_run_id()
-            store.insert_run(spec.row(rid))
-            run = store.run(rid)
-        assert run is not None
+    with disk_guard(db_path):
+        store = Store(db_path)
+        try:
+            if run is None:
+                run = start_run(store, spec, join=not new_run)
+            if judge_plan is not None:
+                check_judge_model(store, run["id"], judge_plan.name, judge_plan.sha256)
+            store.add_questions(run["id"], questions)
+            total = len(questions) * tree_size(spec.n)
+            with progress_display(show_progress, total) as on_progress:
+                runner = TreeRunner(store, run, questions, engine, prompts, on_progress)
+                started = time.monotonic()
+                final = runner.execute()
+            elapsed = time.monotonic() - started
+        finally:
+            engine.close()
+            store.close()
+        judged = None
         if judge_plan is not None:
-            check_judge_model(store, run["id"], judge_plan.name, judge_plan.sha256)
-        store.add_questions(run["id"], questions)
-        with progress_display(show_progress, len(questions) * tree_size(spec.n)) as on_progress:
-            runner = TreeRunner(store, run, questions, engine, prompts, on_progress)
-            started = time.monotonic()
-            final = runner.execute()
-        elapsed = time.monotonic() - started
-    finally:
-        engine.close()
-        store.close()
-    judged = None
-    if judge_plan is not None:
-        with progress_display(show_progress, 0) as on_progress:
-            judged = run_judge(
-                judge_plan,
-                db_path,
-                run,
-                n_ctx=context_size(spec.max_tokens, None),
-                threads=threads,
-                gpu_layers=gpu_layers,
-                on_progress=on_progress,
-            )
+            with progress_display(show_progress, 0) as on_progress:
+                judged = run_judge(
+                    judge_plan,
+                    db_path,
+                    run,
+                    n_ctx=context_size(spec.max_tokens, None),
+                    threads=threads,
+                    gpu_layers=gpu_layers,
+                    on_progress=on_progress,
+                )
     return {
         "run_id": run["id"],
         "db": str(db_path),
