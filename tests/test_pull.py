@@ -31,6 +31,7 @@ from malt_local.registry import (
     records_path,
     resolve_model,
 )
+from tests.conftest import default_signals
 from tests.hubserver import COMMIT, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,7 +277,9 @@ def test_cut_connection_resumes_in_a_new_process(hub: FakeHub, env: dict[str, st
     assert not partial.exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill"]
+)
 def test_killed_pull_resumes_in_a_new_process(
     hub: FakeHub, env: dict[str, str], sig: signal.Signals
 ) -> None:
@@ -289,6 +292,7 @@ def test_killed_pull_resumes_in_a_new_process(
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(ROOT),
+        preexec_fn=default_signals,
     )
     try:
         assert hub.stalled.wait(20)
@@ -302,9 +306,9 @@ def test_killed_pull_resumes_in_a_new_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
-        assert "run `malt pull tiny` again to resume" in stderr
+    if sig != signal.SIGKILL:
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+        assert "run `malt pull tiny` again to resume" in stderr and "Traceback" not in stderr
     else:
         assert proc.returncode == -signal.SIGKILL
     assert partial.stat().st_size == CUT
