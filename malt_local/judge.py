@@ -9,7 +9,8 @@ verdict always fits in `JUDGE_MAX_TOKENS`).
 
 When it runs: after the tree, as a pass over the run's refiner leaves that have no judgement
 yet (`malt run --judge`). Each verdict is committed on its own with the leaf it grades, so a
-killed pass resumes where it stopped and never judges a leaf twice.
+killed pass resumes where it stopped and never judges a leaf twice. Several processes on one
+run judge it together, question by question, each question under its claim (malt_local.claims).
 
 What it decides:
 

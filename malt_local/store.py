@@ -4,6 +4,9 @@ One file per project (`./malt.db` unless `--db`), WAL so `malt status` and Datas
 while a run writes, foreign keys on. A node is inserted in its own transaction the moment it is
 generated, with an id that follows from its place in the tree, so a killed run loses at most the
 nodes in flight and a resumed run cannot store one twice (the primary key refuses it).
+
+Several processes may share the file (one per GPU): each connection waits up to BUSY_TIMEOUT
+for another's write transaction, and who builds what is settled by claims (malt_local.claims).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from malt_local.prompts import PromptSet
 from malt_local.questions import load_questions
 from malt_local.store import Store
 from malt_local.tree import TreeRunner
-from tests.conftest import EXAMPLES, run_argv
+from tests.conftest import EXAMPLES, default_signals, run_argv
 from tests.fakes import FakeEngine
 from tests.test_tree import make_run, script
 
@@ -246,3 +246,91 @@ def test_a_killed_process_s_questions_are_finished_by_the_others(tmp_path, small
         assert any(f":{survivor.pid}:" in b for b in builders), builders
     # The victim's claims were taken over, not left behind.
     assert all(c["done"] == 1 for c in rows(db, "SELECT done FROM claims"))
+
+
+def test_two_judge_passes_share_a_run(tmp_path, small_model):
+    db = tmp_path / "judge.db"
+    argv = [*run_argv(db, small_model, "--judge", "--json", n=1, max_tokens=16, limit=QUESTIONS)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "malt_local", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    judged = [json.loads(out)["judge"] for out, _ in outs]
+    leaves = rows(db, "SELECT id FROM nodes WHERE depth = 3")
+    verdicts = rows(db, "SELECT node_id FROM judgements")
+    assert len(leaves) == QUESTIONS
+    assert sorted(v["node_id"] for v in verdicts) == sorted(n["id"] for n in leaves)
+    assert sum(j["judged"] for j in judged) == QUESTIONS
+    claims = rows(db, "SELECT * FROM claims WHERE scope = 'judge'")
+    assert len(claims) == QUESTIONS and all(c["done"] for c in claims)
+
+
+def _eval_argv(db, model):
+    return [
+        "eval", str(EXAMPLES / "questions.jsonl"), "--mode", "all", "--votes", "2",
+        "--samples", str(QUESTIONS), "--seeds", "1", "--max-tokens", "16", "--parallel", "2",
+        "--model", str(model), "--db", str(db), "--json",
+    ]  # fmt: skip
+
+
+def test_two_evaluations_share_one_eval_run(tmp_path, small_model):
+    db = tmp_path / "eval.db"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "malt_local", *_eval_argv(db, small_model)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    results = [json.loads(out) for out, _ in outs]
+    total = QUESTIONS * 2 * 3  # questions x votes x roles
+    assert all(r["generations_total"] == total for r in results)
+    assert sum(r["generations_new"] for r in results) == total
+    assert results[0]["benchmarks"] == results[1]["benchmarks"]
+    assert rows(db, "SELECT COUNT(*) c FROM eval_generations")[0]["c"] == total
+    assert not rows(db, "SELECT * FROM claims WHERE scope = 'eval'")  # let go when done
+
+
+def test_sigterm_stops_eval_and_the_same_command_continues(tmp_path, small_model):
+    db = tmp_path / "eval.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "malt_local", *_eval_argv(db, small_model)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_signals,
+    )
+    deadline = time.monotonic() + 300
+    while _count(db, "SELECT COUNT(*) c FROM eval_generations") < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "Terminated." and "Traceback" not in err
+    sql = "SELECT id, output, created_at FROM eval_generations"
+    kept = rows(db, sql)
+    assert 2 <= len(kept) < QUESTIONS * 2 * 3
+    r = subprocess.run(
+        [sys.executable, "-m", "malt_local", *_eval_argv(db, small_model)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["generations_new"] == QUESTIONS * 2 * 3 - len(kept)
+    after = {g["id"]: g for g in rows(db, sql)}
+    assert all(after[g["id"]] == g for g in kept)
