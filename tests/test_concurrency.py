@@ -28,7 +28,10 @@ from tests.fakes import FakeEngine
 from tests.test_tree import make_run, script
 
 N = 2
-QUESTIONS = 6  # examples/questions.jsonl
+QUESTIONS = 4  # the first of examples/questions.jsonl
+# One thread each: several processes share the test machine's cores.
+SMALL = ("--threads", "1")
+MAX_TOKENS = 8
 TREE = N + N**2 + N**3
 
 
@@ -146,14 +149,35 @@ def test_runner_builds_only_free_questions_and_continues_a_dead_holders_tree(tmp
 # --------------------------------------------------------------------------- real processes
 
 
-def _start(db, model, *extra, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "malt_local", *run_argv(db, model, *extra, limit=QUESTIONS)],
+def _start(argv, env=None, **kwargs):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "malt_local", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        **kwargs,
     )
+    STARTED.append(proc)
+    return proc
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    """A failed test leaves no `malt` process behind to slow down the next ones."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _run(db, model, *extra):
+    return run_argv(db, model, *SMALL, *extra, n=N, max_tokens=MAX_TOKENS, limit=QUESTIONS)
 
 
 def _check_complete(db):
@@ -172,12 +196,12 @@ def _check_complete(db):
 def test_two_processes_and_a_third_share_one_run(tmp_path, small_model):
     db = tmp_path / "shared.db"
     # --parallel 2: each process holds one question's work at a time, so both get some.
-    procs = [_start(db, small_model, "--parallel", "2", "--json") for _ in range(2)]
+    procs = [_start(_run(db, small_model, "--parallel", "2", "--json")) for _ in range(2)]
     deadline = time.monotonic() + 300
     while not (db.exists() and _count(db) >= TREE):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.1)
-    procs.append(_start(db, small_model, "--parallel", "2", "--json"))
+    procs.append(_start(_run(db, small_model, "--parallel", "2", "--json")))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
@@ -212,8 +236,8 @@ def _count(db, sql="SELECT COUNT(*) c FROM nodes", args=()):
 def test_a_killed_process_s_questions_are_finished_by_the_others(tmp_path, small_model):
     db = tmp_path / "kill.db"
     env = {"MALT_CLAIM_LEASE": "3"}
-    victim = _start(db, small_model, "--parallel", "2", env=env)
-    survivor = _start(db, small_model, "--parallel", "2", "--json", env=env)
+    victim = _start(_run(db, small_model, "--parallel", "2"), env=env)
+    survivor = _start(_run(db, small_model, "--parallel", "2", "--json"), env=env)
     mine = f"%:{victim.pid}:%"
     deadline = time.monotonic() + 300
     partial: list[str] = []
@@ -250,16 +274,10 @@ def test_a_killed_process_s_questions_are_finished_by_the_others(tmp_path, small
 
 def test_two_judge_passes_share_a_run(tmp_path, small_model):
     db = tmp_path / "judge.db"
-    argv = [*run_argv(db, small_model, "--judge", "--json", n=1, max_tokens=16, limit=QUESTIONS)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "malt_local", *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    argv = run_argv(
+        db, small_model, *SMALL, "--judge", "--json", n=1, max_tokens=MAX_TOKENS, limit=QUESTIONS
+    )
+    procs = [_start(argv) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
@@ -276,22 +294,14 @@ def test_two_judge_passes_share_a_run(tmp_path, small_model):
 def _eval_argv(db, model):
     return [
         "eval", str(EXAMPLES / "questions.jsonl"), "--mode", "all", "--votes", "2",
-        "--samples", str(QUESTIONS), "--seeds", "1", "--max-tokens", "16", "--parallel", "2",
-        "--model", str(model), "--db", str(db), "--json",
+        "--samples", str(QUESTIONS), "--seeds", "1", *SMALL, "--max-tokens", str(MAX_TOKENS),
+        "--parallel", "2", "--model", str(model), "--db", str(db), "--json",
     ]  # fmt: skip
 
 
 def test_two_evaluations_share_one_eval_run(tmp_path, small_model):
     db = tmp_path / "eval.db"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "malt_local", *_eval_argv(db, small_model)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    procs = [_start(_eval_argv(db, small_model)) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
@@ -306,13 +316,7 @@ def test_two_evaluations_share_one_eval_run(tmp_path, small_model):
 
 def test_sigterm_stops_eval_and_the_same_command_continues(tmp_path, small_model):
     db = tmp_path / "eval.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "malt_local", *_eval_argv(db, small_model)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=default_signals,
-    )
+    proc = _start(_eval_argv(db, small_model), preexec_fn=default_signals)
     deadline = time.monotonic() + 300
     while _count(db, "SELECT COUNT(*) c FROM eval_generations") < 2:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()

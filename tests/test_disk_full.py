@@ -5,11 +5,12 @@ test_pull.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 
 from malt_local.errors import EXIT_DISK_FULL
-from tests.conftest import malt, run_argv
+from tests.conftest import EXAMPLES, malt, run_argv
 from tests.smallfs import leave_free, small_filesystem
 
 N = 2
@@ -74,3 +75,29 @@ def test_export_on_a_full_disk_leaves_no_files_and_completes_after_space_is_free
         r = malt("export", "--db", str(real_run_db), "--out", str(out), "--role", "all")
         assert r.returncode == 0, r.stderr
         assert (out / "manifest.json").is_file()
+
+
+def test_eval_on_a_filling_disk_stops_in_one_line_and_completes_after_space_is_freed(
+    tmp_path, small_model
+):
+    with small_filesystem(tmp_path / "fs") as fs:
+        db = fs / "eval.db"
+        argv = [
+            "eval", str(EXAMPLES / "questions.jsonl"), "--mode", "all", "--votes", "3",
+            "--samples", "6", "--seeds", "1", "--max-tokens", "16", "--model", str(small_model),
+            "--db", str(db), "--json",
+        ]  # fmt: skip
+        total = 6 * 3 * 3
+        filler = leave_free(fs, 512 * 1024)
+        r = malt(*argv)
+        assert r.returncode == EXIT_DISK_FULL, r.stderr
+        disk_full_line(r.stderr, db)
+        sql = "SELECT id, output, created_at FROM eval_generations"
+        before = {g[0]: g for g in sqlite3.connect(db).execute(sql)}
+        assert 0 < len(before) < total
+        filler.unlink()
+        r = malt(*argv)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["generations_new"] == total - len(before)
+        after = {g[0]: g for g in sqlite3.connect(db).execute(sql)}
+        assert len(after) == total and all(after[k] == v for k, v in before.items())
