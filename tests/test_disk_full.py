@@ -10,8 +10,14 @@ import re
 import sqlite3
 
 from malt_local.errors import EXIT_DISK_FULL
+from malt_local.prompts import PromptSet
+from malt_local.questions import load_questions
+from malt_local.store import Store
+from malt_local.tree import TreeRunner
 from tests.conftest import EXAMPLES, malt, run_argv
+from tests.fakes import FakeEngine
 from tests.smallfs import leave_free, small_filesystem
+from tests.test_tree import make_run, script
 
 N = 2
 QUESTIONS = 3
@@ -61,9 +67,19 @@ def test_run_on_a_filling_disk_stops_in_one_line_and_completes_after_space_is_fr
         assert all(after[nid] == row for nid, row in before.items())
 
 
-def test_export_on_a_full_disk_leaves_no_files_and_completes_after_space_is_freed(
-    tmp_path, real_run_db
-):
+def scripted_db(path):
+    """Complete trees from the scripted engine: the export test is about writing files."""
+    store = Store(path)
+    questions = load_questions(EXAMPLES / "gsm8k.jsonl")
+    run = make_run(store)
+    store.add_questions(run["id"], questions)
+    TreeRunner(store, run, questions, FakeEngine(script), PromptSet()).execute()
+    store.close()
+    return path
+
+
+def test_export_on_a_full_disk_leaves_no_files_and_completes_after_space_is_freed(tmp_path):
+    real_run_db = scripted_db(tmp_path / "trees.db")
     with small_filesystem(tmp_path / "fs") as fs:
         out = fs / "export"
         filler = leave_free(fs, 24 * 1024)
