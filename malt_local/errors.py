@@ -19,3 +19,18 @@ class MaltError(Exception):
 
     def format_message(self) -> str:
         return self.message
+
+
+# Exit codes other than 0 (done) and 2 (a user error, above); README "Exit codes" lists them.
+EXIT_DISK_FULL = 75  # sysexits EX_TEMPFAIL: free space and run the same command again
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), as Slurm, systemd and docker stop a job
+
+
+class DiskFullError(MaltError):
+    """The disk filled while malt wrote a file: everything committed before is intact.
+
+    Its own exit code, so a job script can tell "free space and rerun" from a bad flag.
+    """
+
+    exit_code = EXIT_DISK_FULL

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from malt_local import __version__, credit
+from malt_local.diskspace import disk_guard
 from malt_local.errors import MaltError
 from malt_local.store import Store
 
@@ -653,8 +654,9 @@ def export(db_path: Path, out: Path, options: ExportOptions) -> dict:
                 )
             tmp = _temp_folder(out)
             try:
-                manifest = _write_all(store, runs, options, splitter, tmp)
-                _publish(tmp, out, manifest)
+                with disk_guard(out):
+                    manifest = _write_all(store, runs, options, splitter, tmp)
+                    _publish(tmp, out, manifest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from malt_local import __version__
+from malt_local.diskspace import disk_guard
 from malt_local.errors import MaltError
 from malt_local.registry import (
     VERIFIED_ETAG,
@@ -436,7 +437,14 @@ class _Partial:
         self.have = 0
 
     def append(self, chunk: bytes) -> None:
-        self.fh.write(chunk)
+        # An unbuffered write may take part of a chunk (a disk filling up): write the rest, so
+        # the error comes from the write that finds no room, with the file a prefix of the blob.
+        view = memoryview(chunk)
+        while view:
+            written = self.fh.write(view)
+            if not written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            view = view[written:]
         self.hasher.update(chunk)
         self.have += len(chunk)
         self.received += len(chunk)
@@ -698,7 +706,8 @@ def _download(
         progress.note(
             f"pulling {spec.display}: {spec.repo}/{spec.file} ({human_size(remote.size)})"
         )
-        digest, transferred, resumed_from = _fetch(cfg, t, remote, part, progress)
+        with disk_guard(part):
+            digest, transferred, resumed_from = _fetch(cfg, t, remote, part, progress)
         if expected is not None and digest != expected:
             part.unlink(missing_ok=True)
             raise MaltError(

@@ -9,7 +9,8 @@ verdict always fits in `JUDGE_MAX_TOKENS`).
 
 When it runs: after the tree, as a pass over the run's refiner leaves that have no judgement
 yet (`malt run --judge`). Each verdict is committed on its own with the leaf it grades, so a
-killed pass resumes where it stopped and never judges a leaf twice.
+killed pass resumes where it stopped and never judges a leaf twice. Several processes on one
+run judge it together, question by question, each question under its claim (malt_local.claims).
 
 What it decides:
 
@@ -36,6 +37,7 @@ from pathlib import Path
 import jinja2
 
 from malt_local import credit
+from malt_local.claims import ClaimCursor, Claims
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
@@ -263,12 +265,12 @@ def check_judge_model(store: Store, run_id: str, name: str, sha256: str | None) 
             )
 
 
-def _pending(store: Store, run_id: str, after: str, limit: int) -> list[dict]:
-    """The next refiner leaves of a run without a verdict, after node id `after`.
+def _pending(store: Store, after: str, before: str, limit: int) -> list[dict]:
+    """The next refiner leaves without a verdict whose ids lie between `after` and `before`.
 
-    A node's id is `run/question/path`, so walking the primary key from `run/` visits the run's
-    trees question by question in path order, with no sort however large the run (keyset
-    pagination: each query starts where the previous one stopped).
+    A node's id is `run/question/path`, so walking the primary key over a question's id range
+    visits its leaves in path order with no sort (keyset pagination: each query starts where
+    the previous one stopped).
     """
     return list(
         store.db.query(
@@ -280,11 +282,30 @@ def _pending(store: Store, run_id: str, after: str, limit: int) -> list[dict]:
                WHERE n.id > ? AND n.id < ? AND n.depth = 3 AND j.node_id IS NULL
                ORDER BY n.id
                LIMIT ?""",
-            # The id range is the run's nodes ("0" sorts right after "/"); no run_id
-            # condition, which would lead SQLite to another index and a sort per query.
-            [after, run_id + "0", limit],
+            # No run_id condition, which would lead SQLite to another index and a sort.
+            [after, before, limit],
         )
     )
+
+
+def _unjudged_questions(store: Store, run: dict) -> list[str]:
+    """The run's finished trees with a refiner leaf that has no verdict, in id order.
+
+    Only finished trees: another process may still be building a tree of its own questions
+    file, and will judge it when it is done.
+    """
+    return [
+        qid
+        for (qid,) in store.db.execute(
+            """SELECT n.question_id FROM nodes n
+               LEFT JOIN judgements j ON j.node_id = n.id
+               WHERE n.run_id = ? AND n.depth = 3
+               GROUP BY n.question_id
+               HAVING COUNT(*) = ? AND SUM(j.node_id IS NULL) > 0
+               ORDER BY n.question_id""",
+            [run["id"], run["n"] ** 3],
+        )
+    ]
 
 
 def _options(raw: str | None) -> list[tuple[str, str]]:
@@ -321,22 +342,26 @@ def judge_run(
     progress = Progress(total=total, done=summary.already)
     if on_progress:
         on_progress(progress)
-    after = run_id + "/"
-    while batch := _pending(store, run_id, after, _BATCH):
-        after = batch[-1]["id"]
-        leaves = {leaf["id"]: leaf for leaf in batch}
-        queue = RequestQueue()
-        for leaf in batch:
-            queue.push(_request(run, prompt, leaf), priority=(leaf["id"],))
-        for out in engine.generate(queue):
-            _store_verdict(store, run, model, leaves[out.key], out, sets_rewards, summary)
-            progress.done += 1
-            progress.generated_nodes += 1
-            if on_progress:
-                on_progress(progress)
-        if sets_rewards:
-            for qid in dict.fromkeys(leaf["question_id"] for leaf in batch):
+    # Several processes on one run judge question by question, each under its claim.
+    claims = Claims(store, "judge", run_id)
+    cursor = ClaimCursor(claims, _unjudged_questions(store, run))
+    with claims:
+        while True:
+            qid = cursor.next()
+            if qid is None:
+                if not cursor.waiting:
+                    break
+                cursor.pause()
+                continue
+            done = _judge_question(
+                store, run, engine, prompt, model, qid, claims, summary, progress, on_progress
+            )
+            if not done:
+                cursor.watch(qid)  # another process took it over
+                continue
+            if sets_rewards:
                 summary.credited += _credit(store, run, qid)
+            claims.finish(qid)
     if sets_rewards:
         # Trees whose last verdict was written by a pass that stopped before their credit.
         for (qid,) in db.execute(
@@ -351,6 +376,41 @@ def judge_run(
 
 def _credit(store: Store, run: dict, question_id: str) -> int:
     return int(assign_question_credit(store, run["id"], question_id, run["n"], run["theta"]))
+
+
+def _judge_question(
+    store: Store,
+    run: dict,
+    engine: Engine,
+    prompt: JudgePrompt,
+    model: JudgeModel,
+    question_id: str,
+    claims: Claims,
+    summary: JudgeSummary,
+    progress: Progress,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> bool:
+    """Judge one claimed question's unjudged leaves, a batch of requests at a time (an engine
+    with requests in flight, a server, judges a batch concurrently); False when the claim was
+    lost."""
+    sets_rewards = run.get("task") == JUDGE_TASK
+    prefix = f"{run['id']}/{question_id}/"
+    after, before = prefix, prefix[:-1] + "0"  # "0" sorts right after "/"
+    while batch := _pending(store, after, before, _BATCH):
+        after = batch[-1]["id"]
+        leaves = {leaf["id"]: leaf for leaf in batch}
+        queue = RequestQueue()
+        for leaf in batch:
+            queue.push(_request(run, prompt, leaf), priority=(leaf["id"],))
+        for out in engine.generate(queue):
+            leaf = leaves[out.key]
+            if not _store_verdict(store, run, model, leaf, out, sets_rewards, summary, claims):
+                return False
+            progress.done += 1
+            progress.generated_nodes += 1
+            if on_progress:
+                on_progress(progress)
+    return True
 
 
 def _request(run: dict, prompt: JudgePrompt, leaf: dict) -> GenRequest:
@@ -384,12 +444,13 @@ def _store_verdict(
     out: Completion,
     sets_rewards: bool,
     summary: JudgeSummary,
-) -> None:
+    claims: Claims,
+) -> bool:
+    """Store one verdict, if this process still holds its question."""
     verdict = parse_judgement(out.text)
-    summary.judged += 1
-    summary.invalid += not verdict.valid
-    summary.passed += verdict.passed
-    with store.db.atomic():
+    with store.immediate():
+        if not claims.keep(leaf["question_id"]):
+            return False
         store.db.execute(
             """INSERT INTO judgements (node_id, run_id, correctness_score, reasoning_score,
                    explanation, key_matches, valid, output, model, model_sha256,
@@ -424,6 +485,10 @@ def _store_verdict(
                     leaf["id"],
                 ],
             )
+    summary.judged += 1
+    summary.invalid += not verdict.valid
+    summary.passed += verdict.passed
+    return True
 
 
 # --------------------------------------------------------------------------- malt run --judge

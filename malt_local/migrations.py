@@ -13,6 +13,11 @@ from sqlite_utils.migrations import Migrations
 migrations = Migrations("malt")
 
 
+def known_names() -> set[str]:
+    """The migrations this malt knows; a database that applied others is from a newer malt."""
+    return {m.name for m in migrations._migrations}
+
+
 @migrations()
 def m001_initial(db: Database) -> None:
     db.execute(
@@ -201,7 +206,34 @@ def m002_judgements(db: Database) -> None:
 
 
 @migrations()
-def m004_skipped_questions(db: Database) -> None:
+def m004_claims(db: Database) -> None:
+    """Several `malt run`/`malt eval` processes on one database (one per GPU): who builds what.
+
+    A claim row says which process (`holder`: host:pid:token) builds one item of a run: a
+    question's tree (scope 'tree'), its judge verdicts ('judge'), or one evaluation chunk
+    ('eval'). `expires_at` (Unix seconds) is renewed while the holder lives; a lapsed claim may be
+    taken over. `done` marks an item finished, never to be built again. `nodes.builder` records
+    the holder that generated each node, so a takeover is visible after the fact.
+    """
+    db.execute(
+        """
+        CREATE TABLE claims (
+            scope TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            item TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0,
+            claimed_at TEXT NOT NULL,
+            PRIMARY KEY (scope, run_id, item)
+        )"""
+    )
+    db.execute("CREATE INDEX claims_holder ON claims(holder, done)")
+    db.execute("ALTER TABLE nodes ADD COLUMN builder TEXT")
+
+
+@migrations()
+def m005_skipped_questions(db: Database) -> None:
     """Questions a run gives no tree, and why (malt_local/fit.py: `too_long` so far).
 
     A question whose longest prompt cannot fit the context with room to answer is recorded here

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from malt_local import fit
+from malt_local.diskspace import disk_guard
 from malt_local.engines import (
     Engine,
     EngineOptions,
@@ -32,9 +33,9 @@ from malt_local.runs import (
     RunSpec,
     check_same,
     choose_run,
-    new_run_id,
     prompts_digest,
     settings_from_run,
+    start_run,
     with_defaults,
 )
 from malt_local.store import Store
@@ -119,40 +120,39 @@ def run_tree(
     )
 
     engine = make_engine(kind.name, engine_options)
-    store = Store(db_path)
-    try:
-        if run is None:
-            rid = new_run_id()
-            store.insert_run(spec.row(rid))
-            run = store.run(rid)
-        assert run is not None
+    with disk_guard(db_path):
+        store = Store(db_path)
+        try:
+            if run is None:
+                run = start_run(store, spec, join=not new_run)
+            if judge_plan is not None:
+                check_judge_model(store, run["id"], judge_plan.name, judge_plan.model.sha256)
+            store.add_questions(run["id"], questions)
+            skipped = check_fit(store, run["id"], questions, prompts, engine, spec.max_tokens)
+            too_long = {s.question_id for s in skipped}
+            fitting = [q for q in questions if q.id not in too_long]
+            total = len(fitting) * tree_size(spec.n)
+            with progress_display(show_progress, total) as on_progress:
+                runner = TreeRunner(
+                    store, Run(run["id"], spec), fitting, engine, prompts, on_progress
+                )
+                started = time.monotonic()
+                final = runner.execute()
+            elapsed = time.monotonic() - started
+        finally:
+            engine.close()
+            store.close()
+        judged = None
         if judge_plan is not None:
-            check_judge_model(store, run["id"], judge_plan.name, judge_plan.model.sha256)
-        store.add_questions(run["id"], questions)
-        skipped = check_fit(store, run["id"], questions, prompts, engine, spec.max_tokens)
-        too_long = {s.question_id for s in skipped}
-        fitting = [q for q in questions if q.id not in too_long]
-        with progress_display(show_progress, len(fitting) * tree_size(spec.n)) as on_progress:
-            runner = TreeRunner(
-                store, Run(run["id"], spec), fitting, engine, prompts, on_progress
-            )
-            started = time.monotonic()
-            final = runner.execute()
-        elapsed = time.monotonic() - started
-    finally:
-        engine.close()
-        store.close()
-    judged = None
-    if judge_plan is not None:
-        judge_options = _judge_options(base, kind.local, judge_plan)
-        with progress_display(show_progress, 0) as on_progress:
-            judged = run_judge(
-                judge_plan,
-                db_path,
-                run,
-                lambda: make_engine(kind.name, judge_options),
-                on_progress=on_progress,
-            )
+            judge_options = _judge_options(base, kind.local, judge_plan)
+            with progress_display(show_progress, 0) as on_progress:
+                judged = run_judge(
+                    judge_plan,
+                    db_path,
+                    run,
+                    lambda: make_engine(kind.name, judge_options),
+                    on_progress=on_progress,
+                )
     return {
         "run_id": run["id"],
         "db": str(db_path),

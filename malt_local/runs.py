@@ -210,3 +210,21 @@ def check_same(run: dict, spec: RunSpec, db_path: str) -> None:
             f"run {run['id']} in {db_path} was made with {', '.join(diffs)}; "
             "pass --new-run to start a new run, or leave the flag out to continue it"
         )
+
+
+def start_run(store: Store, spec: RunSpec, *, join: bool) -> dict:
+    """Insert a new run, or, with `join`, continue the latest run if it has these settings.
+
+    Processes started together on a new database (one per GPU) all find no run when they start;
+    the first to get the write lock creates it and the others join it instead of each making
+    its own.
+    """
+    with store.immediate():
+        latest = store.latest_run() if join else None
+        if latest is not None and not differences(stored_spec(latest), spec):
+            return latest
+        run_id = new_run_id()
+        store.insert_run(spec.row(run_id))
+    run = store.run(run_id)
+    assert run is not None
+    return run

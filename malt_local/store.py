@@ -4,10 +4,14 @@ One file per project (`./malt.db` unless `--db`), WAL so `malt status` and Datas
 while a run writes, foreign keys on. A node is inserted in its own transaction the moment it is
 generated, with an id that follows from its place in the tree, so a killed run loses at most the
 nodes in flight and a resumed run cannot store one twice (the primary key refuses it).
+
+Several processes may share the file (one per GPU): each connection waits up to BUSY_TIMEOUT
+for another's write transaction, and who builds what is settled by claims (malt_local.claims).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import sqlite3
@@ -17,11 +21,13 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
+from malt_local.diskspace import disk_full_error, is_disk_full
 from malt_local.errors import MaltError
-from malt_local.migrations import migrations
+from malt_local.migrations import known_names, migrations
 from malt_local.questions import Question
 
 ROLE_BY_DEPTH = {1: "generator", 2: "verifier", 3: "refiner"}
+BUSY_TIMEOUT = 60.0  # seconds a writer waits for another process's transaction
 
 
 def utcnow() -> str:
@@ -53,6 +59,8 @@ class NodeRecord:
     seed: int
     duration_ms: int | None
     created_at: str
+    # The process that generated it (host:pid:token; see malt_local.claims), None before claims.
+    builder: str | None = None
 
     @property
     def branches(self) -> tuple[int, ...]:
@@ -74,13 +82,17 @@ class Store:
         if self.path.is_dir():
             raise MaltError(f"database path is a folder: {self.path}")
         try:
-            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            # The busy timeout lets several processes share the file (one per GPU): a writer
+            # waits for another's short transaction instead of failing.
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT)
             self.db = Database(conn)
             self.db.execute("PRAGMA foreign_keys = ON")
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self.db.enable_wal()
-            migrations.apply(self.db)
+            self._migrate()
         except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(exc, self.path) from None
             raise MaltError(f"{self.path} is not a malt database: {exc}") from exc
 
     @classmethod
@@ -105,6 +117,44 @@ class Store:
             store.close()
             raise MaltError(f"{p} is not a malt database (no runs/questions/nodes tables)")
         return store
+
+    def _migrate(self) -> None:
+        """Bring an older database up to date; refuse one written by a newer malt.
+
+        Migrations run under the write lock (BEGIN IMMEDIATE) and are looked up again once it is
+        held, so processes started together on a new file create its tables once.
+        """
+        self._refuse_newer()
+        if not migrations.pending(self.db):
+            return
+        with self.immediate():
+            self._refuse_newer()
+            migrations.apply(self.db)
+
+    def _refuse_newer(self) -> None:
+        known = known_names()
+        unknown = [m.name for m in migrations.applied(self.db) if m.name not in known]
+        if unknown:
+            raise MaltError(
+                f"{self.path} was written by a newer malt (schema {unknown[-1]}); "
+                "upgrade malt to open it"
+            )
+
+    @contextlib.contextmanager
+    def immediate(self) -> Iterator[Database]:
+        """A transaction that holds the write lock from its first statement.
+
+        For read-then-write steps (a claim, a checked insert): a deferred transaction could read,
+        lose the race for the lock to another process, and fail instead of waiting.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.conn.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()

@@ -5,6 +5,11 @@ nodes that are missing (a node's children are requested as soon as it is stored)
 completion the moment it arrives, grades the leaves, and assigns credit to a question's whole
 tree once its last leaf is in. Everything it does is idempotent: a killed run re-planned from
 the database continues where it stopped.
+
+Several processes may build one run together (one per GPU): a question's tree is built by the
+process that holds its claim (malt_local.claims). A process claims the next question only when
+its engine has room for more work and nothing else queued, plans the question from what is
+stored once the claim is held, and stores each node only while it still holds the claim.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from malt_local import credit
+from malt_local.claims import CLAIM_RETRY, ClaimCursor, ClaimingQueue, Claims
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.grading import extract_answer, grade
 from malt_local.prompts import ROLES, PromptSet, TreeContext
@@ -124,28 +130,62 @@ class TreeRunner:
         self.on_progress = on_progress
         self._pending: dict[str, _Pending] = {}
         self._leaves: dict[str, int] = {}
-        self.queue = RequestQueue()
+        self.claims = Claims(store, "tree", self.run_id)
+        self.queue: RequestQueue = ClaimingQueue(self._claim_next)
+        self._cursor: ClaimCursor | None = None
+        self._next_try = 0.0
 
     # planning -----------------------------------------------------------------------------
 
     def plan(self) -> Progress:
-        """Queue a request for every missing node whose parent is stored."""
+        """Count what is stored, credit finished trees, and line up the unfinished ones.
+
+        Their requests are queued when their claims are taken (`_claim_next`).
+        """
         done = 0
-        for qi, q in enumerate(self.questions):
-            stored = {r.branches: r for r in self.store.nodes(self.run_id, q.id)}
-            done += len(stored)
-            self._leaves[q.id] = sum(1 for p in stored if len(p) == 3)
-            self._request_children(q, qi, (), None, stored)
-            for path, record in sorted(stored.items()):
-                if len(path) < 3:
-                    self._request_children(q, qi, path, record, stored)
-            if self._leaves[q.id] == self.n**3:
+        unfinished = []
+        for q in self.questions:
+            stored = self.store.nodes(self.run_id, q.id)
+            leaves = 0
+            for r in stored:
+                done += 1
+                leaves += r.depth == 3
+            if leaves == self.n**3:
                 self._assign_credit(q)
+            else:
+                unfinished.append(q.id)
         progress = Progress(total=tree_size(self.n) * len(self.questions), done=done)
-        progress.questions_complete = sum(
-            1 for q in self.questions if self._leaves[q.id] == self.n**3
-        )
+        progress.questions_complete = len(self.questions) - len(unfinished)
+        self._cursor = ClaimCursor(self.claims, unfinished)
         return progress
+
+    def _claim_next(self) -> bool:
+        """Claim the next free unfinished question and queue its missing nodes."""
+        assert self._cursor is not None
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
+        while (qid := self._cursor.next()) is not None:
+            if self._plan_question(self.questions[self._qindex[qid]]):
+                return True
+        self._next_try = now + CLAIM_RETRY
+        return False
+
+    def _plan_question(self, q: Question) -> bool:
+        """Queue a request for every missing node whose parent is stored; False when none is
+        missing (another process finished the tree but not its claim): credit it, mark it done."""
+        qi = self._qindex[q.id]
+        stored = {r.branches: r for r in self.store.nodes(self.run_id, q.id)}
+        self._leaves[q.id] = sum(1 for p in stored if len(p) == 3)
+        if self._leaves[q.id] == self.n**3:
+            self._assign_credit(q)
+            self.claims.finish(q.id)
+            return False
+        self._request_children(q, qi, (), None, stored)
+        for path, record in sorted(stored.items()):
+            if len(path) < 3:
+                self._request_children(q, qi, path, record, stored)
+        return True
 
     def _request_children(
         self,
@@ -192,28 +232,57 @@ class TreeRunner:
     # execution ----------------------------------------------------------------------------
 
     def execute(self) -> Progress:
-        """Generate every missing node; returns the final progress."""
+        """Generate every missing node; returns the final progress.
+
+        Returns when every question is finished, by this process or another: while others hold
+        unfinished questions, it waits, and takes over any whose holder stops renewing.
+        """
         progress = self.plan()
         if self.on_progress:
             self.on_progress(progress)
-        for completion in self.engine.generate(self.queue):
-            record = self._store(completion)
-            progress.done += 1
-            progress.generated_nodes += 1
-            progress.completion_tokens += completion.completion_tokens
-            info_q = self._question_of(record)
-            if record.depth < 3:
-                stored = self._stored_path_map(info_q, record)
-                self._request_children(
-                    info_q, self._qindex[info_q.id], record.branches, record, stored
-                )
-            else:
-                self._leaves[info_q.id] += 1
-                if self._leaves[info_q.id] == self.n**3:
-                    self._assign_credit(info_q)
-                    progress.questions_complete += 1
-            if self.on_progress:
-                self.on_progress(progress)
+        assert self._cursor is not None
+        with self.claims:
+            while True:
+                for completion in self.engine.generate(self.queue):
+                    self._on_completion(completion, progress)
+                self._next_try = 0.0
+                if self._claim_next():
+                    continue
+                if not self._cursor.waiting:
+                    break
+                self._cursor.pause()
+        return self._recount(progress)
+
+    def _on_completion(self, completion: Completion, progress: Progress) -> None:
+        record = self._store(completion)
+        if record is None:
+            return
+        progress.done += 1
+        progress.generated_nodes += 1
+        progress.completion_tokens += completion.completion_tokens
+        info_q = self._question_of(record)
+        if record.depth < 3:
+            stored = self._stored_path_map(info_q, record)
+            self._request_children(info_q, self._qindex[info_q.id], record.branches, record, stored)
+        else:
+            self._leaves[info_q.id] += 1
+            if self._leaves[info_q.id] == self.n**3:
+                self._assign_credit(info_q)
+                self.claims.finish(info_q.id)
+                progress.questions_complete += 1
+        if self.on_progress:
+            self.on_progress(progress)
+
+    def _recount(self, progress: Progress) -> Progress:
+        """Stored nodes and finished trees of these questions, whoever built them."""
+        done = complete = 0
+        for q in self.questions:
+            leaves = 0
+            for r in self.store.nodes(self.run_id, q.id):
+                done += 1
+                leaves += r.depth == 3
+            complete += leaves == self.n**3
+        progress.done, progress.questions_complete = done, complete
         return progress
 
     def _question_of(self, record: NodeRecord) -> Question:
@@ -228,7 +297,9 @@ class TreeRunner:
             out[record.branches[:1]] = generator
         return out
 
-    def _store(self, c: Completion) -> NodeRecord:
+    def _store(self, c: Completion) -> NodeRecord | None:
+        """Store a completion as a node; None (and nothing stored) once the claim on its
+        question was lost to another process."""
         info = self._pending.pop(c.key)
         q = info.question
         depth = len(info.path)
@@ -263,8 +334,14 @@ class TreeRunner:
             seed=info.seed if c.seed is None else c.seed,
             duration_ms=int(c.seconds * 1000),
             created_at=utcnow(),
+            builder=self.claims.holder,
         )
-        self.store.insert_node(record)
+        with self.store.immediate():
+            if not self.claims.keep(q.id):
+                assert self._cursor is not None
+                self._cursor.watch(q.id)
+                return None
+            self.store.insert_node(record)
         return record
 
     def _assign_credit(self, q: Question) -> None:

@@ -8,6 +8,7 @@ they fail, never skip, so CI cannot pass without real inference.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,14 @@ def small_model() -> Path:
             "(or set MALT_TEST_MODEL to SmolLM2-135M-Instruct.Q4_1.gguf)"
         )
     return path
+
+
+def default_signals() -> None:
+    """`preexec_fn` for a child a signal test interrupts: SIGINT and SIGTERM as a shell gives
+    them, whatever this suite inherited (a suite started in the background gets SIGINT
+    ignored, and so would its children, and Ctrl-C tests would wait forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def malt(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):

@@ -8,6 +8,7 @@ import json
 import sqlite3
 import tracemalloc
 from collections import defaultdict
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from malt_local.errors import MaltError
 from malt_local.prompts import PromptSet
 from malt_local.questions import Question
 from malt_local.runs import Run, RunSpec
-from malt_local.store import Store
+from malt_local.store import NodeRecord, Store
 from malt_local.tree import TreeRunner
 from tests.fakes import FakeEngine
 
@@ -655,7 +656,10 @@ def synthetic_db(path: Path, trees: int, n: int = 2) -> None:
         store.db.conn.executemany("INSERT INTO run_questions VALUES (?,?,?)", rows_rq)
         # Parents before children: sorted by depth.
         rows_n.sort(key=lambda r: r[5])
-        store.db.conn.executemany("INSERT INTO nodes VALUES (" + ",".join("?" * 21) + ")", rows_n)
+        columns = ", ".join(f.name for f in dataclass_fields(NodeRecord) if f.name != "builder")
+        store.db.conn.executemany(
+            f"INSERT INTO nodes ({columns}) VALUES (" + ",".join("?" * 21) + ")", rows_n
+        )
     store.close()
 
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from malt_local import hub as hub_mod
 from malt_local.cli import cli
-from malt_local.errors import MaltError
+from malt_local.errors import EXIT_DISK_FULL, MaltError
 from malt_local.registry import (
     load_catalog,
     load_records,
@@ -31,7 +31,9 @@ from malt_local.registry import (
     records_path,
     resolve_model,
 )
+from tests.conftest import default_signals
 from tests.hubserver import COMMIT, FakeHub
+from tests.smallfs import leave_free, small_filesystem
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "tester/Tiny-GGUF"
@@ -276,7 +278,9 @@ def test_cut_connection_resumes_in_a_new_process(hub: FakeHub, env: dict[str, st
     assert not partial.exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill"]
+)
 def test_killed_pull_resumes_in_a_new_process(
     hub: FakeHub, env: dict[str, str], sig: signal.Signals
 ) -> None:
@@ -289,6 +293,7 @@ def test_killed_pull_resumes_in_a_new_process(
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(ROOT),
+        preexec_fn=default_signals,
     )
     try:
         assert hub.stalled.wait(20)
@@ -302,9 +307,9 @@ def test_killed_pull_resumes_in_a_new_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130
-        assert "run `malt pull tiny` again to resume" in stderr
+    if sig != signal.SIGKILL:
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+        assert "run `malt pull tiny` again to resume" in stderr and "Traceback" not in stderr
     else:
         assert proc.returncode == -signal.SIGKILL
     assert partial.stat().st_size == CUT
@@ -316,6 +321,50 @@ def test_killed_pull_resumes_in_a_new_process(
     assert again.returncode == 0, again.stderr
     assert [g.range for g in hub.gets()] == [f"bytes={CUT}-"]
     assert Path(again.stdout.strip()).read_bytes() == PAYLOAD
+
+
+def test_disk_filling_during_pull_is_one_line_and_the_pull_resumes(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Another program fills the disk mid-download: exit 75 with one line, the partial kept."""
+    with small_filesystem(Path(env["HF_HUB_CACHE"]), size="1m") as fs:
+        hub.faults.stall_after = CUT
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "malt_local", "pull", "tiny"],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(ROOT),
+        )
+        try:
+            assert hub.stalled.wait(20)
+            partial = cache_folder(env) / "blobs" / f"{PAYLOAD_SHA}.incomplete"
+            deadline = time.monotonic() + 20
+            while not (partial.exists() and partial.stat().st_size == CUT):
+                assert time.monotonic() < deadline, "the client never wrote the first bytes"
+                time.sleep(0.01)
+            filler = leave_free(fs, 64 * 1024)  # less than the 200 kB still to come
+            hub.release.set()
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == EXIT_DISK_FULL, stderr
+        line = one_error_line(stderr.splitlines()[-1])
+        assert line.startswith(f"Error: disk full writing {partial} (")
+        assert "run the same command again" in line and len(stderr.strip().splitlines()) <= 2
+        kept = partial.read_bytes()
+        assert CUT < len(kept) < len(PAYLOAD) and PAYLOAD.startswith(kept)
+
+        filler.unlink()
+        hub.faults.stall_after = None
+        hub.clear()
+        again = malt_process(env, "pull", "tiny")
+        assert again.returncode == 0, again.stderr
+        assert [g.range for g in hub.gets()] == [f"bytes={len(kept)}-"]
+        assert Path(again.stdout.strip()).read_bytes() == PAYLOAD
 
 
 def test_dropped_connection_retries_in_process(hub: FakeHub, env: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from malt_local.cli import cli
-from tests.conftest import EXAMPLES, malt, run_argv
+from tests.conftest import EXAMPLES, default_signals, malt, run_argv
 
 N = 2
 
@@ -124,6 +124,7 @@ def _start(db, small_model, extra=()):
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ.copy(),
+        preexec_fn=default_signals,
     )
 
 
@@ -171,20 +172,29 @@ def test_sigkill_then_resume_keeps_every_stored_node(tmp_path, small_model):
     _check_complete(db)
 
 
-def test_ctrl_c_exits_130_and_keeps_nodes(tmp_path, small_model):
+@pytest.mark.parametrize(
+    "sig,code,word",
+    [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated.")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_stops_keeps_nodes_and_resumes(tmp_path, small_model, sig, code, word):
     db = tmp_path / "int.db"
     proc = _start(db, small_model)
     _wait_for_nodes(db, proc, 4)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Interrupted" in err and "Traceback" not in err
-    kept = rows(db, "SELECT COUNT(*) c FROM nodes")[0]["c"]
-    assert kept >= 4
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == word and "Traceback" not in err
+    kept = rows(db, "SELECT id, output, created_at FROM nodes ORDER BY id")
+    assert len(kept) >= 4
+    # Its claims were let go at once: the next process need not wait for a lease to lapse.
+    assert not rows(db, "SELECT * FROM claims WHERE done = 0")
     proc = _start(db, small_model)
     proc.communicate(timeout=600)
     assert proc.returncode == 0
     _check_complete(db)
+    after = {n["id"]: n for n in rows(db, "SELECT id, output, created_at FROM nodes")}
+    assert all(after[n["id"]] == n for n in kept)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ NODES = {
     "seed": "INTEGER",
     "duration_ms": "INTEGER",
     "created_at": "TEXT",
+    "builder": "TEXT",
 }
 RUNS = {
     "id",
@@ -62,6 +63,9 @@ def test_schema_columns(tmp_path):
     assert {c.name for c in db["runs"].columns} == RUNS
     assert {c.name for c in db["questions"].columns} == QUESTIONS
     assert {c.name for c in db["run_questions"].columns} == {"run_id", "question_id", "position"}
+    assert {c.name for c in db["claims"].columns} == {
+        "scope", "run_id", "item", "holder", "expires_at", "done", "claimed_at"
+    }  # fmt: skip
     fks = {(fk.column, fk.other_table) for fk in db["nodes"].foreign_keys}
     assert fks == {("run_id", "runs"), ("question_id", "questions"), ("parent_id", "nodes")}
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from malt_local import __version__
-from malt_local.errors import MaltError
+from malt_local import __version__, interrupts
+from malt_local.errors import EXIT_TERMINATED, MaltError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
@@ -21,20 +21,22 @@ class MaltGroup(click.Group):
 
     click prints usage lines before a bad-flag error; a user who mistyped a value wants the one
     line that says what is wrong. Ctrl-C exits 130 (the shell's convention), after the command
-    has had its chance to say what was kept.
+    has had its chance to say what was kept; SIGTERM does the same and exits 143.
     """
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        interrupts.install()
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except (click.ClickException, MaltError) as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, click.Abort):
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            code = interrupts.exit_code()
+            click.echo("Terminated." if code == EXIT_TERMINATED else "Interrupted.", err=True)
+            sys.exit(code)
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from malt_local import interrupts
 from malt_local.hub import (
     NullProgress,
     PullInterrupted,
@@ -173,7 +174,7 @@ def pull_cmd(
             f"{exc.partial}; run `malt pull {spec}` again to resume.",
             err=True,
         )
-        ctx.exit(130)
+        ctx.exit(interrupts.exit_code())
     finally:
         progress.close()
     notice = licence_notice_for(result.record.alias)

@@ -220,7 +220,13 @@ class OpenAIEngine:
                     yield c
 
     def _take(self, queue: RequestQueue) -> None:
-        while (item := queue.pop_with_priority()) is not None:
+        """Take requests while fewer than twice the servers' slots wait here: a queue that
+        claims work as it is popped (several processes on one database) then claims only what
+        this process can start soon, and the rest stays free for the others."""
+        room = max(1, 2 * sum(e.slots for e in self.endpoints if not e.down))
+        while sum(map(len, self._waiting.values())) < room:
+            if (item := queue.pop_with_priority()) is None:
+                return
             self._route(item[1], item[0])
 
     def _route(self, request: GenRequest, priority: tuple, start_keys: list[str] | None = None):
