@@ -1,5 +1,5 @@
-"""`malt view`: a local, read-only web view of a malt database (runs, trees, pairs, evals)."""
+"""`malt view`: a local, read-only web view of a malt database (runs, trees, pairs, evals).
 
-from malt_local.view.server import ViewServer
-
-__all__ = ["ViewServer"]
+The package imports nothing itself, so its modules can import each other without a circle;
+the server is `malt_local.view.server.ViewServer`.
+"""
