@@ -10,6 +10,7 @@ Only the exit code differs: 143 (128 + SIGTERM) instead of 130.
 from __future__ import annotations
 
 import signal
+import threading
 
 from malt_local.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
@@ -30,8 +31,13 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def install() -> None:
-    """Handle SIGTERM as Ctrl-C for the rest of this process (main thread only)."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """Handle SIGTERM as Ctrl-C for the rest of this process.
+
+    Only from the main thread (Python allows no other); a command run from another thread
+    (a test harness, an embedding app) leaves the process's handlers alone.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def exit_code() -> int:

@@ -96,7 +96,8 @@ def test_export_on_a_full_disk_leaves_no_files_and_completes_after_space_is_free
 def test_eval_on_a_filling_disk_stops_in_one_line_and_completes_after_space_is_freed(
     tmp_path, small_model
 ):
-    with small_filesystem(tmp_path / "fs") as fs:
+    # Room, once freed, for the whole evaluation and its WAL (up to 4 MiB before a checkpoint).
+    with small_filesystem(tmp_path / "fs", size="16m") as fs:
         db = fs / "eval.db"
         argv = [
             "eval", str(EXAMPLES / "questions.jsonl"), "--mode", "all", "--votes", "3",
