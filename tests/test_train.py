@@ -39,7 +39,7 @@ from tests.conftest import EXAMPLES, malt
 ROLES = ("generator", "verifier", "refiner")
 # Few steps and short rows: enough to change the model, cheap on two cores.
 SUMS = EXAMPLES / "sums.jsonl"
-QUICK = ["--batch-size", "2", "--max-length", "192", "--lora-dropout", "0"]
+QUICK = ["--batch-size", "2", "--max-length", "512", "--lora-dropout", "0"]
 
 
 # --------------------------------------------------------------------------- helpers
