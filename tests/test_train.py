@@ -416,7 +416,7 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
     common = ["eval", str(SUMS), "--model", str(small_model), "--db",
               str(db), "--mode", "ma", "--votes", "1", "--samples", "3", "--seeds", "1",
               "--max-tokens", "24", "--json"]  # fmt: skip
-    r = malt(*common, "--adapters", str(out))
+    r = malt(*common, "--adapters", str(out), timeout=1800)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert {role: len(a) for role, a in result["adapters"].items()} == {
@@ -425,7 +425,7 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
     assert "MA+LoRA" in result["columns"]
     # The verifier's two adapters alone: generator turns are the base's, critiques are not.
     v = [f"verifier={out / 'verifier-sft.gguf'}", f"verifier={out / 'verifier-dpo.gguf'}"]
-    r = malt(*common, "--adapter", v[0], "--adapter", v[1])
+    r = malt(*common, "--adapter", v[0], "--adapter", v[1], timeout=1800)
     assert r.returncode == 0, r.stderr
     only_v = json.loads(r.stdout)["adapter_set"]
     rows = eval_rows(db)
