@@ -326,7 +326,7 @@ def loop(home, exported, tmp_path_factory) -> dict:
     start = time.monotonic()
     r = malt(
         "train", str(exported), "--out", str(out), "--max-steps", "3", "--lr", "2e-3",
-        "--dpo-lr", "1e-4", *QUICK, "--json", env={"MALT_HOME": str(home)},
+        "--dpo-lr", "1e-4", *QUICK, "--json", env={"MALT_HOME": str(home)}, timeout=1800,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return {"out": out, "manifest": json.loads(r.stdout), "seconds": time.monotonic() - start}
@@ -346,7 +346,7 @@ def memorise_argv(exported: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def memorised(home, exported, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("memorised") / "adapters"
-    r = malt(*memorise_argv(exported, out), "--json", env={"MALT_HOME": str(home)})
+    r = malt(*memorise_argv(exported, out), "--json", env={"MALT_HOME": str(home)}, timeout=1800)
     assert r.returncode == 0, r.stderr
     return {"out": out, "manifest": json.loads(r.stdout)}
 
@@ -512,7 +512,7 @@ def interrupted_then_resumed(exported: Path, home: Path, out: Path, sig: int) ->
     else:
         assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # nothing published from an unfinished training
-    r = malt(*argv, "--json", env={"MALT_HOME": str(home)})
+    r = malt(*argv, "--json", env={"MALT_HOME": str(home)}, timeout=1800)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
