@@ -17,7 +17,7 @@ step "$MALT" run --n 2 --max-tokens 32 --model smollm2-135m --db "$WORK/malt.db"
     examples/sums.jsonl
 step "$MALT" export --db "$WORK/malt.db" --out "$WORK/export"
 step "$MALT" train "$WORK/export" --out "$WORK/adapters" --max-steps 3 --batch-size 2 \
-    --max-length 192 --lr 2e-3 --dpo-lr 1e-4
+    --max-length 512 --lr 2e-3 --dpo-lr 1e-4
 step "$MALT" eval examples/sums.jsonl --model smollm2-135m --db "$WORK/malt.db" \
     --adapters "$WORK/adapters" --mode ma --votes 1 --samples 3 --seeds 1 --max-tokens 24
 echo "whole loop: $(($(date +%s) - start)) s" >&2

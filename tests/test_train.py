@@ -39,7 +39,7 @@ from tests.conftest import EXAMPLES, malt
 ROLES = ("generator", "verifier", "refiner")
 # Few steps and short rows: enough to change the model, cheap on two cores.
 SUMS = EXAMPLES / "sums.jsonl"
-QUICK = ["--batch-size", "2", "--max-length", "192", "--lora-dropout", "0"]
+QUICK = ["--batch-size", "2", "--max-length", "512", "--lora-dropout", "0"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -326,7 +326,7 @@ def loop(home, exported, tmp_path_factory) -> dict:
     start = time.monotonic()
     r = malt(
         "train", str(exported), "--out", str(out), "--max-steps", "3", "--lr", "2e-3",
-        "--dpo-lr", "1e-4", *QUICK, "--json", env={"MALT_HOME": str(home)},
+        "--dpo-lr", "1e-4", *QUICK, "--json", env={"MALT_HOME": str(home)}, timeout=1800,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return {"out": out, "manifest": json.loads(r.stdout), "seconds": time.monotonic() - start}
@@ -346,7 +346,7 @@ def memorise_argv(exported: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def memorised(home, exported, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("memorised") / "adapters"
-    r = malt(*memorise_argv(exported, out), "--json", env={"MALT_HOME": str(home)})
+    r = malt(*memorise_argv(exported, out), "--json", env={"MALT_HOME": str(home)}, timeout=1800)
     assert r.returncode == 0, r.stderr
     return {"out": out, "manifest": json.loads(r.stdout)}
 
@@ -416,7 +416,7 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
     common = ["eval", str(SUMS), "--model", str(small_model), "--db",
               str(db), "--mode", "ma", "--votes", "1", "--samples", "3", "--seeds", "1",
               "--max-tokens", "24", "--json"]  # fmt: skip
-    r = malt(*common, "--adapters", str(out))
+    r = malt(*common, "--adapters", str(out), timeout=1800)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert {role: len(a) for role, a in result["adapters"].items()} == {
@@ -425,7 +425,7 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
     assert "MA+LoRA" in result["columns"]
     # The verifier's two adapters alone: generator turns are the base's, critiques are not.
     v = [f"verifier={out / 'verifier-sft.gguf'}", f"verifier={out / 'verifier-dpo.gguf'}"]
-    r = malt(*common, "--adapter", v[0], "--adapter", v[1])
+    r = malt(*common, "--adapter", v[0], "--adapter", v[1], timeout=1800)
     assert r.returncode == 0, r.stderr
     only_v = json.loads(r.stdout)["adapter_set"]
     rows = eval_rows(db)
@@ -512,7 +512,7 @@ def interrupted_then_resumed(exported: Path, home: Path, out: Path, sig: int) ->
     else:
         assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # nothing published from an unfinished training
-    r = malt(*argv, "--json", env={"MALT_HOME": str(home)})
+    r = malt(*argv, "--json", env={"MALT_HOME": str(home)}, timeout=1800)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

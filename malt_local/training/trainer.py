@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from malt_local.errors import MaltError
 from malt_local.training.settings import TrainSettings
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -208,6 +209,11 @@ def train_stage(
         processing_class=tokenizer,
         peft_config=_lora_config(settings),
     )
+    if len(trainer.train_dataset) == 0:
+        raise MaltError(
+            f"{name}: every row is cut away by --max-length {settings.max_length} (TRL drops rows "
+            "whose turn to learn does not fit): raise --max-length"
+        )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_callback(stop, on_step))
     start = time.monotonic()
