@@ -296,7 +296,7 @@ def test_evaluation_page_shows_what_malt_eval_reports(real, page, screenshot_dir
 
 
 def test_screenshot_of_the_tree_page(real, page, screenshot_dir):
-    qid = question_ids(real)[0]
+    qid = question_ids(real)[2]  # neither the planted question nor the live test's
     visit(page, f"{real.view.url}/run/{real.run_id}/tree/{qid}")
     page.locator("details.compare").first.locator("summary").click()
     page.screenshot(path=str(screenshot_dir / "view-tree.png"))
@@ -341,12 +341,12 @@ def test_a_page_opened_during_a_run_shows_new_nodes_after_a_reload(real, page, s
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 1200
         while proc.poll() is None and time.monotonic() < deadline:
             page.reload()  # the server reads while the run writes
             assert page.errors == []
             time.sleep(0.3)
-        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
 
         visit(page, f"{view.url}/run/{real.run_id}/tree/{qid}")
         assert page.locator("#counts .total").inner_text() == "14/14 nodes"

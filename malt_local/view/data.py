@@ -323,13 +323,27 @@ def _evaluation(store: Store, run: dict) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class _StoredQuestion(Question):
+    """A question under the id it is stored with (generation ids name it), even when its text
+    in the database no longer hashes to that id."""
+
+    stored_id: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.stored_id
+
+
 def _question(store: Store, qid: str, cache: dict[str, Question]) -> Question:
     if qid not in cache:
         row = store.question(qid)
         if row is None:
             raise MaltError(f"eval sample names question {qid}, which is not stored")
         options = tuple(tuple(o) for o in json.loads(row["options"])) if row["options"] else ()
-        cache[qid] = Question(row["question"], row["ground_truth"], row["task"], options)  # type: ignore[arg-type]
+        cache[qid] = _StoredQuestion(
+            row["question"], row["ground_truth"], row["task"], options, stored_id=qid
+        )  # type: ignore[arg-type]
     return cache[qid]
 
 
