@@ -58,7 +58,8 @@ class FakeOpenAI:
         self.slots = slots
         self.delay = delay
         self.hang_seconds = hang_seconds
-        # False: refuse response_format "json_schema" with 422, as llama-cpp-python's server does.
+        # False: refuse response_format "json_schema" as llama-cpp-python's server does (its
+        # validation error, answered with 500).
         self.json_schema_format = json_schema_format
         self.script: list[str | None] = []
         self.chats: list[ChatRequest] = []
@@ -148,7 +149,7 @@ class FakeOpenAI:
             )
         fmt = (body.get("response_format") or {}).get("type")
         if fmt == "json_schema" and not self.json_schema_format:
-            self._json(h, 422, {"detail": [{"msg": "Input should be 'text' or 'json_object'"}]})
+            self._json(h, 500, {"detail": [{"msg": "Input should be 'text' or 'json_object'"}]})
             return
         if fault == "kill" or self.killed.is_set():
             self.kill()

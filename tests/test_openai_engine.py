@@ -346,3 +346,27 @@ def test_a_lone_endpoint_rides_out_a_burst_of_errors(tmp_path):
     assert "taken out" not in r.stderr
     assert len(server.chats) == NODES + 5
     assert_complete_tree(db)
+
+
+def test_role_model_sends_one_roles_requests_to_another_served_name(tmp_path):
+    db = tmp_path / "rm.db"
+    with FakeOpenAI(models=("fake-model", "critic")) as server:
+        r = run(db, server.url, extra=["--role-model", "verifier=critic"])
+        assert r.exit_code == 0, r.stderr
+        r2 = run(tmp_path / "x.db", server.url, extra=["--role-model", "refiner=nobody"])
+        assert r2.exit_code == 2
+        assert r2.stderr.strip() == (
+            f"Error: endpoint {server.url} does not serve the refiner's model 'nobody' "
+            "(it serves: fake-model, critic)"
+        )
+        r3 = run(tmp_path / "y.db", server.url, extra=["--role-model", "critic"])
+        assert r3.exit_code == 2 and "expected ROLE=NAME" in r3.stderr
+    seeds = {n["seed"]: n["role"] for n in nodes(db)}
+    models = Counter((seeds[c.body["seed"]], c.body["model"]) for c in server.chats)
+    assert models == {("generator", "fake-model"): 6, ("verifier", "critic"): 12,
+                      ("refiner", "fake-model"): 24}  # fmt: skip
+    assert json.loads(r.stdout)["config"]["role_models"] == {"verifier": "critic"}
+    # Other served names for a role are other weights: continuing without them is refused.
+    with FakeOpenAI(models=("fake-model", "critic")) as server:
+        r = run(db, server.url)
+    assert r.exit_code == 2 and "role_models" in r.stderr

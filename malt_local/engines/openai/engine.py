@@ -19,6 +19,7 @@ was stored stays: a killed run resumes from the database as with the local engin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import heapq
 import itertools
@@ -275,9 +276,10 @@ class OpenAIEngine:
         if not ep.reported:
             ep.reported = True
             others = sum(1 for e in self.endpoints if not e.down)
+            where = f"its questions move to the {others} other(s)" if others else "none is left"
             sys.stderr.write(
-                f"malt: endpoint {ep.url} taken out after {ep.failures} failures in a row "
-                f"({ep.last_error}); its questions move to the {others} other(s)\n"
+                f"malt: endpoint {ep.url} taken out after {ep.failures} failures "
+                f"({ep.last_error}); {where}\n"
             )
 
     def _all_down(self) -> str:
@@ -377,9 +379,13 @@ class OpenAIEngine:
                     await asyncio.sleep(self._delay(busy, _retry_after(r.headers)))
                     continue
                 elif (
-                    r.status in (400, 422)
-                    and unit.request.json_schema is not None
+                    unit.request.json_schema is not None
                     and style == "json_schema"
+                    and (
+                        r.status in (400, 422)
+                        # llama-cpp-python's server answers its validation errors with 500.
+                        or (r.status == 500 and b"json_object" in r.body)
+                    )
                 ):
                     # A server that does not know the json_schema format: the older form.
                     ep.schema_style = "json_object"
@@ -444,16 +450,20 @@ class OpenAIEngine:
         return out
 
     def close(self) -> None:
+        """Cancel what is still in flight (its nodes were not stored) and stop the loop."""
         if self._loop is None:
             return
         loop, self._loop = self._loop, None
 
-        def stop() -> None:
-            for task in asyncio.all_tasks(loop):
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
-            loop.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-        loop.call_soon_threadsafe(stop)
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
         if not loop.is_running():
