@@ -108,14 +108,27 @@ def test_server_tree_has_the_local_engines_shape_and_bookkeeping(greedy_trees, l
 def test_server_tree_at_temperature_0_equals_the_local_engines_text(greedy_trees):
     local, remote, _ = greedy_trees
     a, b = by_place(local), by_place(remote)
-    different = [k for k in a if any(a[k][c] != b[k][c] for c in SAME)]
-    assert not different, [(k, {c: (a[k][c], b[k][c]) for c in SAME if a[k][c] != b[k][c]})
+    same = [c for c in SAME if c != "completion_tokens"]  # its own test, below
+    different = [k for k in a if any(a[k][c] != b[k][c] for c in same)]
+    assert not different, [(k, {c: (a[k][c], b[k][c]) for c in same if a[k][c] != b[k][c]})
                            for k in different[:2]]  # fmt: skip
     # The first child of every node has the seed the local engine gave it; greedy decoding
     # makes the seeds irrelevant to the text, so this is bookkeeping, not sampling.
     for key, node in b.items():
         if node["branch"] == 0:
             assert node["seed"] == a[key]["seed"]
+
+
+def test_each_node_books_its_own_completion_tokens_when_children_go_with_n(greedy_trees):
+    # llama-server answers a request with n choices with the *first* child's usage only
+    # (tools/server/server-context.cpp merges the choices and keeps arr[0]'s usage), so the
+    # usage cannot be split into per-child shares; each choice's own token count is needed
+    # (e.g. `logprobs`: one entry per generated token).
+    local, remote, _ = greedy_trees
+    a, b = by_place(local), by_place(remote)
+    wrong = {k: (a[k]["completion_tokens"], b[k]["completion_tokens"]) for k in a
+             if a[k]["completion_tokens"] != b[k]["completion_tokens"]}  # fmt: skip
+    assert not wrong, list(wrong.items())[:4]
 
 
 def test_children_go_with_n_and_the_stored_seeds_reproduce_every_text(
