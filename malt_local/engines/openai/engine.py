@@ -320,6 +320,9 @@ class OpenAIEngine:
         }
         if unit.with_n:
             body["n"] = unit.size
+            # The usage of an n request is not per choice (llama-server reports the first
+            # choice's, vLLM the sum): each choice's own token list gives its count.
+            body["logprobs"] = True
         if p.ignore_eos:
             body["ignore_eos"] = True
         if r.json_schema is not None and schema_style == "json_object":
@@ -436,8 +439,11 @@ class OpenAIEngine:
         usage = data.get("usage") or {}  # type: ignore[union-attr]
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         total = int(usage.get("completion_tokens") or 0)
-        # With n the usage is the request's: each child gets its share.
+        # With n the usage is the request's: each child counts its own logprobs entries (one a
+        # token), or, from a server that sends none, gets an even share.
         shares = [total // unit.size + (i < total % unit.size) for i in range(unit.size)]
+        if unit.size > 1:
+            shares = [_token_count(c, s) for c, s in zip(choices, shares, strict=True)]
         out = []
         for i, (key, choice) in enumerate(zip(unit.keys, choices, strict=True)):
             text = (choice.get("message") or {}).get("content") or ""
@@ -489,3 +495,9 @@ def _retry_after(headers: dict[str, str]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _token_count(choice: dict, fallback: int) -> int:
+    """One choice's completion tokens from its logprobs (one entry a token), else `fallback`."""
+    content = (choice.get("logprobs") or {}).get("content")
+    return len(content) if isinstance(content, list) else fallback
