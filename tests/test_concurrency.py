@@ -21,6 +21,7 @@ import pytest
 from malt_local.claims import ClaimCursor, Claims
 from malt_local.prompts import PromptSet
 from malt_local.questions import load_questions
+from malt_local.runs import Run
 from malt_local.store import Store
 from malt_local.tree import TreeRunner
 from tests.conftest import EXAMPLES, default_signals, run_argv
@@ -119,7 +120,7 @@ def test_runner_builds_only_free_questions_and_continues_a_dead_holders_tree(tmp
     dead = Claims(store, "tree", run["id"], holder="host:9:dead", lease=60)
     dead.try_take([q0])
     first = FakeEngine(script, fail_after=3)
-    runner = TreeRunner(store, run, questions[:1], first, PromptSet())
+    runner = TreeRunner(store, Run.from_row(run), questions[:1], first, PromptSet())
     runner.claims.holder = "host:9:dead"
     with pytest.raises(KeyboardInterrupt):
         runner.execute()
@@ -132,7 +133,7 @@ def test_runner_builds_only_free_questions_and_continues_a_dead_holders_tree(tmp
         other.try_take([qid])
         other.finish(qid)
     engine = FakeEngine(script)
-    runner = TreeRunner(store, run, questions, engine, PromptSet())
+    runner = TreeRunner(store, Run.from_row(run), questions, engine, PromptSet())
     runner.execute()
     built = {k.split("/")[1] for k in engine.completed}
     assert built == {q0}

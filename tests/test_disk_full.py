@@ -12,6 +12,7 @@ import sqlite3
 from malt_local.errors import EXIT_DISK_FULL
 from malt_local.prompts import PromptSet
 from malt_local.questions import load_questions
+from malt_local.runs import Run
 from malt_local.store import Store
 from malt_local.tree import TreeRunner
 from tests.conftest import EXAMPLES, malt, run_argv
@@ -73,7 +74,7 @@ def scripted_db(path):
     questions = load_questions(EXAMPLES / "gsm8k.jsonl")
     run = make_run(store)
     store.add_questions(run["id"], questions)
-    TreeRunner(store, run, questions, FakeEngine(script), PromptSet()).execute()
+    TreeRunner(store, Run.from_row(run), questions, FakeEngine(script), PromptSet()).execute()
     store.close()
     return path
 

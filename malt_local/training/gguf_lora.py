@@ -5,7 +5,7 @@ llama.cpp reads a LoRA adapter as a GGUF file with ``general.type = adapter``,
 pair ``NAME.lora_a`` / ``NAME.lora_b`` named after W's GGUF tensor (``blk.N.attn_q.weight``).
 llama.cpp's own converter (``convert_lora_to_gguf.py``) needs a llama.cpp checkout and, without
 ``--base``, the network; this one needs neither. It was checked against llama.cpp's converter:
-the tensors are bit-identical (see ../shared/reference/training.md).
+the tensors were bit-identical.
 
 Layouts: PEFT stores ``lora_A`` as [rank, in] and ``lora_B`` as [out, rank] (torch order), which
 in GGUF's reversed dimension order is exactly llama.cpp's [in, rank] and [rank, out], so the
