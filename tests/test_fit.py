@@ -7,7 +7,7 @@ import json
 from malt_local.fit import find_too_long
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions import Question, load_questions
-from tests.conftest import malt
+from tests.conftest import EXAMPLES, malt
 from tests.test_run_e2e import rows
 
 
@@ -38,6 +38,21 @@ def test_the_rule_counts_the_refiner_prompt_and_three_answers():
     assert f"(q.jsonl:2) skipped, too long: its prompts need {skipped.needed_tokens}" in (
         skipped.describe()
     )
+
+
+def test_default_templates_hold_the_question_once():
+    """The verifier and refiner turns no longer repeat what the first turn already holds."""
+    for q in [
+        Question("What is 6 * 7 (uniquely worded)?", "42", "gsm8k"),
+        load_questions(EXAMPLES / "csqa.jsonl")[0],
+    ]:
+        messages = PromptSet().messages("refiner", TreeContext(q, "an answer", "a critique"))
+        text = "\n".join(m["content"] for m in messages)
+        assert text.count(q.text) == 1
+        first_user = next(m for m in messages if m["role"] == "user")
+        assert q.text in first_user["content"]  # the generator's turn, seen by every role
+        for _, option in q.options:
+            assert text.count(f": {option}") == 1
 
 
 def test_real_run_skips_a_too_long_question_and_builds_the_rest(tmp_path, small_model):

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import EXAMPLES, ROOT, malt, run_argv
+from tests.conftest import EXAMPLES, ROOT, malt
 
 VIEW_DATA = ROOT / "tests" / "data" / "view"
 ROLES = ("generator", "verifier", "refiner")
@@ -75,13 +75,13 @@ class View:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory, small_model, real_run_db):
+def real(tmp_path_factory, small_model, real_run):
     """A copy of the suite's shared real run (which has right and wrong nodes in every role),
     a real `malt eval` added to it, and planted markup in one question and one output."""
     d = tmp_path_factory.mktemp("view")
     env = {"MALT_HOME": str(d / "home")}
     db = d / "malt.db"
-    copy_db(real_run_db, db)
+    copy_db(real_run.db, db)
     r = malt(
         "eval", str(EXAMPLES / "gsm8k.jsonl"), "--samples", "1", "--seeds", "2", "--votes", "2",
         "--max-tokens", "12", "--model", str(small_model), "--db", str(db), "--json", env=env,
@@ -104,8 +104,8 @@ def real(tmp_path_factory, small_model, real_run_db):
         db=db,
         dir=d,
         env=env,
-        # The arguments that made real_run_db: re-running them resumes the run.
-        argv=run_argv(db, small_model, "--seed", "1", max_tokens=40, limit=4),
+        # The arguments that made the shared real run, on this copy: re-running them resumes it.
+        argv=[str(db) if a == str(real_run.db) else a for a in real_run.argv],
         run_id=run["id"],
         eval=evaluation,
         planted_question=first,
