@@ -149,6 +149,16 @@ class Claims:
         with self.store.db.atomic():
             self.store.db.execute(sql, [self.scope, self.run_id, item, self.holder])
 
+    def reopen(self, items: Sequence[str]) -> None:
+        """Forget that these items were done: what is stored says they are not (nodes or
+        verdicts deleted by hand, a tree cut back to be rebuilt), and the data, not the claim,
+        is the truth. Whoever takes one next plans from what is stored."""
+        with self.store.db.atomic():
+            self.store.db.conn.executemany(
+                "DELETE FROM claims WHERE scope = ? AND run_id = ? AND item = ? AND done = 1",
+                [(self.scope, self.run_id, item) for item in items],
+            )
+
     def is_done(self, item: str) -> bool:
         return self._state(item, time.time()) == "done"
 

@@ -344,7 +344,9 @@ def judge_run(
         on_progress(progress)
     # Several processes on one run judge question by question, each under its claim.
     claims = Claims(store, "judge", run_id)
-    cursor = ClaimCursor(claims, _unjudged_questions(store, run))
+    unjudged = _unjudged_questions(store, run)
+    claims.reopen(unjudged)
+    cursor = ClaimCursor(claims, unjudged)
     with claims:
         while True:
             qid = cursor.next()

@@ -156,6 +156,7 @@ class TreeRunner:
                 unfinished.append(q.id)
         progress = Progress(total=tree_size(self.n) * len(self.questions), done=done)
         progress.questions_complete = len(self.questions) - len(unfinished)
+        self.claims.reopen(unfinished)
         self._cursor = ClaimCursor(self.claims, unfinished)
         return progress
 

@@ -127,11 +127,11 @@ def test_runner_builds_only_free_questions_and_continues_a_dead_holders_tree(tmp
     store.db.execute(
         "INSERT INTO claims VALUES ('tree', ?, ?, 'host:9:dead', 0, 0, 'x')", [run["id"], q0]
     )
-    # Another process has marked q1 and q2 done (say, with nodes this test does not store).
-    other = Claims(store, "tree", run["id"], holder="host:8:live", lease=600)
-    for qid in (q1, q2):
-        other.try_take([qid])
-        other.finish(qid)
+    # Another process has built q1 and q2 (their claims are done, their trees stored).
+    other = TreeRunner(store, Run.from_row(run), questions[1:], FakeEngine(script), PromptSet())
+    other.claims.holder = "host:8:live"
+    other.execute()
+    assert {c[0] for c in store.db.execute("SELECT item FROM claims WHERE done = 1")} >= {q1, q2}
     engine = FakeEngine(script)
     runner = TreeRunner(store, Run.from_row(run), questions, engine, PromptSet())
     runner.execute()
@@ -143,7 +143,7 @@ def test_runner_builds_only_free_questions_and_continues_a_dead_holders_tree(tmp
     for n in nodes:
         by_builder[n.builder] += 1
     assert by_builder == {"host:9:dead": 3, runner.claims.holder: TREE - 3}
-    assert store.db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == TREE
+    assert store.db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 3 * TREE
     store.close()
 
 
