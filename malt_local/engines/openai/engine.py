@@ -498,6 +498,14 @@ def _retry_after(headers: dict[str, str]) -> float | None:
 
 
 def _token_count(choice: dict, fallback: int) -> int:
-    """One choice's completion tokens from its logprobs (one entry a token), else `fallback`."""
+    """One choice's completion tokens from its logprobs (one entry a token), else `fallback`.
+
+    llama-server lists the end-of-turn token that stopped the choice too, as an empty string;
+    the local engines do not count it, so neither does this."""
     content = (choice.get("logprobs") or {}).get("content")
-    return len(content) if isinstance(content, list) else fallback
+    if not isinstance(content, list):
+        return fallback
+    ends_on_eog = (
+        choice.get("finish_reason") == "stop" and content and content[-1].get("token") == ""
+    )
+    return len(content) - int(bool(ends_on_eog))
