@@ -11,13 +11,13 @@ seed + i); the seeds malt stores must then reproduce every text on their own.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import defaultdict
 
 import pytest
 
 from malt_local.judge import PASS_THRESHOLD, SCORES
 from tests.conftest import EXAMPLES, malt, run_argv
+from tests.test_run_e2e import rows
 
 N = 2
 MAX_TOKENS = 24
@@ -26,15 +26,6 @@ LIMIT = 2
 SAME = ("question_id", "role", "depth", "branch", "path", "messages", "output", "finish_reason",
         "answer", "correct", "reward", "value", "label", "prompt_tokens",
         "completion_tokens")  # fmt: skip
-
-
-def rows(db, sql, args=()):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 def by_place(db) -> dict[tuple[str, str], dict]:
