@@ -130,7 +130,10 @@ def test_each_node_books_its_own_completion_tokens_when_children_go_with_n(greed
     # (e.g. `logprobs`: one entry per generated token).
     local, remote, _ = greedy_trees
     a, b = by_place(local), by_place(remote)
-    wrong = {k: (a[k]["completion_tokens"], b[k]["completion_tokens"]) for k in a
+    # Where the greedy texts agree (see above for where they need not), so do the counts.
+    agree = [k for k in a if a[k]["output"] == b[k]["output"]]
+    assert len(agree) >= len(a) // 2
+    wrong = {k: (a[k]["completion_tokens"], b[k]["completion_tokens"]) for k in agree
              if a[k]["completion_tokens"] != b[k]["completion_tokens"]}  # fmt: skip
     assert not wrong, list(wrong.items())[:4]
 

@@ -451,8 +451,11 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
 def test_sft_loss_falls_over_several_epochs(memorised):
     info = memorised["manifest"]["adapters"]["generator-sft"]
     losses = [loss for _, loss in info["loss"]]
-    assert len(losses) >= 3
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert len(losses) >= 4
+    # One row a step, so a step's loss is one row's: compare halves of the curve, not two rows.
+    half = len(losses) // 2
+    first, second = losses[:half], losses[half:]
+    assert sum(second) / len(second) < 0.5 * sum(first) / len(first), losses
 
 
 def test_llama_cpp_greedy_with_the_gguf_lora_equals_transformers_peft(
