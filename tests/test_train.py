@@ -433,7 +433,9 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
     }  # fmt: skip
     assert "MA+LoRA" in result["columns"]
     # The verifier's two adapters alone: generator turns are the base's, critiques are not.
-    v = [f"verifier={out / 'verifier-sft.gguf'}", f"verifier={out / 'verifier-dpo.gguf'}"]
+    # Three steps move the weights too little to be sure a short critique changes, so the
+    # adapters go at scale 8 here (`--adapter ROLE=PATH:SCALE`, as a user may give them).
+    v = [f"verifier={out / 'verifier-sft.gguf'}:8", f"verifier={out / 'verifier-dpo.gguf'}:8"]
     r = malt(*common, "--adapter", v[0], "--adapter", v[1], timeout=1800)
     assert r.returncode == 0, r.stderr
     only_v = json.loads(r.stdout)["adapter_set"]
