@@ -41,7 +41,7 @@ from malt_local.claims import ClaimCursor, Claims
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
-from malt_local.prompts import PromptSet
+from malt_local.prompts import PromptSet, render_block
 from malt_local.store import Store, utcnow
 from malt_local.tree import JUDGE_TASK, Progress, assign_question_credit, derive_seed
 
@@ -172,13 +172,7 @@ class JudgePrompt:
             raise MaltError(f"judge template {self.path}: {exc}") from exc
 
     def _block(self, name: str, variables: dict) -> str | None:
-        if name not in self.template.blocks:
-            return None
-        try:
-            ctx = self.template.new_context(variables)
-            return "".join(self.template.blocks[name](ctx)).strip()
-        except jinja2.TemplateError as exc:
-            raise MaltError(f"judge template {self.path}, block {name}: {exc}") from exc
+        return render_block(self.template, name, variables, f"judge template {self.path}")
 
     def messages(
         self,

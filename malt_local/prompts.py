@@ -17,6 +17,7 @@ undefined variables as errors: a typo in a template fails the run before any nod
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,47 @@ class TreeContext:
             "generation": self.generation,
             "critique": self.critique,
         }
+
+
+def render_block(
+    tpl: jinja2.Template, block: str, variables: dict, label: str | None = None
+) -> str | None:
+    """One block of a template, found through its `{% extends %}` chain, stripped.
+
+    A template's own `blocks` hold only the blocks it defines; Jinja adds the parents' blocks to
+    a context only while rendering the whole document. Without the chain a variant such as
+    `generator.csqa.j2`, which overrides `user`, would silently lose the `system` block it
+    inherits. The chain is set up as Jinja does it, so `{{ super() }}` works too.
+    """
+    try:
+        ctx = tpl.new_context(variables)
+        for parent in _parents(tpl):
+            for name, render in parent.blocks.items():
+                ctx.blocks.setdefault(name, []).append(render)
+        if block not in ctx.blocks:
+            return None
+        return "".join(ctx.blocks[block][0](ctx)).strip()
+    except jinja2.TemplateError as exc:
+        where = label or f"prompt template {tpl.name}"
+        raise MaltError(f"{where}, block {block}: {exc}") from exc
+
+
+def _parents(tpl: jinja2.Template) -> Iterator[jinja2.Template]:
+    """The templates `tpl` extends, nearest first (a name computed at render time is not
+    followed: the shipped and documented templates extend a literal name)."""
+    env, seen = tpl.environment, {tpl.name}
+    while True:
+        assert env.loader is not None and tpl.name is not None
+        source, _, _ = env.loader.get_source(env, tpl.name)
+        extends = next(iter(env.parse(source).find_all(jinja2.nodes.Extends)), None)
+        if extends is None or not isinstance(extends.template, jinja2.nodes.Const):
+            return
+        name = extends.template.value
+        if name in seen:
+            raise MaltError(f"prompt template {tpl.name} extends itself through {name}")
+        seen.add(name)
+        tpl = env.get_template(name)
+        yield tpl
 
 
 class PromptSet:
@@ -88,14 +130,7 @@ class PromptSet:
         return self._cache[name]
 
     def _block(self, role: str, task: str, block: str, ctx: TreeContext) -> str | None:
-        tpl = self.template(role, task)
-        if block not in tpl.blocks:
-            return None
-        try:
-            jctx = tpl.new_context(ctx.variables())
-            return "".join(tpl.blocks[block](jctx)).strip()
-        except jinja2.TemplateError as exc:
-            raise MaltError(f"prompt template {tpl.name}, block {block}: {exc}") from exc
+        return render_block(self.template(role, task), block, ctx.variables())
 
     def messages(self, role: str, ctx: TreeContext) -> list[Message]:
         """The exact chat messages a node of `role` is generated from."""

@@ -38,6 +38,39 @@ def test_csqa_variant_shows_options():
     assert "A: bank" in text and "E: new york" in text and "letter" in text
 
 
+def test_task_variant_keeps_the_blocks_it_inherits():
+    """generator.csqa.j2 overrides only `user`: the shared system prompt comes from its parent,
+    so every task's conversation starts with the same system turn."""
+    q = load_questions(EXAMPLES / "csqa.jsonl")[0]
+    ps = PromptSet()
+    csqa = ps.messages("refiner", TreeContext(q, "G", "C"))
+    gsm8k = ps.messages("generator", TreeContext(Q))
+    assert [m["role"] for m in csqa] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert csqa[0] == gsm8k[0]
+    assert "A: bank" in csqa[1]["content"]
+
+
+def test_user_variant_may_call_super_through_two_levels(tmp_path):
+    for role in ("verifier", "refiner"):
+        (tmp_path / f"{role}.j2").write_text("{% block user %}" + role + "{% endblock %}")
+    (tmp_path / "generator.j2").write_text(
+        "{% block system %}SYS{% endblock %}{% block user %}Q: {{ question }}{% endblock %}"
+    )
+    (tmp_path / "middle.j2").write_text(
+        '{% extends "generator.j2" %}{% block user %}{{ super() }} [{{ task }}]{% endblock %}'
+    )
+    (tmp_path / "generator.gsm8k.j2").write_text(
+        '{% extends "middle.j2" %}{% block user %}{{ super() }}!{% endblock %}'
+    )
+    assert PromptSet(tmp_path).messages("generator", TreeContext(Q)) == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "Q: What is 6 * 7? [gsm8k]!"},
+    ]
+    (tmp_path / "generator.j2").write_text('{% extends "generator.gsm8k.j2" %}')
+    with pytest.raises(MaltError, match="extends itself"):
+        PromptSet(tmp_path).messages("generator", TreeContext(Q))
+
+
 def test_user_prompts_dir_replaces_templates_and_hashes_change(tmp_path):
     for role in ("generator", "verifier", "refiner"):
         (tmp_path / f"{role}.j2").write_text(
