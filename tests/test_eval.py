@@ -416,6 +416,7 @@ def test_benchmark_labels_name_the_folder_and_stay_distinct(tmp_path):
         (["--adapter", "critic=x.gguf"], "unknown role 'critic'"),
         (["--adapter", "generator"], "expected ROLE=PATH"),
         (["--task", "poetry"], "unknown task 'poetry'"),
+        (["--ctx", "100"], "--ctx 100 is too small (at least 256)"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, gsm_file, args, message):

@@ -208,6 +208,7 @@ def test_ctrl_c_or_sigterm_stops_keeps_nodes_and_resumes(tmp_path, small_model, 
         ('{"question": "a", "answer": "1"}\n', ["--n", "0", "q.jsonl"], "--n must be at least 1"),
         ('{"question": "a", "answer": "1"}\n', ["--max-tokens", "-5", "q.jsonl"], "--max-tokens"),
         ('{"question": "a", "answer": "1"}\n', ["--theta", "2", "q.jsonl"], "--theta"),
+        ('{"question": "a", "answer": "1"}\n', ["--ctx", "100", "q.jsonl"], "--ctx 100 is too"),
         (
             '{"question": "a", "answer": "1"}\n',
             ["--model", "notgguf.bin", "q.jsonl"],

@@ -137,6 +137,9 @@ def engine_options(
         for flag, value in local_only.items():
             if value is not None:
                 raise MaltError(f"{flag} is for the llama.cpp engines, not --engine openai")
+    from malt_local.engines.llama.sizing import check_ctx
+
+    check_ctx(ctx)  # before any model is loaded or row written
     return EngineOptions(
         max_tokens=max_tokens or 512,
         ctx=ctx,

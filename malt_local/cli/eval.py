@@ -16,7 +16,6 @@ from malt_local.cli._engine import (
     server_options,
 )
 from malt_local.cli.run import db_option, json_option
-from malt_local.errors import MaltError
 from malt_local.paths import default_db_path
 from malt_local.questions import TASKS
 
@@ -156,8 +155,6 @@ def eval_cmd(
         from malt_local.training.manifest import adapter_values
 
         adapters = (*adapter_values(adapters_dir), *adapters)
-    if ctx is not None and ctx < 256:
-        raise MaltError(f"--ctx {ctx} is too small (at least 256)")
     show = not json_ and sys.stderr.isatty()
     with progress_display(show, None, "malt eval", "turns") as on_progress:
         result = run_eval(

@@ -105,8 +105,7 @@ def plan_batch(
         parallel = DEFAULT_PARALLEL_GPU if offload else DEFAULT_PARALLEL_CPU
     if not 1 <= parallel <= max_seq:
         raise MaltError(f"--parallel must be between 1 and {max_seq} (got {parallel})")
-    if ctx is not None and ctx < 256:
-        raise MaltError(f"--ctx {ctx} is too small (at least 256)")
+    check_ctx(ctx)
     per_cell = kv_bytes_per_cell(model)
     avail = None if offload else available_memory()
     budget = KV_MEMORY_SHARE * avail if avail is not None else None
@@ -195,7 +194,15 @@ def new_context(model: LocalModel, plan: BatchPlan):
 def context_size(max_tokens: int, requested: int | None) -> int:
     """Room for the refiner's prompt: question, answer, critique, and its own output."""
     if requested is not None:
-        if requested < 256:
-            raise MaltError(f"--ctx {requested} is too small (at least 256)")
-        return requested
+        return check_ctx(requested)
     return 3 * max_tokens + 2048
+
+
+MIN_CTX = 256
+
+
+def check_ctx(ctx: int | None) -> int | None:
+    """A `--ctx` too small for any template and answer, refused before a model is loaded."""
+    if ctx is not None and ctx < MIN_CTX:
+        raise MaltError(f"--ctx {ctx} is too small (at least {MIN_CTX})")
+    return ctx
