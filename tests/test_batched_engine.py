@@ -405,3 +405,17 @@ def test_vector_sampler_draws_from_the_tempered_distribution():
     # Same seed, same draws.
     again = sampler.sample(logits, [Draw(0, params, [np.random.default_rng(5)])])
     assert again == sampler.sample(logits, [Draw(0, params, [np.random.default_rng(5)])])
+
+
+def test_a_request_split_keeps_each_childs_seed_and_the_tree_it_belongs_to():
+    req = GenRequest(
+        [{"role": "user", "content": "q"}], ["a", "b", "c"], [7, 8, 9], GREEDY,
+        parent_key="p", expects_children=True, group="q1", role="verifier",
+    )  # fmt: skip
+    part = req.only(["c", "a"])
+    assert (part.keys, part.seeds, part.parent_key) == (["c", "a"], [9, 7], None)
+    assert (part.group, part.role, part.expects_children) == ("q1", "verifier", True)
+    assert req.only(["b"], parent_key="p").parent_key == "p"
+    assert (req.keys, req.seeds) == (["a", "b", "c"], [7, 8, 9])
+    with pytest.raises(KeyError):
+        req.only(["z"])

@@ -9,9 +9,10 @@ them at once (continuous batching) while a node-by-node engine simply works dept
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -56,6 +57,15 @@ class GenRequest:
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.seeds):
             raise ValueError("one seed per key")
+
+    def only(self, keys: Sequence[str], *, parent_key: str | None = None) -> GenRequest:
+        """The same request for some of its children (a split, a retry elsewhere, a restart),
+        each keeping its own seed. `parent_key` is dropped unless given: the engine that
+        splits a request has already used (or lost) the parent's cache."""
+        seed = dict(zip(self.keys, self.seeds, strict=True))
+        return dataclasses.replace(
+            self, keys=list(keys), seeds=[seed[k] for k in keys], parent_key=parent_key
+        )
 
 
 @dataclass

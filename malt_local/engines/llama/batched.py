@@ -354,7 +354,7 @@ class BatchedEngine:
         self.stats.reused_tokens += reuse
         self.stats.prompt_tokens += len(prompt)
         if take < len(req.keys):
-            rest = _rest(req, take)
+            rest = req.only(req.keys[take:])
             self._pending[0] = _Ticket(rest, prompt)
             return False
         return True
@@ -559,33 +559,18 @@ class BatchedEngine:
 
     def _preempt(self, g: _Group, sids: list[int]) -> None:
         """Send sequences back to the engine's queue; they restart later with the same seeds."""
-        keys, seeds = [], []
+        keys: list[str] = []
         if g in self._prefilling:
             self._prefilling.remove(g)
-            keys, seeds = list(g.keys), list(g.seeds)
+            keys = list(g.keys)
         else:
             for s in [s for s in g.seqs if s.sid in sids]:
                 del self._live[s.sid]
                 g.seqs.remove(s)
                 keys.append(s.key)
-                seeds.append(s.seed)
         for sid in sids:
             self._release(sid)
-        req = g.ticket.request
-        self._pending.append(
-            _Ticket(
-                GenRequest(
-                    messages=req.messages,
-                    keys=keys,
-                    seeds=seeds,
-                    params=req.params,
-                    parent_key=None,
-                    expects_children=req.expects_children,
-                    json_schema=req.json_schema,
-                ),
-                g.ticket.tokens,
-            )
-        )
+        self._pending.append(_Ticket(g.ticket.request.only(keys), g.ticket.tokens))
         self.stats.preempted += len(keys)
         self._blocked = True
 
@@ -620,15 +605,3 @@ class BatchedEngine:
         self.sampler.close()
         if self.owns_model:
             self.model.close()
-
-
-def _rest(req: GenRequest, start: int) -> GenRequest:
-    return GenRequest(
-        messages=req.messages,
-        keys=req.keys[start:],
-        seeds=req.seeds[start:],
-        params=req.params,
-        parent_key=None,
-        expects_children=req.expects_children,
-        json_schema=req.json_schema,
-    )

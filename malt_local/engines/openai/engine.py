@@ -232,18 +232,7 @@ class OpenAIEngine:
     def _route(self, request: GenRequest, priority: tuple, start_keys: list[str] | None = None):
         if start_keys is not None:
             # A unit coming back from an endpoint that was taken out: only its own keys.
-            idx = [request.keys.index(k) for k in start_keys]
-            request = GenRequest(
-                messages=request.messages,
-                keys=[request.keys[i] for i in idx],
-                seeds=[request.seeds[i] for i in idx],
-                params=request.params,
-                parent_key=request.parent_key,
-                expects_children=request.expects_children,
-                json_schema=request.json_schema,
-                group=request.group,
-                role=request.role,
-            )
+            request = request.only(start_keys, parent_key=request.parent_key)
         ep = pick(self.endpoints, request.group or request.keys[0])
         if ep is None:
             raise MaltError(self._all_down())
