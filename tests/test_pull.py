@@ -278,12 +278,11 @@ def test_cut_connection_resumes_in_a_new_process(hub: FakeHub, env: dict[str, st
     assert not partial.exists()
 
 
-@pytest.mark.parametrize(
-    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill"]
-)
-def test_killed_pull_resumes_in_a_new_process(
-    hub: FakeHub, env: dict[str, str], sig: signal.Signals
-) -> None:
+def _pull_stalled_at_cut(
+    hub: FakeHub, env: dict[str, str], **popen: object
+) -> tuple[subprocess.Popen, Path]:
+    """`malt pull tiny` in its own process, once it has written the first CUT bytes and the
+    Hub holds the rest back; also the partial file's path."""
     hub.faults.stall_after = CUT
     partial = cache_folder(env) / "blobs" / f"{PAYLOAD_SHA}.incomplete"
     proc = subprocess.Popen(
@@ -293,7 +292,7 @@ def test_killed_pull_resumes_in_a_new_process(
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(ROOT),
-        preexec_fn=default_signals,
+        **popen,  # type: ignore[call-overload]
     )
     try:
         assert hub.stalled.wait(20)
@@ -301,6 +300,21 @@ def test_killed_pull_resumes_in_a_new_process(
         while not (partial.exists() and partial.stat().st_size == CUT):
             assert time.monotonic() < deadline, "the client never wrote the first bytes"
             time.sleep(0.01)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, partial
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "kill"]
+)
+def test_killed_pull_resumes_in_a_new_process(
+    hub: FakeHub, env: dict[str, str], sig: signal.Signals
+) -> None:
+    proc, partial = _pull_stalled_at_cut(hub, env, preexec_fn=default_signals)
+    try:
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=20)
     finally:
@@ -328,22 +342,8 @@ def test_disk_filling_during_pull_is_one_line_and_the_pull_resumes(
 ) -> None:
     """Another program fills the disk mid-download: exit 75 with one line, the partial kept."""
     with small_filesystem(Path(env["HF_HUB_CACHE"]), size="1m") as fs:
-        hub.faults.stall_after = CUT
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "malt_local", "pull", "tiny"],
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=str(ROOT),
-        )
+        proc, partial = _pull_stalled_at_cut(hub, env)
         try:
-            assert hub.stalled.wait(20)
-            partial = cache_folder(env) / "blobs" / f"{PAYLOAD_SHA}.incomplete"
-            deadline = time.monotonic() + 20
-            while not (partial.exists() and partial.stat().st_size == CUT):
-                assert time.monotonic() < deadline, "the client never wrote the first bytes"
-                time.sleep(0.01)
             filler = leave_free(fs, 64 * 1024)  # less than the 200 kB still to come
             hub.release.set()
             _, stderr = proc.communicate(timeout=30)
