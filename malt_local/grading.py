@@ -21,7 +21,7 @@ Tasks:
   stripped.
 - ``judge``: free-form answers no rule can check ("Why is Paris significant?"). There is no
   deterministic grade: a run's leaf rewards for this task come from the LLM judge
-  (`malt_local.judge`), and the tree stores them as NULL until it has judged. The functions here
+  (`malt_local.run.judge`), and the tree stores them as NULL until it has judged. The functions here
   treat it like ``exact`` (the stated answer is still extracted and recorded, and voting can
   group equal answers), so ``grade`` on a judge question is only a rough exact-match check.
 
@@ -117,7 +117,7 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
-def _last_boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
     """Content of the last top-level ``\\boxed{...}`` (or ``\\fbox``), braces balanced.
 
     A regex cannot match nested braces, and MATH answers nest them all the time
@@ -189,7 +189,7 @@ def _clean_candidate(s: str) -> str:
         before = s
         s = _strip_markdown(s)
         s = _LEADING_PHRASE_RE.sub("", s, count=1).strip()
-        boxed = _last_boxed(s)
+        boxed = last_boxed(s)
         if boxed is not None:
             s = boxed.strip()
         s = _strip_math_delimiters(s)
@@ -543,7 +543,7 @@ def extract_answer(text: str, task: str, options: Options = None) -> str | None:
             return answer
 
     if task == "math":
-        boxed = _last_boxed(text)
+        boxed = last_boxed(text)
         if boxed is not None and boxed.strip():
             return _from_candidate(boxed, task, options)
     if task == "gsm8k":

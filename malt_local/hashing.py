@@ -1,4 +1,5 @@
-"""sha256 of model files, remembered by path, size and mtime.
+"""sha256 of files (streamed, optionally reporting progress), of model files remembered by
+path, size and mtime, and the check that a string is a sha256 hex digest.
 
 A run records the sha256 of its model so a resumed run can tell the file was swapped; hashing a
 5 GB GGUF takes a while, so the digest is cached in `MALT_HOME/hashes.json` and recomputed only
@@ -10,19 +11,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from malt_local.paths import malt_home
 
 CHUNK = 1 << 20
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def sha256_file(path: Path) -> str:
+def is_sha256(value: str | None) -> bool:
+    """64 lower-case hex digits: what malt stores, pins and compares."""
+    return bool(value) and bool(_SHA256_RE.match(value or ""))
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Stream a file through sha256 (about 1 GB/s: a few seconds for an 8B model); `on_bytes`
+    hears each chunk's length, for a progress bar."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return h.hexdigest()
 
 

@@ -26,9 +26,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
-from malt_local.questions import Question
+from malt_local.questions.loading import Question
+from malt_local.roles import ROLES
 
-ROLES = ("generator", "verifier", "refiner")
 Message = dict[str, str]
 
 

@@ -7,10 +7,10 @@ runs: the same kernels, the same chat template code. Nothing is downloaded at te
 fetches the sdist (through its cache and index settings, like `make install`), cmake builds the
 one target (CPU, Release, no curl or TLS, no web UI, no tests or examples, statically linked so
 the binary stands alone), and the binary is moved atomically into
-`~/.cache/malt/llama-server/<version>/`, where `malt_local.llama_server` finds it. The version is
-the installed llama-cpp-python's, so the server always runs the embedded engine's llama.cpp. A
-second call finds the binary and returns at once; the path is printed on stdout. Run it with the
-project's environment (`make llama-server`).
+`~/.cache/malt/llama-server/<version>/`, where `malt_local.bench.llama_server` finds it. The
+version is the installed llama-cpp-python's, so the server always runs the embedded engine's
+llama.cpp. A second call finds the binary and returns at once; the path is printed on stdout. Run
+it with the project's environment (`make llama-server`).
 
     python scripts/build_llama_server.py
 """
@@ -27,7 +27,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from malt_local.llama_server import cached_binary
+from malt_local.bench.llama_server import cached_binary
 
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",

@@ -146,8 +146,8 @@ def llama_server(small_model, tmp_path_factory):
     """llama.cpp's own llama-server (`make llama-server`) serving the small model on 127.0.0.1
     with four parallel slots, for the `--engine openai` tests. Fails, never skips, without the
     binary; the server is stopped when the session ends."""
+    from malt_local.bench.llama_server import LlamaServer
     from malt_local.errors import MaltError
-    from malt_local.llama_server import LlamaServer
 
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
     # Flash attention on, a KV stream per slot: as the batched engine runs on a CPU.

@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
+from malt_local.db.store import Store
 from malt_local.engines import EngineOptions
 from malt_local.engines import make_engine as make_registered
 from malt_local.engines.base import SamplingParams
@@ -21,7 +22,7 @@ from malt_local.engines.llama.adapters import (
     read_gguf_header,
 )
 from malt_local.errors import MaltError
-from malt_local.evaluate import (
+from malt_local.evaluate.pipeline import (
     BASE,
     AdapterSet,
     EvalRunner,
@@ -30,7 +31,6 @@ from malt_local.evaluate import (
     load_benchmarks,
 )
 from malt_local.prompts import PromptSet
-from malt_local.store import Store
 from tests.conftest import TEST_DATA, malt
 
 RANK = 4

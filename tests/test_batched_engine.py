@@ -19,6 +19,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from malt_local.db.store import Store
 from malt_local.engines import EngineOptions, make_engine
 from malt_local.engines.base import GenRequest, RequestQueue, SamplingParams
 from malt_local.engines.llama import batched as batched_engine
@@ -30,10 +31,10 @@ from malt_local.engines.llama.simple import HighLevelEngine
 from malt_local.engines.llama.sizing import kv_bytes_per_cell, plan_batch
 from malt_local.errors import MaltError
 from malt_local.prompts import PromptSet
-from malt_local.questions import load_questions
-from malt_local.runs import Run, RunSpec
-from malt_local.store import Store
-from malt_local.tree import TreeRunner, tree_size
+from malt_local.questions.loading import load_questions
+from malt_local.roles import tree_size
+from malt_local.run.settings import Run, RunSpec
+from malt_local.run.tree import TreeRunner
 from tests.conftest import EXAMPLES
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)

@@ -56,7 +56,7 @@ def test_bench_runs_both_paths_on_the_same_tree_and_reports_consistent_ratios(
 
 
 def test_hand_written_notes_below_the_marker_survive_a_rerun(tmp_path):
-    from malt_local.bench import KEEP_MARKER, kept_notes
+    from malt_local.bench.throughput import KEEP_MARKER, kept_notes
 
     out = tmp_path / "BENCH.md"
     assert kept_notes(out) == ""

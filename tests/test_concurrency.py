@@ -18,12 +18,12 @@ from collections import defaultdict
 
 import pytest
 
-from malt_local.claims import ClaimCursor, Claims
+from malt_local.db.claims import ClaimCursor, Claims
+from malt_local.db.store import Store
 from malt_local.prompts import PromptSet
-from malt_local.questions import load_questions
-from malt_local.runs import Run
-from malt_local.store import Store
-from malt_local.tree import TreeRunner
+from malt_local.questions.loading import load_questions
+from malt_local.run.settings import Run
+from malt_local.run.tree import TreeRunner
 from tests.conftest import EXAMPLES, default_signals, run_argv
 from tests.fakes import FakeEngine
 from tests.test_tree import make_run, script

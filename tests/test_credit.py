@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from malt_local.credit import assign, label_for
+from malt_local.run.credit import assign, label_for
 
 
 def leaves(n, fn):

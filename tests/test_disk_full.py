@@ -9,12 +9,12 @@ import json
 import re
 import sqlite3
 
+from malt_local.db.store import Store
 from malt_local.errors import EXIT_DISK_FULL
 from malt_local.prompts import PromptSet
-from malt_local.questions import load_questions
-from malt_local.runs import Run
-from malt_local.store import Store
-from malt_local.tree import TreeRunner
+from malt_local.questions.loading import load_questions
+from malt_local.run.settings import Run
+from malt_local.run.tree import TreeRunner
 from tests.conftest import EXAMPLES, malt, run_argv
 from tests.fakes import FakeEngine
 from tests.smallfs import leave_free, small_filesystem

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from malt_local.db.store import Store
 from malt_local.engines.base import GenRequest
-from malt_local.evaluate import (
+from malt_local.evaluate.pipeline import (
     BASE,
     AdapterSet,
     Benchmark,
@@ -30,8 +31,7 @@ from malt_local.evaluate import (
 )
 from malt_local.grading import answers_equal, grade
 from malt_local.prompts import PromptSet
-from malt_local.questions import Question
-from malt_local.store import Store
+from malt_local.questions.loading import Question
 from tests.conftest import TEST_DATA, malt
 from tests.fakes import FakeEngine
 

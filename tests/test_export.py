@@ -14,19 +14,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from malt_local import credit
-from malt_local import export as ex
 from malt_local.cli import cli
+from malt_local.db.store import NodeRecord, Store
 from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
+from malt_local.export import pipeline as ex
 from malt_local.prompts import PromptSet
-from malt_local.questions import Question
-from malt_local.runs import Run, RunSpec
-from malt_local.store import NodeRecord, Store
-from malt_local.tree import TreeRunner
+from malt_local.questions.loading import Question
+from malt_local.roles import ROLES
+from malt_local.run import credit
+from malt_local.run.settings import Run, RunSpec
+from malt_local.run.tree import TreeRunner
 from tests.fakes import FakeEngine
-
-ROLES = ("generator", "verifier", "refiner")
 
 # --------------------------------------------------------------------------- golden trees
 
@@ -620,8 +619,8 @@ def test_failure_midway_leaves_nothing_behind(golden, tmp_path, monkeypatch):
 def test_library_validates_before_writing(golden, tmp_path):
     with pytest.raises(MaltError, match="unknown role"):
         export(golden, tmp_path / "x", roles=["judge"])
-    assert ex.parse_choice("ALL", ex.ROLES, "role") == ex.ROLES
-    assert ex.parse_choice("Verifier", ex.ROLES, "role") == ("verifier",)
+    assert ex.parse_choice("ALL", ROLES, "role") == ROLES
+    assert ex.parse_choice("Verifier", ROLES, "role") == ("verifier",)
     assert not (tmp_path / "x").exists()
 
 

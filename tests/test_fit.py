@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from malt_local.fit import find_too_long
 from malt_local.prompts import PromptSet, TreeContext
-from malt_local.questions import Question, load_questions
+from malt_local.questions.loading import Question, load_questions
+from malt_local.run.too_long import find_too_long
 from tests.conftest import EXAMPLES, malt
 from tests.test_run_e2e import rows
 

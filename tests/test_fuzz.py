@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from malt_local import credit
 from malt_local.errors import MaltError
-from malt_local.export import ExportNode, is_positive, pairs_for_group
+from malt_local.export.pipeline import ExportNode, is_positive, pairs_for_group
 from malt_local.grading import answers_equal, extract_answer, grade, normalize_answer
-from malt_local.questions import load_questions
+from malt_local.questions.loading import load_questions
+from malt_local.run import credit
 
 TASKS = ["gsm8k", "math", "csqa", "exact"]
 OPTIONS = [("A", "bank"), ("B", "library"), ("C", "mall")]

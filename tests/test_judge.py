@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from malt_local import credit
-from malt_local import export as ex
+from malt_local.db.store import Store
 from malt_local.engines.base import Completion
 from malt_local.errors import MaltError
-from malt_local.judge import (
+from malt_local.export import pipeline as ex
+from malt_local.prompts import PromptSet
+from malt_local.questions.loading import Question
+from malt_local.run import credit
+from malt_local.run.judge import (
     JUDGE_PARAMS,
     JUDGE_SCHEMA,
     PASS_THRESHOLD,
@@ -24,11 +27,8 @@ from malt_local.judge import (
     judge_run,
     parse_judgement,
 )
-from malt_local.prompts import PromptSet
-from malt_local.questions import Question
-from malt_local.runs import Run
-from malt_local.store import Store
-from malt_local.tree import TreeRunner
+from malt_local.run.settings import Run
+from malt_local.run.tree import TreeRunner
 from tests.conftest import EXAMPLES, malt
 from tests.fakes import FakeEngine
 from tests.test_export import make_run

@@ -94,7 +94,7 @@ def test_find_cycle_finds_one():
 
 def test_malt_local_has_no_import_cycle():
     graph = import_graph()
-    assert "malt_local.engines.registry" in graph and "malt_local.judge" in graph
+    assert "malt_local.engines.registry" in graph and "malt_local.run.judge" in graph
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 

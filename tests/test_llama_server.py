@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import pytest
 
-from malt_local.judge import PASS_THRESHOLD, SCORES
+from malt_local.run.judge import PASS_THRESHOLD, SCORES
 from tests.conftest import EXAMPLES, malt, run_argv
 from tests.test_run_e2e import rows
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from malt_local.cli import cli
 from malt_local.engines.openai.routing import Endpoint, pick
 from malt_local.engines.openai.settings import split_endpoints
-from malt_local.questions import load_questions
+from malt_local.questions.loading import load_questions
 from tests.conftest import EXAMPLES, ROOT
 from tests.openaiserver import FakeOpenAI, reply_text
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from malt_local.judge import JUDGE_SCHEMA, SCORES
+from malt_local.run.judge import JUDGE_SCHEMA, SCORES
 from tests.conftest import EXAMPLES, malt
 
 SERVED = "smollm2"

@@ -4,7 +4,7 @@ from jinja2.exceptions import SecurityError
 from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
 from malt_local.prompts import PromptSet, TreeContext
-from malt_local.questions import Question, load_questions
+from malt_local.questions.loading import Question, load_questions
 from tests.conftest import EXAMPLES
 
 Q = Question("What is 6 * 7?", "42", "gsm8k")

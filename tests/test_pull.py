@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from malt_local import hub as hub_mod
 from malt_local.cli import cli
 from malt_local.errors import EXIT_DISK_FULL, MaltError
-from malt_local.registry import (
+from malt_local.models import download as hub_mod
+from malt_local.models.catalog import (
     load_catalog,
     load_records,
     parse_spec,
@@ -699,7 +699,7 @@ def test_resolve_model(hub: FakeHub, env: dict[str, str], tmp_path: Path) -> Non
 
 
 def test_licence_notice_for() -> None:
-    from malt_local.registry import licence_notice_for
+    from malt_local.models.catalog import licence_notice_for
 
     assert "Built with Llama" in (licence_notice_for("llama3.1-8b") or "")
     assert licence_notice_for("llama3.1-8b:Q8_0") == licence_notice_for("llama3.1-8b")

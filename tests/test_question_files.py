@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from malt_local.errors import MaltError
-from malt_local.question_files import read_rows
-from malt_local.questions import load_questions
+from malt_local.questions.formats import read_rows
+from malt_local.questions.loading import load_questions
 from tests.conftest import malt
 
 # Text that broke or changed on the way in before: a quoted comma and quote, line breaks of

@@ -15,8 +15,8 @@ import pandas as pd
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from malt_local.question_files import read_rows
-from malt_local.questions import load_questions
+from malt_local.questions.formats import read_rows
+from malt_local.questions.loading import load_questions
 
 # Every character JSON and CSV can carry, weighted towards the ones that broke loaders: quotes,
 # delimiters, every kind of line end, BOMs and Unicode separators.

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from malt_local.errors import MaltError
-from malt_local.questions import last_boxed, load_questions
+from malt_local.grading import last_boxed
+from malt_local.questions.loading import load_questions
 from tests.conftest import EXAMPLES, TEST_DATA
 
 

@@ -1,6 +1,6 @@
 """The documented schema: users query these columns, so changing them is a breaking change."""
 
-from malt_local.store import Store
+from malt_local.db.store import Store
 
 NODES = {
     "id": "TEXT",

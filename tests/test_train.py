@@ -470,7 +470,7 @@ def test_llama_cpp_greedy_with_the_gguf_lora_equals_transformers_peft(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("MALT_HOME", str(home))
-    from malt_local.training.base import cache_root
+    from malt_local.training.base_model import cache_root
 
     folder = cache_root() / memorised["manifest"]["base"]["sha256"]
     tok = AutoTokenizer.from_pretrained(str(folder))

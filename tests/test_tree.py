@@ -4,11 +4,12 @@ import json
 
 import pytest
 
+from malt_local.db.store import Store
 from malt_local.prompts import PromptSet
-from malt_local.questions import load_questions
-from malt_local.runs import Run, RunSpec
-from malt_local.store import Store
-from malt_local.tree import TreeRunner, derive_seed, tree_size
+from malt_local.questions.loading import load_questions
+from malt_local.roles import tree_size
+from malt_local.run.settings import Run, RunSpec
+from malt_local.run.tree import TreeRunner, derive_seed
 from tests.conftest import EXAMPLES
 from tests.fakes import FakeEngine
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from malt_local.store import Store
+from malt_local.db.store import Store
 from tests.conftest import malt
 
 FIRST_SCHEMA = Path(__file__).parent / "data" / "first_release_schema.sql"

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from malt_local import export as ex
+from malt_local.db.store import Store
 from malt_local.errors import MaltError
-from malt_local.evaluate import EvalSettings
-from malt_local.store import Store
+from malt_local.evaluate.pipeline import EvalSettings
+from malt_local.export import pipeline as ex
+from malt_local.roles import ROLES
 from malt_local.view import data
 from malt_local.view.server import CSP, ViewServer, is_loopback
 from tests.conftest import ROOT, malt
@@ -186,7 +187,7 @@ def test_pairs_are_the_exported_pairs(gold_db, tmp_path):
     ex.export(gold_db, out, ex.ExportOptions(formats=("dpo",)))
     store = Store.read_only(gold_db)
     try:
-        for role in ex.ROLES:
+        for role in ROLES:
             shown = data.pairs(store, "rgold", role)
             rows = [json.loads(x) for x in (out / f"{role}.dpo.jsonl").read_text().splitlines()]
             prov = [

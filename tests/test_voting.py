@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from malt_local.voting import majority_vote, vote
+from malt_local.evaluate.voting import majority_vote, vote
 
 
 def exact(a: str, b: str) -> bool:

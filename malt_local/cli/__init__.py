@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from malt_local import __version__, interrupts
+from malt_local import __version__
+from malt_local.cli import interrupts
 from malt_local.errors import EXIT_TERMINATED, MaltError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}

@@ -10,6 +10,7 @@ import click
 
 from malt_local.engines import ENGINES, EngineOptions, engine_kind, engine_names
 from malt_local.errors import MaltError
+from malt_local.hashing import is_sha256
 
 ENDPOINTS_ENV = "MALT_ENDPOINTS"
 FLAG_NAMES = {"endpoints": "--endpoint", "role_models": "--role-model", "server_n": "--server-n"}
@@ -106,7 +107,7 @@ def pop_server_settings(kind: str, flags: dict) -> object | None:
     if given["max_in_flight"] is not None and given["max_in_flight"] < 1:
         raise MaltError(f"--max-in-flight must be at least 1 (got {given['max_in_flight']})")
     sha = given["model_sha256"]
-    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+    if sha is not None and not is_sha256(sha):
         raise MaltError("--model-sha256 must be 64 lower-case hex digits")
     if given["request_timeout"] is not None and given["request_timeout"] <= 0:
         raise MaltError("--request-timeout must be positive")

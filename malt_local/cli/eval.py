@@ -16,8 +16,8 @@ from malt_local.cli._engine import (
     server_options,
 )
 from malt_local.cli.run import db_option, json_option
+from malt_local.grading import TASKS
 from malt_local.paths import default_db_path
-from malt_local.questions import TASKS
 
 
 def register(cli: click.Group) -> None:
@@ -134,8 +134,8 @@ def eval_cmd(
     QUESTIONS are one or more benchmark files (a row each). Every turn is stored in the
     database; re-running the same command generates only what is missing.
     """
-    from malt_local.evaluate import EvalSettings, run_eval
-    from malt_local.runner import progress_display
+    from malt_local.evaluate.pipeline import EvalSettings, run_eval
+    from malt_local.run.pipeline import progress_display
 
     settings = EvalSettings(
         mode=mode,

@@ -9,8 +9,9 @@ import click
 
 from malt_local.cli.run import db_option, json_option
 from malt_local.paths import default_db_path
+from malt_local.roles import ROLES
 
-ROLE_CHOICES = ("generator", "verifier", "refiner", "all")
+ROLE_CHOICES = (*ROLES, "all")
 FORMAT_CHOICES = ("sft", "dpo", "json", "all")
 
 
@@ -84,10 +85,10 @@ def export_cmd(
     same parent. Only complete trees are exported. manifest.json in the output folder
     records counts, θ, source runs, model sha256, prompt hashes and the licence notice.
     """
-    from malt_local import export as ex
+    from malt_local.export import pipeline as ex
 
     options = ex.ExportOptions(
-        roles=ex.parse_choice(role, ex.ROLES, "role"),
+        roles=ex.parse_choice(role, ROLES, "role"),
         formats=ex.parse_choice(format_, ex.FORMATS, "format"),
         theta=theta,
         run_ids=run_ids,

@@ -9,22 +9,22 @@ from typing import Any
 
 import click
 
-from malt_local import interrupts
-from malt_local.hub import (
-    NullProgress,
-    PullInterrupted,
-    PullResult,
-    human_size,
-    pull,
-    register_file,
-)
-from malt_local.registry import (
+from malt_local.cli import interrupts
+from malt_local.models.catalog import (
     VERIFIED_ETAG,
     VERIFIED_MODELS_TOML,
     VERIFIED_TRUSTED,
     licence_notice_for,
     model_rows,
     parse_spec,
+)
+from malt_local.models.download import (
+    NullProgress,
+    PullInterrupted,
+    PullResult,
+    human_size,
+    pull,
+    register_file,
 )
 
 

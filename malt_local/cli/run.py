@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from malt_local import report
 from malt_local.cli._engine import (
     engine_option,
     engine_options,
@@ -16,9 +15,10 @@ from malt_local.cli._engine import (
     server_options,
 )
 from malt_local.errors import MaltError
+from malt_local.grading import TASKS
 from malt_local.paths import default_db_path
-from malt_local.questions import TASKS
-from malt_local.runs import RunSettings
+from malt_local.run import status as report
+from malt_local.run.settings import RunSettings
 
 db_option = click.option(
     "--db",
@@ -106,7 +106,7 @@ def run_cmd(
     question/answer rows), UTF-8 or with a byte-order mark.
     Re-running the same command continues where it stopped.
     """
-    from malt_local import runner
+    from malt_local.run import pipeline as runner
 
     judge, judge_model = settings.pop("judge"), settings.pop("judge_model")
     engine_kind, parallel = settings.pop("engine_kind"), settings.pop("parallel")
@@ -151,7 +151,7 @@ def run_cmd(
             + f"{result['tokens_per_second']:.1f} tok/s -> {result['db']}"
         )
         if too_long:
-            from malt_local.fit import Skipped
+            from malt_local.run.too_long import Skipped
 
             for skipped in too_long:
                 click.echo(Skipped(**skipped).describe(), err=True)

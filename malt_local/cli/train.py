@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from malt_local.cli.run import json_option
-from malt_local.training.settings import DEVICES, REPORTERS, ROLES, TrainSettings
+from malt_local.roles import ROLES
+from malt_local.training.settings import DEVICES, REPORTERS, TrainSettings
 
 DEFAULTS = TrainSettings()
 

@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from malt_local.errors import MaltError
-from malt_local.training.settings import ROLES, STAGES
+from malt_local.roles import ROLES
+from malt_local.training.settings import STAGES
 
 MANIFEST = "manifest.json"
 TOOL = "malt-train"

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from malt_local import __version__
 from malt_local.errors import MaltError
-from malt_local.training.base import Base, load_base, pick_device, resolve_base
+from malt_local.roles import ROLES
+from malt_local.training.base_model import Base, load_base, pick_device, resolve_base
 from malt_local.training.data import ExportData, load_export
 from malt_local.training.manifest import (
     MANIFEST_VERSION,
@@ -33,7 +34,7 @@ from malt_local.training.manifest import (
     read_manifest,
     write_manifest,
 )
-from malt_local.training.settings import ROLES, TrainSettings, fingerprint
+from malt_local.training.settings import TrainSettings, fingerprint
 
 STATE = "state.json"
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "gguf")
@@ -241,7 +242,7 @@ def _train_one(
     report_to: str | None,
     emit: Events,
 ) -> dict:
-    from malt_local.training.base import hf_folder
+    from malt_local.training.base_model import hf_folder
     from malt_local.training.gguf_lora import BaseShape, convert
     from malt_local.training.trainer import merged_sft_model, train_stage
 
@@ -313,7 +314,7 @@ def _manifest(
     partial: Path,
     started: float,
 ) -> dict:
-    from malt_local.training.base import dtype_for
+    from malt_local.training.base_model import dtype_for
 
     adapters = dict((existing or {}).get("adapters", {}))
     adapters.update(results)

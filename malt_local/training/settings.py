@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 
 from malt_local.errors import MaltError
 
-ROLES = ("generator", "verifier", "refiner")
 STAGES = ("sft", "dpo")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REPORTERS = ("tensorboard", "wandb")

@@ -14,12 +14,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from malt_local import evaluate, export
+from malt_local.db.store import Store
 from malt_local.errors import MaltError
-from malt_local.questions import Question
-from malt_local.report import ROLE_ORDER, run_status
-from malt_local.store import Store
-from malt_local.tree import tree_size
+from malt_local.evaluate import pipeline as evaluate
+from malt_local.export import pipeline as export
+from malt_local.questions.loading import Question
+from malt_local.roles import ROLES, nodes_per_role, tree_size
+from malt_local.run.status import run_status
 
 VALUE_BINS = 10  # value histograms: ten bins of width 0.1 over [0, 1]
 LENGTH_BINS = 8  # output-length histograms: eight bins from 0 to the run's max tokens
@@ -39,9 +40,9 @@ def run_page(store: Store, run_id: str) -> dict:
     if row is None:
         raise MaltError(f"no run '{run_id}' in {store.path}")
     status = run_status(store, row)
-    values: dict[str, list[int]] = {r: [0] * VALUE_BINS for r in ROLE_ORDER}
-    lengths: dict[str, list[int]] = {r: [0] * LENGTH_BINS for r in ROLE_ORDER}
-    finish: dict[str, Counter] = {r: Counter() for r in ROLE_ORDER}
+    values: dict[str, list[int]] = {r: [0] * VALUE_BINS for r in ROLES}
+    lengths: dict[str, list[int]] = {r: [0] * LENGTH_BINS for r in ROLES}
+    finish: dict[str, Counter] = {r: Counter() for r in ROLES}
     mean_len: dict[str, float] = {}
     cap = max(1, row["max_tokens"])
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -65,7 +66,7 @@ def run_page(store: Store, run_id: str) -> dict:
         "length_hist": lengths,
         "length_cap": cap,
         "mean_length": mean_len,
-        "finish_reasons": {r: dict(sorted(finish[r].items())) for r in ROLE_ORDER},
+        "finish_reasons": {r: dict(sorted(finish[r].items())) for r in ROLES},
     }
 
 
@@ -202,8 +203,8 @@ def tree(store: Store, run_id: str, question_id: str) -> dict:
         "question": q,
         "options": json.loads(q["options"]) if q["options"] else None,
         "roots": roots,
-        "counts": {r: counts[r] for r in ROLE_ORDER},
-        "expected": {r: n ** (i + 1) for i, r in enumerate(ROLE_ORDER)},
+        "counts": {r: counts[r] for r in ROLES},
+        "expected": {r: nodes_per_role(n, r) for r in ROLES},
         "total": sum(counts.values()),
         "total_expected": tree_size(n),
     }
@@ -233,8 +234,8 @@ def pairs(
 ) -> dict:
     """The DPO pairs of `role` an export of this run writes, in file order (export's rule):
     all are counted, only `limit` of them from index `start` are kept (a page)."""
-    if role not in export.ROLES:
-        raise MaltError(f"unknown role '{role}': choose {', '.join(export.ROLES)}")
+    if role not in ROLES:
+        raise MaltError(f"unknown role '{role}': choose {', '.join(ROLES)}")
     options = export.ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
     options.validate()
     (run,) = export.source_runs(store, options)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from malt_local.db.store import Store
 from malt_local.errors import MaltError
-from malt_local.report import ROLE_ORDER
-from malt_local.store import Store
+from malt_local.roles import ROLES
 from malt_local.view import data, plots
 
 REFRESH_SECONDS = 5  # a run page reloads itself this often while its run is unfinished
@@ -46,15 +46,12 @@ def run(store: Store, run_id: str, params: dict) -> Page:
     bins = [f"{i / data.VALUE_BINS:.1f}" for i in range(data.VALUE_BINS)]
     value_chart = plots.bar_chart(
         "Value distribution per role (nodes per value bin)",
-        [
-            (b, [(r, page["value_hist"][r][i], None) for r in ROLE_ORDER])
-            for i, b in enumerate(bins)
-        ],
+        [(b, [(r, page["value_hist"][r][i], None) for r in ROLES]) for i, b in enumerate(bins)],
         ylabel="nodes",
     )
     rate_chart = plots.bar_chart(
         "Positive rate per role",
-        [(r, [("", 100 * (roles[r]["positive_rate"] or 0), None)]) for r in ROLE_ORDER],
+        [(r, [("", 100 * (roles[r]["positive_rate"] or 0), None)]) for r in ROLES],
         ymax=100,
         ylabel="%",
         unit="%",
@@ -64,7 +61,7 @@ def run(store: Store, run_id: str, params: dict) -> Page:
     length_chart = plots.bar_chart(
         f"Output length per role (nodes per token bin, max {cap})",
         [
-            (f"{int(i * step)}", [(r, page["length_hist"][r][i], None) for r in ROLE_ORDER])
+            (f"{int(i * step)}", [(r, page["length_hist"][r][i], None) for r in ROLES])
             for i in range(data.LENGTH_BINS)
         ],
         ylabel="nodes",
@@ -125,7 +122,7 @@ def pairs(store: Store, run_id: str, params: dict) -> Page:
     result = data.pairs(store, run_id, role, theta, start, PAIRS_PER_PAGE)
     result["next"] = start + PAIRS_PER_PAGE if start + PAIRS_PER_PAGE < result["total"] else None
     result["prev"] = max(0, start - PAIRS_PER_PAGE) if start else None
-    return Page("pairs.html", {"run_id": run_id, "role": role, "roles": ROLE_ORDER, **result})
+    return Page("pairs.html", {"run_id": run_id, "role": role, "roles": ROLES, **result})
 
 
 def evaluations(store: Store, params: dict) -> Page:

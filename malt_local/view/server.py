@@ -29,9 +29,9 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from malt_local import __version__
+from malt_local.db.store import Store
 from malt_local.errors import MaltError
-from malt_local.report import ROLE_ORDER
-from malt_local.store import Store
+from malt_local.roles import ROLES
 from malt_local.view import pages
 
 HERE = Path(__file__).resolve().parent
@@ -69,7 +69,7 @@ def environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals.update(roles=ROLE_ORDER, version=__version__)
+    env.globals.update(roles=ROLES, version=__version__)
     env.filters["num"] = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.1f}%"
     env.filters["short"] = lambda s, n=80: s if len(s) <= n else s[: n - 1] + "…"

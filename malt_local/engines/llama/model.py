@@ -13,19 +13,7 @@ from pathlib import Path
 
 from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf(path: Path) -> None:
-    """A clear error for a path that is missing or is not a GGUF file, before llama.cpp sees it."""
-    if not path.exists():
-        raise MaltError(f"model file not found: {path}")
-    if not path.is_file():
-        raise MaltError(f"model path is not a file: {path}")
-    with path.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise MaltError(f"{path} is not a GGUF model file")
+from malt_local.gguf import check_gguf
 
 
 @contextlib.contextmanager
@@ -69,10 +57,10 @@ def set_context_adapters(ctx: object, adapters: list[tuple[object, float]]) -> N
 
 def resolve_model_path(spec: str) -> tuple[Path, str | None]:
     """A GGUF path and its known sha256 (None: hash it) from a path or a pulled alias."""
-    from malt_local.registry import resolve_model
+    from malt_local.models.catalog import resolve_model
 
     resolved = resolve_model(spec)
-    check_gguf(Path(resolved.path))
+    check_gguf(Path(resolved.path), "model file")
     return Path(resolved.path), resolved.sha256
 
 
@@ -95,7 +83,7 @@ class LocalModel:
         import llama_cpp
 
         self.path = Path(path)
-        check_gguf(self.path)
+        check_gguf(self.path, "model file")
         if n_gpu_layers is None:
             n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.n_threads = n_threads or default_threads()

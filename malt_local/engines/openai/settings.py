@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass, field
 
 from malt_local.errors import MaltError
+from malt_local.roles import ROLES
 
-ROLE_NAMES = ("generator", "verifier", "refiner", "judge")
+ROLE_NAMES = (*ROLES, "judge")  # the judge can have its own served model
 
 
 @dataclass(frozen=True)

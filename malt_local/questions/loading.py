@@ -1,5 +1,5 @@
 """Questions in: `.jsonl`, `.json`, `.csv`, `.tsv`, `.txt` and `.parquet`, in the shapes the
-benchmarks ship (`malt_local.question_files` reads the files as the tools that write them do).
+benchmarks ship (`malt_local.questions.formats` reads the files as the tools that write them do).
 
 The shape of a row decides the task (and so the grader): GSM8K rows have an `answer` ending in
 `#### N`, MATH rows a `problem` and an `answer` or a `\\boxed{}` solution, CSQA rows `options`
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from malt_local.errors import MaltError
-from malt_local.question_files import read_rows
+from malt_local.grading import TASKS, last_boxed
+from malt_local.questions.formats import read_rows
 
 # "judge" is never detected: `--task judge` asks for the LLM judge (free-form answers).
-TASKS = ("gsm8k", "math", "csqa", "exact", "judge")
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Ja-j])[.):]\s*(.+?)\s*$")
 
 
@@ -111,7 +111,7 @@ def _ground_truth(row: dict, shape: str, task: str, where: str) -> str:
     else:
         answer = ""
     if not answer and "\\boxed" in str(row.get("solution", "")):
-        answer = last_boxed(str(row["solution"])) or ""
+        answer = (last_boxed(str(row["solution"])) or "").strip()
     if not answer:
         raise MaltError(f"{where}: missing ground truth (expected 'answer' or 'ground_truth')")
     if "####" in answer:
@@ -158,22 +158,3 @@ def _csqa_letter(truth: str, options: tuple[tuple[str, str], ...], where: str) -
         if text.strip().lower() == truth.strip().lower():
             return lt
     raise MaltError(f"{where}: ground truth {truth!r} is not one of the options")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` with balanced braces."""
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None

@@ -23,8 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from malt_local.engines.llama.adapters import GGUFHeader, read_gguf_header
 from malt_local.errors import MaltError
+from malt_local.gguf import GGUFHeader, is_gguf, read_gguf_header
 from malt_local.paths import malt_home
 from malt_local.training.data import ExportData
 from malt_local.training.gguf_lora import ARCHITECTURES
@@ -57,20 +57,12 @@ def cache_root() -> Path:
 
 
 def _find_pulled(sha256: str) -> Path | None:
-    from malt_local.registry import load_records
+    from malt_local.models.catalog import load_records
 
     for record in load_records().values():
         if record.sha256 == sha256 and record.problem() is None:
             return Path(record.path)
     return None
-
-
-def _is_gguf(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 def _hf_facts(folder: Path) -> tuple[str, int | None, str | None]:
@@ -162,7 +154,7 @@ def resolve_base(data: ExportData, base: Path | None) -> Base:
                 file=sys.stderr,
             )
         return Base(path, "hf", None, arch, reference)
-    if not _is_gguf(path):
+    if not is_gguf(path):
         raise MaltError(f"--base {path}: neither a GGUF file nor a Hugging Face model folder")
     header = read_gguf_header(path)
     facts = _gguf_facts(header)

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+from malt_local.db.store import Store, utcnow
 from malt_local.prompts import PromptSet, TreeContext
-from malt_local.questions import Question
-from malt_local.store import Store, utcnow
+from malt_local.questions.loading import Question
 
 TOO_LONG = "too_long"
 ANSWERS_PER_PATH = 3  # generator, verifier and refiner each answer once along a path

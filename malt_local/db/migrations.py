@@ -234,7 +234,7 @@ def m004_claims(db: Database) -> None:
 
 @migrations()
 def m005_skipped_questions(db: Database) -> None:
-    """Questions a run gives no tree, and why (malt_local/fit.py: `too_long` so far).
+    """Questions a run gives no tree, and why (malt_local/run/too_long.py: `too_long` so far).
 
     A question whose longest prompt cannot fit the context with room to answer is recorded here
     before generation instead of being stored as empty nodes graded as answers. The numbers say

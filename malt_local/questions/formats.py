@@ -1,7 +1,7 @@
 """Question files as real tools write them: the bytes on disk to rows of named fields.
 
-`malt_local.questions` decides what a row means; this module only gets the rows out of a file
-with the text each tool wrote. What "the text the tool wrote" means here:
+`malt_local.questions.loading` decides what a row means; this module only gets the rows out of
+a file with the text each tool wrote. What "the text the tool wrote" means here:
 
 - The encoding is read, not guessed. A byte-order mark says UTF-8 (Excel's "CSV UTF-8", old
   Notepad), UTF-16 LE/BE (Notepad's "Unicode", PowerShell 5's `Out-File`) or UTF-32; without

@@ -5,7 +5,7 @@ refiner children, a generator node's value the mean of its verifiers' values (so
 n² leaves). A node is positive when its value is strictly above θ. These are Monte-Carlo
 estimates of each node's chance of leading to a correct final answer under the current policy.
 
-Paths are tuples of branch indices: (i,) a generator, (i, j) a verifier, (i, j, k) a refiner.
+Node paths are tuples of branch indices: (i,) a generator, (i, j) a verifier, (i, j, k) a refiner.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-Path = tuple[int, ...]
+from malt_local.roles import NodePath
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ def label_for(value: float, theta: float) -> bool:
     return value > theta
 
 
-def assign(rewards: Mapping[Path, float], n: int, theta: float) -> dict[Path, Credit]:
+def assign(rewards: Mapping[NodePath, float], n: int, theta: float) -> dict[NodePath, Credit]:
     """Values and labels for every node of one complete question tree.
 
     `rewards` maps each of the n³ leaf paths to its reward. An incomplete tree is a ValueError:
@@ -36,7 +36,7 @@ def assign(rewards: Mapping[Path, float], n: int, theta: float) -> dict[Path, Cr
     expected = n**3
     if len(rewards) != expected or any(len(p) != 3 for p in rewards):
         raise ValueError(f"need all {expected} leaf rewards, got {len(rewards)}")
-    out: dict[Path, Credit] = {}
+    out: dict[NodePath, Credit] = {}
     for leaf, reward in rewards.items():
         out[leaf] = Credit(float(reward), label_for(float(reward), theta))
     for i in range(n):

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from malt_local.errors import MaltError
+from malt_local.hashing import is_sha256
 from malt_local.paths import data_path, malt_home
 
 if sys.version_info >= (3, 11):
@@ -45,17 +46,12 @@ RECORDS_FILE = "pulled.json"
 RECORDS_VERSION = 1
 DEFAULT_REVISION = "main"
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # What a record's sha256 was checked against.
 VERIFIED_MODELS_TOML = "models.toml"  # the sha256 pinned in the catalog
 VERIFIED_ETAG = "hub-etag"  # the Hub's ETag, which is the sha256 of an LFS file
 VERIFIED_TRUSTED = "trusted"  # mismatched the catalog, registered anyway with --trust
 VERIFIED_NONE = "none"  # nothing to check against (no pin, no sha256 ETag)
-
-
-def is_sha256(value: str | None) -> bool:
-    return bool(value) and bool(_SHA256_RE.match(value or ""))
 
 
 # --------------------------------------------------------------------------- catalog
@@ -534,6 +530,25 @@ def licence_notice_for(alias: str | None, home: Path | None = None) -> str | Non
         return None
     entry = _find_alias(alias.partition(":")[0], load_catalog(home))
     return entry.licence_notice if entry else None
+
+
+def licence_for_model_file(model_path: str, sha256: str | None) -> tuple[str | None, str | None]:
+    """(alias, notice) for a run's model file, from models.toml: by the pulled record that
+    names the file, else by a pinned sha256, else by the file name."""
+    catalog = load_catalog()
+    name = Path(model_path).name
+    with contextlib.suppress(MaltError):
+        for record in load_records().values():
+            if (sha256 and record.sha256 == sha256) or record.path == model_path:
+                entry = catalog.get(record.alias or "")
+                if entry is not None:
+                    return entry.alias, entry.licence_notice
+    for match in (lambda qf: bool(sha256) and qf.sha256 == sha256, lambda qf: qf.file == name):
+        for alias in sorted(catalog):
+            entry = catalog[alias]
+            if any(match(qf) for qf in entry.files.values()):
+                return alias, entry.licence_notice
+    return None, None
 
 
 # --------------------------------------------------------------------------- listing

@@ -15,8 +15,8 @@ import secrets
 from dataclasses import asdict, dataclass, field, fields
 
 from malt_local import __version__
+from malt_local.db.store import Store, utcnow
 from malt_local.errors import MaltError
-from malt_local.store import Store, utcnow
 
 # Settings that change the nodes, in the order a mismatch message lists them.
 IDENTITY = (

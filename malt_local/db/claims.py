@@ -30,9 +30,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from malt_local.db.store import BUSY_TIMEOUT, Store, utcnow
 from malt_local.engines.base import GenRequest, RequestQueue
 from malt_local.errors import MaltError
-from malt_local.store import BUSY_TIMEOUT, Store, utcnow
 
 LEASE_ENV = "MALT_CLAIM_LEASE"
 DEFAULT_LEASE = 120.0

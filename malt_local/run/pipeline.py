@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from malt_local import fit
+from malt_local.db.store import Store
 from malt_local.diskspace import disk_guard
 from malt_local.engines import (
     Engine,
@@ -24,10 +24,12 @@ from malt_local.engines import (
     identify_model,
     make_engine,
 )
-from malt_local.judge import JudgeModel, JudgePlan, check_judge_model, plan_judge, run_judge
 from malt_local.prompts import PromptSet
-from malt_local.questions import Question, load_questions
-from malt_local.runs import (
+from malt_local.questions.loading import Question, load_questions
+from malt_local.roles import tree_size
+from malt_local.run import too_long
+from malt_local.run.judge import JudgeModel, JudgePlan, check_judge_model, plan_judge, run_judge
+from malt_local.run.settings import (
     Run,
     RunSettings,
     RunSpec,
@@ -38,8 +40,7 @@ from malt_local.runs import (
     start_run,
     with_defaults,
 )
-from malt_local.store import Store
-from malt_local.tree import TreeRunner, tree_size
+from malt_local.run.tree import TreeRunner
 
 
 def run_tree(
@@ -129,8 +130,8 @@ def run_tree(
                 check_judge_model(store, run["id"], judge_plan.name, judge_plan.model.sha256)
             store.add_questions(run["id"], questions)
             skipped = check_fit(store, run["id"], questions, prompts, engine, spec.max_tokens)
-            too_long = {s.question_id for s in skipped}
-            fitting = [q for q in questions if q.id not in too_long]
+            too_long_ids = {s.question_id for s in skipped}
+            fitting = [q for q in questions if q.id not in too_long_ids]
             total = len(fitting) * tree_size(spec.n)
             with progress_display(show_progress, total) as on_progress:
                 runner = TreeRunner(
@@ -158,7 +159,7 @@ def run_tree(
         "db": str(db_path),
         "questions": len(questions),
         "questions_complete": final.questions_complete,
-        "too_long": [fit.as_dict(s) for s in skipped],
+        "too_long": [too_long.as_dict(s) for s in skipped],
         "nodes_total": final.done,
         "nodes_expected": final.total,
         "nodes_generated": final.generated_nodes,
@@ -189,20 +190,20 @@ def check_fit(
     prompts: PromptSet,
     engine: Engine,
     max_tokens: int,
-) -> list[fit.Skipped]:
-    """Record and return the questions too long for one node's context (malt_local/fit.py)."""
+) -> list[too_long.Skipped]:
+    """Record and return the questions too long for one node's context (`too_long`)."""
     if not isinstance(engine, MeasuresPrompts):  # a server enforces its own context
         return []
     # A tree already started (under a larger --ctx) is continued, not dropped.
-    started = fit.started_questions(store, run_id)
-    skipped = fit.find_too_long(
+    started = too_long.started_questions(store, run_id)
+    skipped = too_long.find_too_long(
         [q for q in questions if q.id not in started],
         prompts,
         engine.prompt_length,
         max_tokens=max_tokens,
         limit=engine.node_context(),
     )
-    fit.record_skipped(store, run_id, [q.id for q in questions], skipped)
+    too_long.record_skipped(store, run_id, [q.id for q in questions], skipped)
     return skipped
 
 

@@ -6,7 +6,7 @@ generated, with an id that follows from its place in the tree, so a killed run l
 nodes in flight and a resumed run cannot store one twice (the primary key refuses it).
 
 Several processes may share the file (one per GPU): each connection waits up to BUSY_TIMEOUT
-for another's write transaction, and who builds what is settled by claims (malt_local.claims).
+for another's write transaction, and who builds what is settled by claims (malt_local.db.claims).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
+from malt_local.db.migrations import known_names, migrations
 from malt_local.diskspace import disk_full_error, is_disk_full
 from malt_local.errors import MaltError
-from malt_local.migrations import known_names, migrations
-from malt_local.questions import Question
+from malt_local.questions.loading import Question
 
 ROLE_BY_DEPTH = {1: "generator", 2: "verifier", 3: "refiner"}
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another process's transaction
@@ -59,7 +59,7 @@ class NodeRecord:
     seed: int
     duration_ms: int | None
     created_at: str
-    # The process that generated it (host:pid:token; see malt_local.claims), None before claims.
+    # The process that generated it (host:pid:token; see malt_local.db.claims), None before claims.
     builder: str | None = None
 
     @property

@@ -7,7 +7,7 @@ tree once its last leaf is in. Everything it does is idempotent: a killed run re
 the database continues where it stopped.
 
 Several processes may build one run together (one per GPU): a question's tree is built by the
-process that holds its claim (malt_local.claims). A process claims the next question only when
+process that holds its claim (malt_local.db.claims). A process claims the next question only when
 its engine has room for more work and nothing else queued, plans the question from what is
 stored once the claim is held, and stores each node only while it still holds the claim.
 """
@@ -20,29 +20,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from malt_local import credit
-from malt_local.claims import CLAIM_RETRY, ClaimCursor, ClaimingQueue, Claims
+from malt_local.db.claims import CLAIM_RETRY, ClaimCursor, ClaimingQueue, Claims
+from malt_local.db.store import NodeRecord, Store, node_id, utcnow
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.grading import extract_answer, grade
-from malt_local.prompts import ROLES, PromptSet, TreeContext
-from malt_local.questions import Question
-from malt_local.runs import Run
-from malt_local.store import NodeRecord, Store, node_id, utcnow
+from malt_local.prompts import PromptSet, TreeContext
+from malt_local.questions.loading import Question
+from malt_local.roles import NodePath, role_at, tree_size
+from malt_local.run import credit
+from malt_local.run.settings import Run
 
-Path = tuple[int, ...]
 
-
-def derive_seed(run_seed: int, question_id: str, path: Path) -> int:
+def derive_seed(run_seed: int, question_id: str, path: NodePath) -> int:
     """Each node's own seed, from the run seed and its place in the tree (stable across runs)."""
     text = f"{run_seed}:{question_id}:{'.'.join(map(str, path))}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def tree_size(n: int) -> int:
-    return n + n * n + n**3
-
-
-# The task whose leaves the LLM judge rewards (malt_local.judge), not a deterministic grader.
+# The task whose leaves the LLM judge rewards (malt_local.run.judge), not a deterministic grader.
 JUDGE_TASK = "judge"
 
 
@@ -55,8 +50,8 @@ def assign_question_credit(
     `--task judge` a leaf's reward is NULL until the judge has graded it, and a value computed
     without it would be stored as if it were final.
     """
-    rewards: dict[Path, float] = {}
-    ids: dict[Path, str] = {}
+    rewards: dict[NodePath, float] = {}
+    ids: dict[NodePath, str] = {}
     for r in store.nodes(run_id, question_id):
         ids[r.branches] = r.id
         if r.depth == 3:
@@ -76,7 +71,7 @@ def assign_question_credit(
 class _Pending:
     question: Question
     qindex: int
-    path: Path
+    path: NodePath
     messages: list[dict[str, str]]
     seed: int
 
@@ -192,15 +187,15 @@ class TreeRunner:
         self,
         q: Question,
         qi: int,
-        path: Path,
+        path: NodePath,
         parent: NodeRecord | None,
-        stored: dict[Path, NodeRecord],
+        stored: dict[NodePath, NodeRecord],
     ) -> None:
         depth = len(path) + 1
         missing = [b for b in range(self.n) if path + (b,) not in stored]
         if not missing:
             return
-        role = ROLES[depth - 1]
+        role = role_at(depth)
         if parent is None:
             ctx = TreeContext(q)
         elif depth == 2:
@@ -289,7 +284,7 @@ class TreeRunner:
     def _question_of(self, record: NodeRecord) -> Question:
         return self.questions[self._qindex[record.question_id]]
 
-    def _stored_path_map(self, q: Question, record: NodeRecord) -> dict[Path, NodeRecord]:
+    def _stored_path_map(self, q: Question, record: NodeRecord) -> dict[NodePath, NodeRecord]:
         """What `_request_children` needs: the node itself and, for a verifier, its generator."""
         out = {record.branches: record}
         if record.depth == 2:
@@ -318,7 +313,7 @@ class TreeRunner:
             run_id=self.run_id,
             question_id=q.id,
             parent_id=node_id(self.run_id, q.id, info.path[:-1]) if depth > 1 else None,
-            role=ROLES[depth - 1],
+            role=role_at(depth),
             depth=depth,
             branch=info.path[-1],
             path=".".join(map(str, info.path)),

@@ -47,7 +47,9 @@ from typing import Any, BinaryIO, Protocol
 from malt_local import __version__
 from malt_local.diskspace import disk_guard
 from malt_local.errors import MaltError
-from malt_local.registry import (
+from malt_local.gguf import check_gguf
+from malt_local.hashing import is_sha256, sha256_file
+from malt_local.models.catalog import (
     VERIFIED_ETAG,
     VERIFIED_MODELS_TOML,
     VERIFIED_NONE,
@@ -55,7 +57,6 @@ from malt_local.registry import (
     ModelSpec,
     Record,
     find_record,
-    is_sha256,
     save_record,
 )
 
@@ -63,7 +64,6 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20  # 1 MiB reads: large enough for speed, small enough for a smooth bar
 FSYNC_EVERY = 64 << 20  # bytes between fsyncs: what a reboot may cost, not more
 MAX_REDIRECTS = 10
-GGUF_MAGIC = b"GGUF"
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -389,17 +389,12 @@ def _open_get(cfg: HubConfig, url: str, offset: int) -> Any:
 # --------------------------------------------------------------------------- files
 
 
-def sha256_file(path: Path, progress: Progress | None = None, description: str = "") -> str:
-    """Stream a file through sha256 (about 1 GB/s: a few seconds for an 8B model)."""
-    progress = progress or NullProgress()
-    hasher = hashlib.sha256()
-    progress.start(description or f"verifying {path.name}", path.stat().st_size)
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            hasher.update(chunk)
-            progress.advance(len(chunk))
+def _verify(path: Path, progress: Progress, description: str) -> str:
+    """The file's sha256, with the progress shown as `description`."""
+    progress.start(description, path.stat().st_size)
+    digest = sha256_file(path, progress.advance)
     progress.done()
-    return hasher.hexdigest()
+    return digest
 
 
 class _Partial:
@@ -693,7 +688,7 @@ def _download(
     )
     with _download_lock(cfg.cache_dir, spec.repo, remote.etag):
         if blob.is_file():
-            digest = sha256_file(blob, progress, f"verifying {spec.display}")
+            digest = _verify(blob, progress, f"verifying {spec.display}")
             if expected is None or digest == expected:
                 snapshot = _link_snapshot(folder, remote.commit, spec.file, blob)
                 _write_ref(folder, spec.revision, remote.commit)
@@ -838,7 +833,7 @@ def _from_cache(
     blob = Path(os.path.realpath(snapshot))
     expected = spec.sha256 or (blob.name if is_sha256(blob.name) else None)
     against = VERIFIED_MODELS_TOML if spec.sha256 else VERIFIED_ETAG if expected else VERIFIED_NONE
-    digest = sha256_file(snapshot, progress, f"verifying {spec.display}")
+    digest = _verify(snapshot, progress, f"verifying {spec.display}")
     if expected is not None and digest != expected:
         blob.unlink(missing_ok=True)
         if snapshot.is_symlink():
@@ -869,19 +864,14 @@ def register_file(
     """
     progress = progress or NullProgress()
     path = path.expanduser()
-    if not path.is_file():
-        raise MaltError(f"{path}: no such file")
-    with path.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise MaltError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+    check_gguf(path)
     size = path.stat().st_size
     if spec.sha256 and spec.size and size != spec.size and not trust:
         raise MaltError(
             f"{path} is {size} bytes but models.toml says {spec.display} is {spec.size}: "
             "wrong file? (pass --trust to register it anyway)"
         )
-    digest = sha256_file(path, progress, f"verifying {path.name}")
+    digest = _verify(path, progress, f"verifying {path.name}")
     if spec.sha256 is None:
         against = VERIFIED_NONE
         progress.note(

@@ -47,14 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from malt_local import __version__, credit
+from malt_local import __version__
+from malt_local.db.store import Store
 from malt_local.diskspace import disk_guard
 from malt_local.errors import MaltError
-from malt_local.store import Store
+from malt_local.hashing import sha256_file
+from malt_local.models.catalog import licence_for_model_file
+from malt_local.roles import ROLES, depth_of, nodes_per_role, tree_size
+from malt_local.run import credit
 
-ROLES = ("generator", "verifier", "refiner")
 FORMATS = ("sft", "dpo", "json")
-DEPTH = {"generator": 1, "verifier": 2, "refiner": 3}
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # Rows fetched from SQLite at a time.
@@ -169,10 +171,10 @@ class Tree:
             counts[node.depth - 1] += 1
             if node.value is None or (node.depth == 3 and node.reward is None):
                 return False
-        return counts == [n, n * n, n**3]
+        return counts == [nodes_per_role(n, r) for r in ROLES]
 
     def role_nodes(self, role: str) -> list[ExportNode]:
-        depth = DEPTH[role]
+        depth = depth_of(role)
         return [node for node in self.nodes if node.depth == depth]
 
     def node(self, node_id: str) -> ExportNode | None:
@@ -449,14 +451,6 @@ def _indented(obj: Any, prefix: str) -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _JsonDataset:
     """`ROLE_training.json`, streamed: examples go to a body file, then the whole file is
     assembled with `total_examples` known. The bytes equal `json.dumps(whole, indent=2)`."""
@@ -590,33 +584,9 @@ def _complete_questions(store: Store, run: RunInfo) -> Iterator[tuple[str, dict[
            HAVING COUNT(*) = ? AND SUM(depth = 1) = ? AND SUM(depth = 2) = ?
                   AND SUM(depth = 3) = ? AND SUM(value IS NULL) = 0
                   AND SUM(depth = 3 AND reward IS NULL) = 0""",
-        [run.theta, run.theta, run.id, n + n * n + n**3, n, n * n, n**3],
+        [run.theta, run.theta, run.id, tree_size(n), *(nodes_per_role(n, r) for r in ROLES)],
     ):
         yield qid, {"generator": bool(g), "verifier": bool(v), "refiner": bool(r)}
-
-
-# --------------------------------------------------------------------------- licence
-
-
-def licence_notice(model_path: str, sha256: str | None) -> tuple[str | None, str | None]:
-    """(alias, notice) for a run's model file, from models.toml: by the pulled record that
-    names the file, else by a pinned sha256, else by the file name."""
-    from malt_local import registry
-
-    catalog = registry.load_catalog()
-    name = Path(model_path).name
-    with contextlib.suppress(MaltError):
-        for record in registry.load_records().values():
-            if (sha256 and record.sha256 == sha256) or record.path == model_path:
-                entry = catalog.get(record.alias or "")
-                if entry is not None:
-                    return entry.alias, entry.licence_notice
-    for match in (lambda qf: bool(sha256) and qf.sha256 == sha256, lambda qf: qf.file == name):
-        for alias in sorted(catalog):
-            entry = catalog[alias]
-            if any(match(qf) for qf in entry.files.values()):
-                return alias, entry.licence_notice
-    return None, None
 
 
 # --------------------------------------------------------------------------- export
@@ -804,7 +774,7 @@ def _models(runs: list[RunInfo]) -> list[dict]:
     for run in runs:
         key = (Path(run.model).name, run.model_sha256)
         if key not in seen:
-            alias, notice = licence_notice(run.model, run.model_sha256)
+            alias, notice = licence_for_model_file(run.model, run.model_sha256)
             seen[key] = {
                 "file": key[0],
                 "sha256": run.model_sha256,
@@ -863,7 +833,7 @@ def _manifest(
             path = tmp / name
             with path.open("rb") as fh:
                 lines = sum(1 for _ in fh)
-            files[name] = {"lines": lines, "sha256": _sha256(path)}
+            files[name] = {"lines": lines, "sha256": sha256_file(path)}
     notices = sorted({m["licence_notice"] for m in models if m["licence_notice"]})
     return {
         "tool": "malt",

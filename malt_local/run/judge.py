@@ -10,7 +10,7 @@ verdict always fits in `JUDGE_MAX_TOKENS`).
 When it runs: after the tree, as a pass over the run's refiner leaves that have no judgement
 yet (`malt run --judge`). Each verdict is committed on its own with the leaf it grades, so a
 killed pass resumes where it stopped and never judges a leaf twice. Several processes on one
-run judge it together, question by question, each question under its claim (malt_local.claims).
+run judge it together, question by question, each question under its claim (malt_local.db.claims).
 
 What it decides:
 
@@ -36,14 +36,14 @@ from pathlib import Path
 
 import jinja2
 
-from malt_local import credit
-from malt_local.claims import ClaimCursor, Claims
+from malt_local.db.claims import ClaimCursor, Claims
+from malt_local.db.store import Store, utcnow
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
 from malt_local.prompts import PromptSet, render_block
-from malt_local.store import Store, utcnow
-from malt_local.tree import JUDGE_TASK, Progress, assign_question_credit, derive_seed
+from malt_local.run import credit
+from malt_local.run.tree import JUDGE_TASK, Progress, assign_question_credit, derive_seed
 
 __all__ = [
     "JUDGE_MAX_TOKENS",

@@ -67,11 +67,11 @@ def questions_file(k: int) -> Path:
 def execute_tree(args: argparse.Namespace, engine) -> dict:
     """The bench's trees through TreeRunner and `engine` on a temporary database: the same
     questions, n, seeds and fixed node length whichever engine generates."""
+    from malt_local.db.store import Store
     from malt_local.prompts import PromptSet
-    from malt_local.questions import load_questions
-    from malt_local.runs import Run, RunSpec
-    from malt_local.store import Store
-    from malt_local.tree import TreeRunner
+    from malt_local.questions.loading import load_questions
+    from malt_local.run.settings import Run, RunSpec
+    from malt_local.run.tree import TreeRunner
 
     questions = load_questions(questions_file(args.questions))[: args.questions]
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +131,7 @@ def ceiling_part(args: argparse.Namespace) -> dict:
     sized like the engine's; then one step's sampling timed both ways."""
     from malt_local.engines.llama.ceiling import measure_ceiling
     from malt_local.prompts import PromptSet, TreeContext
-    from malt_local.questions import load_questions
+    from malt_local.questions.loading import load_questions
 
     # The first question's generator prompt, so that the logits sampled are real ones.
     question = load_questions(questions_file(args.questions))[0]
@@ -159,9 +159,9 @@ def server_part(args: argparse.Namespace) -> dict:
     machine, set up like the engine in (b): as many parallel slots as its `--parallel`, each
     with the cells of one of its sequences, the same KV layout, flash attention and threads.
     The server's own counters give the sequences it had in flight per `llama_decode`."""
+    from malt_local.bench.llama_server import LlamaServer
     from malt_local.engines import EngineOptions, make_engine
     from malt_local.engines.openai.settings import OpenAISettings
-    from malt_local.llama_server import LlamaServer
 
     server = LlamaServer(
         args.model,
@@ -462,7 +462,3 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(md + kept_notes(args.out))
     print(f"bench: wrote {args.out}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

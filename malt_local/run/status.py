@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from malt_local.db.store import Store
 from malt_local.errors import MaltError
-from malt_local.fit import skipped_in_run
-from malt_local.store import Store
-from malt_local.tree import tree_size
-
-ROLE_ORDER = ("generator", "verifier", "refiner")
+from malt_local.roles import ROLES, nodes_per_role, tree_size
+from malt_local.run.too_long import skipped_in_run
 
 
 def status(db_path: Path, run_id: str | None = None) -> dict:
@@ -48,7 +46,7 @@ def run_status(store: Store, run: dict) -> dict:
         role, count, pos, labelled, acc, ptok, ctok, ms = row
         roles[role] = {
             "nodes": count,
-            "expected": n_trees * n ** (ROLE_ORDER.index(role) + 1),
+            "expected": n_trees * nodes_per_role(n, role),
             "labelled": labelled or 0,
             "positives": pos or 0,
             "positive_rate": (pos or 0) / labelled if labelled else None,
@@ -57,12 +55,12 @@ def run_status(store: Store, run: dict) -> dict:
             "completion_tokens": ctok or 0,
             "generation_seconds": (ms or 0) / 1000,
         }
-    for role in ROLE_ORDER:
+    for role in ROLES:
         roles.setdefault(
             role,
             {
                 "nodes": 0,
-                "expected": n_trees * n ** (ROLE_ORDER.index(role) + 1),
+                "expected": n_trees * nodes_per_role(n, role),
                 "labelled": 0,
                 "positives": 0,
                 "positive_rate": None,
@@ -104,7 +102,7 @@ def run_status(store: Store, run: dict) -> dict:
         "generation_seconds": sum(r["generation_seconds"] for r in roles.values()),
         "first_node_at": span[0],
         "last_node_at": span[1],
-        "roles": {role: roles[role] for role in ROLE_ORDER},
+        "roles": {role: roles[role] for role in ROLES},
     }
 
 

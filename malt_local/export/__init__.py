@@ -1,0 +1,1 @@
+"""`malt export`: role datasets (SFT, DPO, JSON) from the stored trees."""
