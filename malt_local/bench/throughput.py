@@ -91,7 +91,7 @@ def execute_tree(args: argparse.Namespace, engine) -> dict:
         store.close()
     return {
         "tokens": progress.completion_tokens,
-        "nodes": progress.generated_nodes,
+        "nodes": progress.generated,
         "seconds": seconds,
         "shape": shape,
     }

@@ -72,6 +72,7 @@ from malt_local.engines.registry import EngineOptions, engine_kind, identify_mod
 from malt_local.errors import MaltError
 from malt_local.evaluate.voting import vote
 from malt_local.grading import TASKS, grade
+from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions.loading import Question, load_questions
 from malt_local.roles import ROLES
@@ -358,22 +359,6 @@ class Slot:
 
 
 @dataclass
-class EvalProgress:
-    """What a progress display needs; updated after every stored generation."""
-
-    total: int
-    done: int
-    generated: int = 0
-    completion_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def tokens_per_second(self) -> float:
-        elapsed = time.monotonic() - self.started
-        return self.completion_tokens / elapsed if elapsed > 0 else 0.0
-
-
-@dataclass
 class _Pending:
     slot: Slot
     role: str
@@ -395,7 +380,7 @@ class EvalRunner:
         engine: Engine,
         prompts: PromptSet,
         adapter_sets: Sequence[AdapterSet],
-        on_progress: Callable[[EvalProgress], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.store = store
         self.run_id = run_id
@@ -452,7 +437,7 @@ class EvalRunner:
         for aset in self.adapter_sets:
             ensure_adapter_set(self.store, self.run_id, aset)
 
-    def execute(self) -> EvalProgress:
+    def execute(self) -> Progress:
         """Generate what is missing; returns the final progress.
 
         Several processes may evaluate one eval run together: within a role, each question is
@@ -465,7 +450,7 @@ class EvalRunner:
         slots = self.slots()
         roles = self.settings.roles
         wanted = [self.gid(a, s, r) for a in self.adapter_sets for s in slots for r in roles]
-        progress = EvalProgress(total=len(wanted), done=sum(1 for g in wanted if g in stored))
+        progress = Progress(total=len(wanted), done=sum(1 for g in wanted if g in stored))
         if self.on_progress:
             self.on_progress(progress)
         with self._claims:
@@ -480,7 +465,7 @@ class EvalRunner:
         return f"{aset.id}/{role}/{question_id}"
 
     def _role_pass(
-        self, aset: AdapterSet, role: str, slots: list[Slot], progress: EvalProgress
+        self, aset: AdapterSet, role: str, slots: list[Slot], progress: Progress
     ) -> None:
         """One role's missing turns for one adapter set, question by question under claims."""
         stored = load_generations(self.store, self.run_id)  # the earlier roles, from everyone
@@ -846,7 +831,7 @@ def run_eval(
     prompts_dir: Path | None = None,
     options: EngineOptions | None = None,
     engine_kind_name: str = "batched",
-    on_progress: Callable[[EvalProgress], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> dict:
     """Check everything a user can get wrong, load the model once, evaluate, report.
 

@@ -41,9 +41,10 @@ from malt_local.db.store import Store, utcnow
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
+from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, render_block
 from malt_local.run import credit
-from malt_local.run.tree import JUDGE_TASK, Progress, assign_question_credit, derive_seed
+from malt_local.run.tree import JUDGE_TASK, assign_question_credit, derive_seed
 
 __all__ = [
     "JUDGE_MAX_TOKENS",
@@ -403,7 +404,7 @@ def _judge_question(
             if not _store_verdict(store, run, model, leaf, out, sets_rewards, summary, claims):
                 return False
             progress.done += 1
-            progress.generated_nodes += 1
+            progress.generated += 1
             if on_progress:
                 on_progress(progress)
     return True

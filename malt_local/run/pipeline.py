@@ -162,7 +162,7 @@ def run_tree(
         "too_long": [too_long.as_dict(s) for s in skipped],
         "nodes_total": final.done,
         "nodes_expected": final.total,
-        "nodes_generated": final.generated_nodes,
+        "nodes_generated": final.generated,
         "completion_tokens": final.completion_tokens,
         "seconds": round(elapsed, 3),
         "tokens_per_second": final.completion_tokens / elapsed if elapsed > 0 else 0.0,

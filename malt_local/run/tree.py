@@ -18,12 +18,13 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from malt_local.db.claims import CLAIM_RETRY, ClaimCursor, ClaimingQueue, Claims
 from malt_local.db.store import NodeRecord, Store, node_id, utcnow
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
 from malt_local.grading import extract_answer, grade
+from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions.loading import Question
 from malt_local.roles import NodePath, role_at, tree_size
@@ -74,23 +75,6 @@ class _Pending:
     path: NodePath
     messages: list[dict[str, str]]
     seed: int
-
-
-@dataclass
-class Progress:
-    """What the progress display needs; updated after every stored node."""
-
-    total: int
-    done: int
-    generated_nodes: int = 0
-    completion_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
-    questions_complete: int = 0
-
-    @property
-    def tokens_per_second(self) -> float:
-        elapsed = time.monotonic() - self.started
-        return self.completion_tokens / elapsed if elapsed > 0 else 0.0
 
 
 class TreeRunner:
@@ -254,7 +238,7 @@ class TreeRunner:
         if record is None:
             return
         progress.done += 1
-        progress.generated_nodes += 1
+        progress.generated += 1
         progress.completion_tokens += completion.completion_tokens
         info_q = self._question_of(record)
         if record.depth < 3:
