@@ -20,6 +20,7 @@ class Progress:
     completion_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     questions_complete: int = 0  # `malt run`: questions whose whole tree is stored
+    stage: str = ""  # what is being made ("trees", "judge"): a new stage, a new bar
 
     @property
     def tokens_per_second(self) -> float:

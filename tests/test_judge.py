@@ -74,7 +74,7 @@ class FakeJudge:
 
 
 def judge(store, run, fake: FakeJudge):
-    return judge_run(store, run, fake, JudgePrompt(), model=fake.model)
+    return judge_run(store, Run.from_row(run), fake, JudgePrompt(), model=fake.model)
 
 
 def judge_tree(tmp_path, task="judge", question=FRANCE) -> tuple[Store, dict]:

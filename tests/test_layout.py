@@ -1,9 +1,11 @@
-"""The package's shape: no import circles, llama.cpp only under engines/, `--engine` from the
-registry, and no click outside the CLI."""
+"""The package's shape, as rules: no import circles; one package per command, mirroring `cli/`;
+a module at the top only when two or more packages use it; click only in `cli/`, llama.cpp only
+in `engines/llama/`, rich only in `cli/` and `view/`; `--engine` from the registry."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import click
@@ -108,17 +110,109 @@ def imports_anywhere(path: Path) -> set[str]:
     return out
 
 
-def test_llama_cpp_only_under_engines_llama_and_click_only_in_cli():
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE).as_posix()
-        used = imports_anywhere(path)
-        if "llama_cpp" in used:
-            assert rel.startswith("engines/llama/"), rel
-        if "click" in used:
-            assert rel.startswith("cli/"), rel
-    # The old top-level llama.cpp modules are gone.
-    for old in ("engine", "llama_engine", "batched_engine", "adapters", "chat"):
-        assert not (PACKAGE / f"{old}.py").exists(), old
+# Third-party packages and the only folders of malt_local/ that may import them.
+CONFINED = {"click": ("cli/",), "llama_cpp": ("engines/llama/",), "rich": ("cli/", "view/")}
+
+
+def confinement_breaches(files: dict[str, set[str]]) -> list[str]:
+    """'path: package' for each file importing a confined package outside its folders."""
+    return [
+        f"{rel}: {package}"
+        for rel, used in sorted(files.items())
+        for package, homes in CONFINED.items()
+        if package in used and not rel.startswith(homes)
+    ]
+
+
+def test_click_llama_cpp_and_rich_stay_in_their_folders():
+    files = {p.relative_to(PACKAGE).as_posix(): imports_anywhere(p) for p in PACKAGE.rglob("*.py")}
+    assert "rich" in files["cli/_progress.py"] and "llama_cpp" in files["engines/llama/model.py"]
+    assert confinement_breaches(files) == []
+    # The checker can fail: rich in the library, click in a package, llama_cpp beside it.
+    planted = {
+        "run/tree.py": {"rich"},
+        "export/pipeline.py": {"click"},
+        "engines/base.py": {"llama_cpp"},
+    }
+    assert confinement_breaches(planted) == [
+        "engines/base.py: llama_cpp",
+        "export/pipeline.py: click",
+        "run/tree.py: rich",
+    ]
+
+
+def top_level_users(package: Path) -> dict[str, set[str]]:
+    """For each module at the top of the package, the sub-packages that import it (anywhere in
+    a file, lazy imports included)."""
+    tops = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
+    users: dict[str, set[str]] = {top: set() for top in tops}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).parts
+        if len(parts) == 1:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                bits = name.split(".")
+                if len(bits) > 1 and bits[0] == package.name and bits[1] in tops:
+                    users[bits[1]].add(parts[0])
+    return users
+
+
+def test_a_module_stays_at_the_top_only_when_two_packages_use_it():
+    users = top_level_users(PACKAGE)
+    assert {"errors", "paths", "roles", "gguf", "hashing", "progress"} <= set(users)
+    lonely = {top: sorted(by) for top, by in users.items() if len(by) < 2}
+    assert lonely == {}, f"move each into the one package that uses it: {lonely}"
+
+
+def test_the_checker_finds_a_top_module_with_one_user(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "run").mkdir(parents=True)
+    (package / "cli").mkdir()
+    (package / "shared.py").write_text("")
+    (package / "lonely.py").write_text("")
+    (package / "run" / "a.py").write_text("from pkg import shared\nfrom pkg.lonely import x\n")
+    (package / "cli" / "b.py").write_text("def f():\n    import pkg.shared\n")
+    assert top_level_users(package) == {"shared": {"run", "cli"}, "lonely": {"run"}}
+
+
+def test_one_cli_module_per_command():
+    """`malt_local/cli/` reads like `malt --help`: a module for each command, named after it,
+    plus the shared options, the progress bars and the signal handling."""
+    modules = {p.stem for p in (PACKAGE / "cli").glob("*.py")}
+    commands = set(cli.commands)
+    assert {"run", "status", "show", "export", "eval", "train", "pull", "view"} <= commands
+    assert modules - {"__init__", "_options", "_progress", "interrupts"} == commands
+    for name in commands:
+        module = importlib.import_module(f"malt_local.cli.{name}")
+        assert module.command is cli.commands[name], name
+
+
+def test_every_command_has_its_package():
+    """Each command's work lives in a package of its own (or a shared one it names)."""
+    homes = {"run": "run", "status": "run", "show": "run", "export": "export",
+             "eval": "evaluate", "train": "training", "pull": "models", "models": "models",
+             "view": "view", "db": "db"}  # fmt: skip
+    assert set(homes) == set(cli.commands)
+    for command, package in homes.items():
+        assert (PACKAGE / package / "__init__.py").exists(), package
+        source = (PACKAGE / "cli" / f"{command}.py").read_text()
+        # `malt db path` only prints where the store is: the one command with no work to call.
+        assert command == "db" or f"malt_local.{package}" in source, f"cli/{command}.py"
+
+
+def test_old_flat_modules_are_gone():
+    old = ("engine", "llama_engine", "batched_engine", "adapters", "chat", "runner", "runs",
+           "tree", "credit", "fit", "judge", "report", "store", "migrations", "claims",
+           "registry", "hub", "question_files", "questions", "voting", "evaluate", "export",
+           "bench", "llama_server", "interrupts")  # fmt: skip
+    assert [name for name in old if (PACKAGE / f"{name}.py").exists()] == []
+    assert not (PACKAGE / "training" / "base.py").exists()
 
 
 def test_engine_choices_are_the_registry_names():

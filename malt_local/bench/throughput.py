@@ -392,10 +392,7 @@ def kept_notes(path: Path) -> str:
 
 
 def print_table(md: str) -> None:
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    Console().print(Markdown(md))
+    print(md)  # Markdown reads as it is; the bench needs no terminal UI
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,7 +1,9 @@
-"""The `malt` command line: parses flags, calls the library, prints. No logic lives here.
+"""The `malt` command line: parses flags, calls the library, prints.
 
 \b
-Each command group sits in its own module of this package and is registered below.
+One module per command (`run.py` for `malt run`), each exposing `command`, registered at the
+bottom of this file; `_options.py` holds the options several commands share and `_progress.py`
+every progress bar. No logic lives here: the library decides, this package parses and prints.
 """
 
 from __future__ import annotations
@@ -55,19 +57,19 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    # Command modules: one per group, each exposing `register(cli)`.
-    from malt_local.cli import run as run_cmds
+# One module per command, in the order `malt --help` reads best; each exposes `command`.
+from malt_local.cli import (  # noqa: E402 - the group must exist before its commands join it
+    db,
+    export,
+    models,
+    pull,
+    run,
+    show,
+    status,
+    train,
+    view,
+)
+from malt_local.cli import eval as eval_  # noqa: E402 - `eval` would shadow the builtin
 
-    run_cmds.register(cli)
-    # -- more command modules register here (one line each) --
-    __import__("malt_local.cli.export", fromlist=["register"]).register(cli)
-    __import__("malt_local.cli.eval", fromlist=["register"]).register(cli)
-    __import__("malt_local.cli.view", fromlist=["register"]).register(cli)
-    from malt_local.cli import pull as pull_cmds
-
-    pull_cmds.register(cli)
-    __import__("malt_local.cli.train", fromlist=["register"]).register(cli)
-
-
-_register()
+for _module in (pull, models, run, status, show, export, db, eval_, train, view):
+    cli.add_command(_module.command)

@@ -1,65 +1,47 @@
 """`malt eval`: SA / MA with majority voting and per-role LoRA adapters. The work is in
-evaluate.py; this module parses flags and prints the paper-shaped tables."""
+`malt_local.evaluate`; this module parses flags and prints the paper-shaped tables."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from malt_local.cli._engine import (
-    engine_option,
-    engine_options,
-    pop_server_settings,
-    server_options,
+from malt_local.cli._options import (
+    db_option,
+    engine_flags,
+    json_option,
+    model_option,
+    pop_engine_options,
+    prompts_option,
+    setting,
 )
-from malt_local.cli.run import db_option, json_option
+from malt_local.cli._progress import CountBar, on_terminal
+from malt_local.evaluate.pipeline import MODES, EvalSettings
 from malt_local.grading import TASKS
 from malt_local.paths import default_db_path
 
 
-def register(cli: click.Group) -> None:
-    cli.add_command(eval_cmd)
-
-
 @click.command(name="eval")
 @click.argument("questions", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--mode",
-    type=click.Choice(["sa", "ma", "all"]),
-    default="all",
-    show_default=True,
+@setting(
+    EvalSettings,
+    "mode",
+    type=click.Choice(MODES),
     help="sa: the generator alone; ma: Generator -> Verifier -> Refiner; all: both.",
 )
-@click.option(
-    "--votes",
+@setting(
+    EvalSettings,
+    "votes",
     type=int,
-    default=3,
-    show_default=True,
     help="Independent passes per question, majority-voted (the +MV columns).",
 )
-@click.option(
-    "--samples",
-    type=int,
-    default=100,
-    show_default=True,
-    help="Random questions per seed from each file.",
-)
-@click.option(
-    "--seeds",
-    type=int,
-    default=4,
-    show_default=True,
-    help="Seeds; accuracy is mean ± std over them.",
-)
-@click.option(
-    "--model",
-    "-m",
-    envvar="MALT_MODEL",
-    help="GGUF path or pulled alias ($MALT_MODEL); with --engine openai the served model name.",
-)
+@setting(EvalSettings, "samples", type=int, help="Random questions per seed from each file.")
+@setting(EvalSettings, "seeds", type=int, help="Seeds; accuracy is mean ± std over them.")
+@model_option
 @click.option(
     "--adapter",
     "adapters",
@@ -75,58 +57,34 @@ def register(cli: click.Group) -> None:
     help="A malt train folder: every role its adapters from manifest.json (SFT, then DPO).",
 )
 @db_option
-@click.option(
-    "--temperature",
+@setting(
+    EvalSettings,
+    "temperature",
     type=float,
-    default=0.3,
-    show_default=True,
     help="Sampling temperature (the paper's, so votes can differ).",
 )
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Top-k sampling (0: off).")
-@click.option("--max-tokens", type=int, default=512, show_default=True, help="Most tokens a turn.")
-@click.option(
-    "--seed",
+@setting(EvalSettings, "top_p", type=float, help="Nucleus sampling.")
+@setting(EvalSettings, "top_k", type=int, help="Top-k sampling (0: off).")
+@setting(EvalSettings, "max_tokens", type=int, help="Most tokens a turn.")
+@setting(
+    EvalSettings,
+    "seed",
     type=int,
-    default=0,
-    show_default=True,
     help="Base seed: question samples and turn seeds derive from it.",
 )
-@click.option("--task", help=f"Grader: {'|'.join(TASKS)} [detected from each file].")
-@click.option(
-    "--prompts", "prompts_dir", type=click.Path(path_type=Path), help="Folder of role templates."
-)
-@click.option("--ctx", type=int, help="Context size in tokens [from max tokens].")
-@click.option("--threads", type=int, help="CPU threads [all cores].")
-@click.option("--gpu-layers", type=int, help="Layers on the GPU [all, with GPU support].")
-@engine_option()
-@server_options
-@click.option("--parallel", type=int, help="Most sequences decoded at once by the batched engine.")
+@setting(EvalSettings, "task", help=f"Grader: {'|'.join(TASKS)} [detected from each file].")
+@prompts_option
+@engine_flags
 @json_option
-def eval_cmd(
+def command(
     questions: tuple[Path, ...],
-    mode: str,
-    votes: int,
-    samples: int,
-    seeds: int,
     model: str | None,
     adapters: tuple[str, ...],
     adapters_dir: Path | None,
     db_path: Path | None,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    max_tokens: int,
-    seed: int,
-    task: str | None,
     prompts_dir: Path | None,
-    ctx: int | None,
-    threads: int | None,
-    gpu_layers: int | None,
-    engine_kind: str,
-    parallel: int | None,
     json_: bool,
-    **server_flags,
+    **flags: Any,
 ) -> None:
     """Evaluate the roles at test time: SA, SA+MV, MA, MA+MV, and with --adapter the same
     with per-role LoRA adapters, as mean ± std over seeds.
@@ -134,29 +92,16 @@ def eval_cmd(
     QUESTIONS are one or more benchmark files (a row each). Every turn is stored in the
     database; re-running the same command generates only what is missing.
     """
-    from malt_local.evaluate.pipeline import EvalSettings, run_eval
-    from malt_local.run.pipeline import progress_display
+    from malt_local.evaluate.pipeline import run_eval
 
-    settings = EvalSettings(
-        mode=mode,
-        votes=votes,
-        samples=samples,
-        seeds=seeds,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_tokens=max_tokens,
-        seed=seed,
-        task=task,
-    )
+    engine_name, options = pop_engine_options(flags, flags["max_tokens"])
+    settings = EvalSettings(**flags)
     settings.validate()
-    remote = pop_server_settings(engine_kind, server_flags)
     if adapters_dir is not None:
         from malt_local.training.manifest import adapter_values
 
         adapters = (*adapter_values(adapters_dir), *adapters)
-    show = not json_ and sys.stderr.isatty()
-    with progress_display(show, None, "malt eval", "turns") as on_progress:
+    with CountBar(on_terminal(json_), "malt eval", "turns") as bar:
         result = run_eval(
             list(questions),
             settings,
@@ -164,16 +109,9 @@ def eval_cmd(
             model_spec=model,
             adapter_values=adapters,
             prompts_dir=prompts_dir,
-            options=engine_options(
-                max_tokens=max_tokens,
-                ctx=ctx,
-                threads=threads,
-                gpu_layers=gpu_layers,
-                parallel=parallel,
-                remote=remote,
-            ),
-            engine_kind_name=engine_kind,
-            on_progress=on_progress,
+            options=options,
+            engine_kind_name=engine_name,
+            on_progress=bar,
         )
     if json_:
         click.echo(json.dumps(result, indent=2))

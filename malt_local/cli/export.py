@@ -7,16 +7,12 @@ from pathlib import Path
 
 import click
 
-from malt_local.cli.run import db_option, json_option
+from malt_local.cli._options import db_option, json_option
 from malt_local.paths import default_db_path
 from malt_local.roles import ROLES
 
 ROLE_CHOICES = (*ROLES, "all")
 FORMAT_CHOICES = ("sft", "dpo", "json", "all")
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(export_cmd)
 
 
 @click.command(name="export")
@@ -66,7 +62,7 @@ def register(cli: click.Group) -> None:
 )
 @db_option
 @json_option
-def export_cmd(
+def command(
     role: str,
     format_: str,
     out: Path,

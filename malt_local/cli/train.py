@@ -6,18 +6,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from malt_local.cli.run import json_option
+from malt_local.cli._options import json_option, setting
+from malt_local.cli._progress import TrainingBar, on_terminal
 from malt_local.roles import ROLES
 from malt_local.training.settings import DEVICES, REPORTERS, TrainSettings
-
-DEFAULTS = TrainSettings()
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(train_cmd)
 
 
 @click.command(name="train")
@@ -49,46 +45,18 @@ def register(cli: click.Group) -> None:
     show_default=True,
     help="Adapters folder: ROLE-STAGE/ (PEFT), ROLE-STAGE.gguf, manifest.json.",
 )
-@click.option(
-    "--epochs", type=float, default=DEFAULTS.epochs, show_default=True, help="SFT epochs."
-)
-@click.option(
-    "--dpo-epochs", type=float, default=DEFAULTS.dpo_epochs, show_default=True, help="DPO epochs."
-)
-@click.option("--max-steps", type=int, default=-1, help="Stop each stage after N steps [epochs].")
-@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="SFT learning rate.")
-@click.option(
-    "--dpo-lr", type=float, default=DEFAULTS.dpo_lr, show_default=True, help="DPO learning rate."
-)
-@click.option(
-    "--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Rows a step."
-)
-@click.option(
-    "--grad-accum",
-    type=int,
-    default=DEFAULTS.grad_accum,
-    show_default=True,
-    help="Gradient accumulation steps.",
-)
-@click.option("--lora-r", type=int, default=DEFAULTS.lora_r, show_default=True, help="LoRA rank.")
-@click.option(
-    "--lora-alpha", type=int, default=DEFAULTS.lora_alpha, show_default=True, help="LoRA alpha."
-)
-@click.option(
-    "--lora-dropout",
-    type=float,
-    default=DEFAULTS.lora_dropout,
-    show_default=True,
-    help="LoRA dropout.",
-)
-@click.option(
-    "--max-length",
-    type=int,
-    default=DEFAULTS.max_length,
-    show_default=True,
-    help="Tokens a row (longer rows are truncated).",
-)
-@click.option("--beta", type=float, default=DEFAULTS.beta, show_default=True, help="DPO beta.")
+@setting(TrainSettings, "epochs", type=float, help="SFT epochs.")
+@setting(TrainSettings, "dpo_epochs", type=float, help="DPO epochs.")
+@setting(TrainSettings, "max_steps", type=int, help="Stop each stage after N steps (-1: epochs).")
+@setting(TrainSettings, "lr", type=float, help="SFT learning rate.")
+@setting(TrainSettings, "dpo_lr", type=float, help="DPO learning rate.")
+@setting(TrainSettings, "batch_size", type=int, help="Rows a step.")
+@setting(TrainSettings, "grad_accum", type=int, help="Gradient accumulation steps.")
+@setting(TrainSettings, "lora_r", type=int, help="LoRA rank.")
+@setting(TrainSettings, "lora_alpha", type=int, help="LoRA alpha.")
+@setting(TrainSettings, "lora_dropout", type=float, help="LoRA dropout.")
+@setting(TrainSettings, "max_length", type=int, help="Tokens a row (longer rows are truncated).")
+@setting(TrainSettings, "beta", type=float, help="DPO beta.")
 @click.option(
     "--device",
     type=click.Choice(DEVICES),
@@ -96,13 +64,9 @@ def register(cli: click.Group) -> None:
     show_default=True,
     help="auto: CUDA (bf16), else Apple MPS, else the CPU.",
 )
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Training seed.")
-@click.option(
-    "--save-steps",
-    type=int,
-    default=DEFAULTS.save_steps,
-    show_default=True,
-    help="Checkpoint every N steps (Ctrl-C also saves one).",
+@setting(TrainSettings, "seed", type=int, help="Training seed.")
+@setting(
+    TrainSettings, "save_steps", type=int, help="Checkpoint every N steps (Ctrl-C also saves one)."
 )
 @click.option("--force", is_flag=True, help="Replace an --out (or a partial run) of other data.")
 @click.option(
@@ -111,30 +75,17 @@ def register(cli: click.Group) -> None:
     help="Also log to TensorBoard or Weights & Biases (when installed).",
 )
 @json_option
-def train_cmd(
+def command(
     export_dir: Path,
     role: str,
     stage: str,
     base: Path | None,
     out: Path,
-    epochs: float,
-    dpo_epochs: float,
-    max_steps: int,
-    lr: float,
-    dpo_lr: float,
-    batch_size: int,
-    grad_accum: int,
-    lora_r: int,
-    lora_alpha: int,
-    lora_dropout: float,
-    max_length: int,
-    beta: float,
     device: str,
-    seed: int,
-    save_steps: int,
     force: bool,
     report_to: str | None,
     json_: bool,
+    **hyperparameters: Any,
 ) -> None:
     """Train one LoRA adapter per role on what `malt export` wrote: SFT on the positives, then
     DPO on the sibling pairs (verifier, refiner) with the SFT model as reference.
@@ -147,22 +98,7 @@ def train_cmd(
     from malt_local.training.pipeline import train
     from malt_local.training.trainer import TrainingInterrupted
 
-    settings = TrainSettings(
-        epochs=epochs,
-        dpo_epochs=dpo_epochs,
-        max_steps=max_steps,
-        lr=lr,
-        dpo_lr=dpo_lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        max_length=max_length,
-        beta=beta,
-        seed=seed,
-        save_steps=save_steps,
-    )
+    settings = TrainSettings(**hyperparameters)
     if report_to:
         import importlib.util
 
@@ -170,7 +106,7 @@ def train_cmd(
         if importlib.util.find_spec(module) is None:
             raise MaltError(f"--report-to {report_to}: pip install {module} first")
     roles = list(ROLES) if role == "all" else [role]
-    with _Display(show=not json_ and sys.stderr.isatty()) as display:
+    with TrainingBar(show=on_terminal(json_)) as display:
         try:
             manifest = train(
                 export_dir,
@@ -202,72 +138,3 @@ def train_cmd(
     for name, why in manifest.get("skipped", {}).items():
         click.echo(f"{name}: skipped ({why})")
     click.echo(f"malt eval QUESTIONS --adapters {out}")
-
-
-class _Display:
-    """A rich progress bar on stderr on a terminal (stage, role, step, loss, ETA); elsewhere one
-    line per stage."""
-
-    def __init__(self, show: bool) -> None:
-        self.show = show
-        self.progress = None
-        self.task = None
-
-    def __enter__(self) -> _Display:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-    def event(self, kind: str, info: dict) -> None:
-        name = info.get("stage", "")
-        if kind == "skip":
-            click.echo(f"{name}: skipped, {info['why']}", err=True)
-        elif kind == "done":
-            click.echo(f"{name}: already trained", err=True)
-        elif kind == "load":
-            click.echo(f"loading {info['base']}", err=True)
-        elif kind == "stage":
-            if self.progress is not None:
-                self.task = self.progress.add_task(name, total=None, loss="-")
-            else:
-                click.echo(f"{name}: training on {info['rows']} rows", err=True)
-        elif kind == "step" and self.progress is not None and self.task is not None:
-            loss = info["loss"]
-            self.progress.update(
-                self.task,
-                completed=info["step"],
-                total=info["total"],
-                loss=f"{loss:.3f}" if loss is not None else "-",
-            )
-        elif kind == "trained" and self.progress is None:
-            name = info["peft"]
-            resumed = info["resumed_from_step"]
-            since = f" (resumed from step {resumed})" if resumed else ""
-            click.echo(f"{name}: {info['steps']} steps{since}", err=True)

@@ -6,12 +6,8 @@ from pathlib import Path
 
 import click
 
-from malt_local.cli.run import db_option
+from malt_local.cli._options import db_option
 from malt_local.paths import default_db_path
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(view_cmd)
 
 
 @click.command(name="view")
@@ -30,7 +26,7 @@ def register(cli: click.Group) -> None:
     type=click.Path(path_type=Path),
     help="`malt train` output folder (its manifest.json) for the loss curves [./adapters].",
 )
-def view_cmd(db_path: Path | None, host: str, port: int, open_: bool, train: Path | None) -> None:
+def command(db_path: Path | None, host: str, port: int, open_: bool, train: Path | None) -> None:
     """Browse runs, trees, DPO pairs, evaluations and training curves in the browser.
 
     \b

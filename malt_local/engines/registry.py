@@ -48,6 +48,18 @@ class EngineOptions:
     # Remote engines: a settings object of the engine's own (e.g. `OpenAISettings`).
     remote: ServedSettings | None = field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.remote is not None:
+            local_only = {"--ctx": self.ctx, "--threads": self.threads,
+                          "--gpu-layers": self.gpu_layers, "--parallel": self.parallel}  # fmt: skip
+            for flag, value in local_only.items():
+                if value is not None:
+                    raise MaltError(f"{flag} is for the llama.cpp engines, not --engine openai")
+        if self.ctx is not None:  # before any model is loaded or row written
+            from malt_local.engines.llama.sizing import check_ctx
+
+            check_ctx(self.ctx)
+
     def for_model(self, local: bool, target: str) -> EngineOptions:
         """These options pointed at a model: a GGUF path (local) or a served model name."""
         if local:

@@ -44,6 +44,7 @@ from malt_local.paths import data_path
 from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, render_block
 from malt_local.run import credit
+from malt_local.run.settings import Run
 from malt_local.run.tree import JUDGE_TASK, assign_question_credit, derive_seed
 
 __all__ = [
@@ -283,7 +284,7 @@ def _pending(store: Store, after: str, before: str, limit: int) -> list[dict]:
     )
 
 
-def _unjudged_questions(store: Store, run: dict) -> list[str]:
+def _unjudged_questions(store: Store, run: Run) -> list[str]:
     """The run's finished trees with a refiner leaf that has no verdict, in id order.
 
     Only finished trees: another process may still be building a tree of its own questions
@@ -298,7 +299,7 @@ def _unjudged_questions(store: Store, run: dict) -> list[str]:
                GROUP BY n.question_id
                HAVING COUNT(*) = ? AND SUM(j.node_id IS NULL) > 0
                ORDER BY n.question_id""",
-            [run["id"], run["n"] ** 3],
+            [run.id, run.spec.n**3],
         )
     ]
 
@@ -309,7 +310,7 @@ def _options(raw: str | None) -> list[tuple[str, str]]:
 
 def judge_run(
     store: Store,
-    run: dict,
+    run: Run,
     engine: Engine,
     prompt: JudgePrompt,
     *,
@@ -323,8 +324,8 @@ def judge_run(
     `judge`, each verdict also sets its leaf's reward, and every tree whose leaves are all
     rewarded gets its values and labels.
     """
-    run_id = run["id"]
-    sets_rewards = run.get("task") == JUDGE_TASK
+    run_id = run.id
+    sets_rewards = run.spec.task == JUDGE_TASK
     check_judge_model(store, run_id, model.name, model.sha256)
     summary = JudgeSummary(model=model.name, sets_rewards=sets_rewards)
     db = store.db
@@ -334,7 +335,7 @@ def judge_run(
     summary.already = db.execute(
         "SELECT COUNT(*) FROM judgements WHERE run_id = ?", [run_id]
     ).fetchone()[0]
-    progress = Progress(total=total, done=summary.already)
+    progress = Progress(total=total, done=summary.already, stage="judge")
     if on_progress:
         on_progress(progress)
     # Several processes on one run judge question by question, each under its claim.
@@ -365,19 +366,19 @@ def judge_run(
             """SELECT question_id FROM nodes WHERE run_id = ? GROUP BY question_id
                HAVING SUM(depth = 3) = ? AND SUM(depth = 3 AND reward IS NULL) = 0
                       AND SUM(value IS NULL) > 0""",
-            [run_id, run["n"] ** 3],
+            [run_id, run.spec.n**3],
         ).fetchall():
             summary.credited += _credit(store, run, qid)
     return summary
 
 
-def _credit(store: Store, run: dict, question_id: str) -> int:
-    return int(assign_question_credit(store, run["id"], question_id, run["n"], run["theta"]))
+def _credit(store: Store, run: Run, question_id: str) -> int:
+    return int(assign_question_credit(store, run.id, question_id, run.spec.n, run.spec.theta))
 
 
 def _judge_question(
     store: Store,
-    run: dict,
+    run: Run,
     engine: Engine,
     prompt: JudgePrompt,
     model: JudgeModel,
@@ -390,8 +391,8 @@ def _judge_question(
     """Judge one claimed question's unjudged leaves, a batch of requests at a time (an engine
     with requests in flight, a server, judges a batch concurrently); False when the claim was
     lost."""
-    sets_rewards = run.get("task") == JUDGE_TASK
-    prefix = f"{run['id']}/{question_id}/"
+    sets_rewards = run.spec.task == JUDGE_TASK
+    prefix = f"{run.id}/{question_id}/"
     after, before = prefix, prefix[:-1] + "0"  # "0" sorts right after "/"
     while batch := _pending(store, after, before, _BATCH):
         after = batch[-1]["id"]
@@ -410,17 +411,19 @@ def _judge_question(
     return True
 
 
-def _request(run: dict, prompt: JudgePrompt, leaf: dict) -> GenRequest:
+def _request(run: Run, prompt: JudgePrompt, leaf: dict) -> GenRequest:
     messages = prompt.messages(
         question=leaf["question"],
         ground_truth=leaf["ground_truth"],
         answer=leaf["output"],
-        task=run.get("task") or leaf["task"],
+        task=run.spec.task or leaf["task"],
         options=_options(leaf["options"]),
         stated_answer=leaf["answer"],
     )
     seed = derive_seed(
-        run["seed"], "judge:" + leaf["question_id"], tuple(int(b) for b in leaf["path"].split("."))
+        run.spec.seed,
+        "judge:" + leaf["question_id"],
+        tuple(int(b) for b in leaf["path"].split(".")),
     )
     return GenRequest(
         messages=messages,
@@ -435,7 +438,7 @@ def _request(run: dict, prompt: JudgePrompt, leaf: dict) -> GenRequest:
 
 def _store_verdict(
     store: Store,
-    run: dict,
+    run: Run,
     model: JudgeModel,
     leaf: dict,
     out: Completion,
@@ -455,7 +458,7 @@ def _store_verdict(
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             [
                 leaf["id"],
-                run["id"],
+                run.id,
                 verdict.correctness_score,
                 verdict.reasoning_score,
                 verdict.explanation,
@@ -478,7 +481,7 @@ def _store_verdict(
                     reward,
                     int(reward),
                     reward,
-                    int(credit.label_for(reward, run["theta"])),
+                    int(credit.label_for(reward, run.spec.theta)),
                     leaf["id"],
                 ],
             )
@@ -532,7 +535,7 @@ def plan_judge(
 def run_judge(
     plan: JudgePlan,
     db_path: Path,
-    run: dict,
+    run: Run,
     make: Callable[[], Engine],
     *,
     on_progress: Callable[[Progress], None] | None = None,

@@ -24,9 +24,10 @@ from malt_local.engines import (
     identify_model,
     make_engine,
 )
+from malt_local.errors import MaltError
+from malt_local.progress import OnProgress
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question, load_questions
-from malt_local.roles import tree_size
 from malt_local.run import too_long
 from malt_local.run.judge import JudgeModel, JudgePlan, check_judge_model, plan_judge, run_judge
 from malt_local.run.settings import (
@@ -55,10 +56,14 @@ def run_tree(
     run_id: str | None = None,
     new_run: bool = False,
     engine_kind_name: str = "batched",
-    show_progress: bool = False,
+    on_progress: OnProgress | None = None,
     judge: bool = False,
     judge_model: str | None = None,
 ) -> dict:
+    """Build (or continue) the run's trees, then judge them if asked; the summary as a dict
+    (`malt run --json`). `on_progress` hears every stored node, and every verdict."""
+    if limit is not None and limit < 1:
+        raise MaltError(f"--limit must be at least 1 (got {limit})")
     kind = engine_kind(engine_kind_name)
     run: dict | None = None
     if db_path.exists() or run_id:
@@ -132,13 +137,9 @@ def run_tree(
             skipped = check_fit(store, run["id"], questions, prompts, engine, spec.max_tokens)
             too_long_ids = {s.question_id for s in skipped}
             fitting = [q for q in questions if q.id not in too_long_ids]
-            total = len(fitting) * tree_size(spec.n)
-            with progress_display(show_progress, total) as on_progress:
-                runner = TreeRunner(
-                    store, Run(run["id"], spec), fitting, engine, prompts, on_progress
-                )
-                started = time.monotonic()
-                final = runner.execute()
+            runner = TreeRunner(store, Run(run["id"], spec), fitting, engine, prompts, on_progress)
+            started = time.monotonic()
+            final = runner.execute()
             elapsed = time.monotonic() - started
         finally:
             engine.close()
@@ -146,14 +147,13 @@ def run_tree(
         judged = None
         if judge_plan is not None:
             judge_options = _judge_options(base, kind.local, judge_plan)
-            with progress_display(show_progress, 0) as on_progress:
-                judged = run_judge(
-                    judge_plan,
-                    db_path,
-                    run,
-                    lambda: make_engine(kind.name, judge_options),
-                    on_progress=on_progress,
-                )
+            judged = run_judge(
+                judge_plan,
+                db_path,
+                Run(run["id"], spec),
+                lambda: make_engine(kind.name, judge_options),
+                on_progress=on_progress,
+            )
     return {
         "run_id": run["id"],
         "db": str(db_path),
@@ -205,59 +205,3 @@ def check_fit(
     )
     too_long.record_skipped(store, run_id, [q.id for q in questions], skipped)
     return skipped
-
-
-class progress_display:  # noqa: N801 - used as a context manager
-    """A rich bar on stderr (done/total, tok/s, ETA), only on a terminal.
-
-    `total` may be None until the first update (`malt eval` learns it when it starts).
-    """
-
-    def __init__(
-        self, enabled: bool, total: int | None, label: str = "malt run", unit: str = "nodes"
-    ) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.label = label
-        self.unit = unit
-        self._progress = None
-        self._task = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import (
-            Progress as Bar,
-        )
-
-        self._progress = Bar(
-            TextColumn(f"[bold]{self.label}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(self.unit),
-            TextColumn("{task.fields[tps]:.1f} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(self.label, total=self.total, tps=0.0)
-        return self.update
-
-    def update(self, p) -> None:
-        """Takes any progress record with done, total and tokens_per_second."""
-        assert self._progress is not None
-        self._progress.update(self._task, completed=p.done, total=p.total, tps=p.tokens_per_second)
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.stop()

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from malt_local import __version__
 from malt_local.db.store import Store, utcnow
 from malt_local.errors import MaltError
+from malt_local.grading import TASKS
 
 # Settings that change the nodes, in the order a mismatch message lists them.
 IDENTITY = (
@@ -37,7 +38,10 @@ IDENTITY = (
 
 @dataclass
 class RunSettings:
-    """The settings a user can give; None means 'not given'."""
+    """The settings a user can give; None means 'not given' (a resumed run keeps its own).
+
+    `DEFAULTS` is what a new run takes for each one left out; `malt run --help` shows them.
+    """
 
     n: int | None = None
     temperature: float | None = None
@@ -75,6 +79,8 @@ class RunSettings:
             raise MaltError(f"--top-k must be >= 0 (got {self.top_k})")
         if self.theta is not None and not 0 <= self.theta <= 1:
             raise MaltError(f"--theta must be in [0, 1] (got {self.theta})")
+        if self.task is not None and self.task not in TASKS:
+            raise MaltError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")
 
 
 @dataclass

@@ -1,6 +1,5 @@
-"""What `malt status` and `malt show` read from the database, and how they print it.
-
-The data functions return plain dicts (the `--json` output); the print functions only format.
+"""What `malt status` and `malt show` read from the database: plain dicts, which are the
+`--json` output and what the CLI draws (`malt_local.cli.status`, `malt_local.cli.show`).
 """
 
 from __future__ import annotations
@@ -106,54 +105,6 @@ def run_status(store: Store, run: dict) -> dict:
     }
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def print_status(data: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not data["runs"]:
-        console.print(f"No runs in {data['db']}.")
-        return
-    for run in data["runs"]:
-        console.print(
-            f"[bold]run {run['run_id']}[/] {run['created_at'][:19]}"
-            f"  model {Path(run['model']).name}"
-            f"  n={run['n']} θ={run['theta']} T={run['temperature']} max_tokens={run['max_tokens']}"
-        )
-        console.print(
-            f"  questions {run['questions_complete']}/{run['questions']} complete, "
-            + (f"{len(run['too_long'])} skipped as too long, " if run["too_long"] else "")
-            + f"nodes {run['nodes']}/{run['nodes_expected']}, leaf accuracy "
-            f"{_pct(run['leaf_accuracy'])}, {run['completion_tokens']} tokens generated, "
-            f"{run['generation_seconds']:.0f} node-seconds (batched nodes overlap)"
-        )
-        table = Table(show_edge=False)
-        for col in ("role", "nodes", "answer accuracy", "positives", "positive rate", "tokens"):
-            table.add_column(col, justify="left" if col == "role" else "right")
-        for role, r in run["roles"].items():
-            table.add_row(
-                role,
-                f"{r['nodes']}/{r['expected']}",
-                _pct(r["accuracy"]),
-                f"{r['positives']}/{r['labelled']}",
-                _pct(r["positive_rate"]),
-                str(r["completion_tokens"]),
-            )
-        console.print(table)
-        for s in run["too_long"]:
-            where = f" ({s['source']})" if s["source"] else ""
-            console.print(
-                f"  skipped, too long: {s['question_id']}{where} needs {s['needed_tokens']} "
-                f"tokens with room to answer, a node's context holds {s['limit_tokens']}",
-                markup=False,
-                highlight=False,
-            )
-
-
 def tree(db_path: Path, question_id: str, run_id: str | None = None) -> dict:
     store = Store(db_path, create=False)
     try:
@@ -202,34 +153,3 @@ def tree(db_path: Path, question_id: str, run_id: str | None = None) -> dict:
         }
     finally:
         store.close()
-
-
-def print_tree(data: dict, width: int = 100) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.tree import Tree
-
-    def snippet(text: str) -> str:
-        flat = " ".join(text.split())
-        return escape(flat if len(flat) <= width else flat[: width - 1] + "…")
-
-    def label(node: dict) -> str:
-        mark = {1: "[green]✓[/]", 0: "[red]✗[/]"}.get(node["label"], "[dim]·[/]")
-        value = "-" if node["value"] is None else f"{node['value']:.2f}"
-        extra = f" reward={node['reward']:.0f}" if node["reward"] is not None else ""
-        answer = escape(str(node["answer"])) if node["answer"] is not None else "—"
-        return (
-            f"{mark} [bold]{node['role'][0].upper()}{node['path']}[/] value={value}{extra} "
-            f"answer={answer}  [dim]{snippet(node['output'])}[/]"
-        )
-
-    root = Tree(
-        f"[bold]{data['question_id']}[/] ({data['task']}, run {data['run_id']}) "
-        f"{escape(data['question'][:width])}\n"
-        f" ground truth: [bold]{escape(data['ground_truth'])}[/]"
-    )
-    branches = {None: root}
-    for node in sorted(data["nodes"], key=lambda n: [int(b) for b in n["path"].split(".")]):
-        parent = branches.get(node["parent_id"], root)
-        branches[node["id"]] = parent.add(label(node))
-    Console().print(root)

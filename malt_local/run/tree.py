@@ -133,7 +133,7 @@ class TreeRunner:
                 self._assign_credit(q)
             else:
                 unfinished.append(q.id)
-        progress = Progress(total=tree_size(self.n) * len(self.questions), done=done)
+        progress = Progress(total=tree_size(self.n) * len(self.questions), done=done, stage="trees")
         progress.questions_complete = len(self.questions) - len(unfinished)
         self.claims.reopen(unfinished)
         self._cursor = ClaimCursor(self.claims, unfinished)

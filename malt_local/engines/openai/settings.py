@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from malt_local.errors import MaltError
+from malt_local.hashing import is_sha256
 from malt_local.roles import ROLES
 
 ROLE_NAMES = (*ROLES, "judge")  # the judge can have its own served model
@@ -35,6 +36,14 @@ class OpenAISettings:
     fail_limit: int = 3  # failures in a row that take an endpoint out of the run
     backoff: float = 0.5  # first retry delay in seconds, doubled each time, with jitter
     backoff_max: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise MaltError(f"--max-in-flight must be at least 1 (got {self.max_in_flight})")
+        if self.model_sha256 is not None and not is_sha256(self.model_sha256):
+            raise MaltError("--model-sha256 must be 64 lower-case hex digits")
+        if self.timeout is not None and self.timeout <= 0:
+            raise MaltError("--request-timeout must be positive")
 
     def with_model(self, name: str) -> OpenAISettings:
         return dataclasses.replace(self, model=name)
