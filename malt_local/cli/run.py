@@ -94,25 +94,21 @@ def command(
             judge_model=judge_model,
         )
     if json_:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.as_dict(), indent=2))
         return
-    too_long = result["too_long"]
     click.echo(
-        f"run {result['run_id']}: {result['questions']} questions, "
-        f"{result['nodes_generated']} nodes generated, {result['nodes_total']} stored, "
-        f"{result['questions_complete']} trees complete, "
-        + (f"{len(too_long)} skipped as too long, " if too_long else "")
-        + f"{result['tokens_per_second']:.1f} tok/s -> {result['db']}"
+        f"run {result.run_id}: {result.questions} questions, "
+        f"{result.nodes_generated} nodes generated, {result.nodes_total} stored, "
+        f"{result.questions_complete} trees complete, "
+        + (f"{len(result.too_long)} skipped as too long, " if result.too_long else "")
+        + f"{result.tokens_per_second:.1f} tok/s -> {result.db}"
     )
-    if too_long:
-        from malt_local.run.too_long import Skipped
-
-        for skipped in too_long:
-            click.echo(Skipped(**skipped).describe(), err=True)
-    if result.get("judge"):
-        j = result["judge"]
+    for skipped in result.too_long:
+        click.echo(skipped.describe(), err=True)
+    if result.judge is not None:
+        j = result.judge
         click.echo(
-            f"judge {j['model']}: {j['judged']} leaves judged ({j['already']} before), "
-            f"{j['passed']} passed, {j['invalid']} unreadable"
-            + (f", {j['credited']} trees credited" if j["sets_rewards"] else "")
+            f"judge {j.model}: {j.judged} leaves judged ({j.already} before), "
+            f"{j.passed} passed, {j.invalid} unreadable"
+            + (f", {j.credited} trees credited" if j.sets_rewards else "")
         )

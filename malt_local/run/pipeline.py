@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from malt_local.db.store import Store
@@ -29,7 +29,14 @@ from malt_local.progress import OnProgress
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question, load_questions
 from malt_local.run import too_long
-from malt_local.run.judge import JudgeModel, JudgePlan, check_judge_model, plan_judge, run_judge
+from malt_local.run.judge import (
+    JudgeModel,
+    JudgePlan,
+    JudgeSummary,
+    check_judge_model,
+    plan_judge,
+    run_judge,
+)
 from malt_local.run.settings import (
     Run,
     RunSettings,
@@ -42,6 +49,28 @@ from malt_local.run.settings import (
     with_defaults,
 )
 from malt_local.run.tree import TreeRunner
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one `malt run` did; `as_dict` is its `--json` output."""
+
+    run_id: str
+    db: str
+    questions: int
+    questions_complete: int
+    too_long: list[too_long.Skipped]
+    nodes_total: int
+    nodes_expected: int
+    nodes_generated: int
+    completion_tokens: int
+    seconds: float
+    tokens_per_second: float
+    config: dict
+    judge: JudgeSummary | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def run_tree(
@@ -59,9 +88,9 @@ def run_tree(
     on_progress: OnProgress | None = None,
     judge: bool = False,
     judge_model: str | None = None,
-) -> dict:
-    """Build (or continue) the run's trees, then judge them if asked; the summary as a dict
-    (`malt run --json`). `on_progress` hears every stored node, and every verdict."""
+) -> RunSummary:
+    """Build (or continue) the run's trees, then judge them if asked, and say what was done.
+    `on_progress` hears every stored node, then every verdict."""
     if limit is not None and limit < 1:
         raise MaltError(f"--limit must be at least 1 (got {limit})")
     kind = engine_kind(engine_kind_name)
@@ -154,21 +183,21 @@ def run_tree(
                 lambda: make_engine(kind.name, judge_options),
                 on_progress=on_progress,
             )
-    return {
-        "run_id": run["id"],
-        "db": str(db_path),
-        "questions": len(questions),
-        "questions_complete": final.questions_complete,
-        "too_long": [too_long.as_dict(s) for s in skipped],
-        "nodes_total": final.done,
-        "nodes_expected": final.total,
-        "nodes_generated": final.generated,
-        "completion_tokens": final.completion_tokens,
-        "seconds": round(elapsed, 3),
-        "tokens_per_second": final.completion_tokens / elapsed if elapsed > 0 else 0.0,
-        "config": asdict(spec),
-        "judge": asdict(judged) if judged is not None else None,
-    }
+    return RunSummary(
+        run_id=run["id"],
+        db=str(db_path),
+        questions=len(questions),
+        questions_complete=final.questions_complete,
+        too_long=skipped,
+        nodes_total=final.done,
+        nodes_expected=final.total,
+        nodes_generated=final.generated,
+        completion_tokens=final.completion_tokens,
+        seconds=round(elapsed, 3),
+        tokens_per_second=final.completion_tokens / elapsed if elapsed > 0 else 0.0,
+        config=asdict(spec),
+        judge=judged,
+    )
 
 
 def _judge_name(identity: ModelIdentity) -> str:

@@ -17,7 +17,7 @@ piece: the table is this module's alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from malt_local.db.store import Store, utcnow
 from malt_local.prompts import PromptSet, TreeContext
@@ -112,7 +112,3 @@ def skipped_in_run(store: Store, run_id: str) -> list[dict]:
             [run_id],
         )
     )
-
-
-def as_dict(s: Skipped) -> dict:
-    return asdict(s)
