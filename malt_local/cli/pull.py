@@ -10,14 +10,7 @@ from typing import Any
 import click
 
 from malt_local.cli import interrupts
-from malt_local.models.catalog import (
-    VERIFIED_ETAG,
-    VERIFIED_MODELS_TOML,
-    VERIFIED_TRUSTED,
-    licence_notice_for,
-    model_rows,
-    parse_spec,
-)
+from malt_local.models.catalog import licence_notice_for
 from malt_local.models.download import (
     NullProgress,
     PullInterrupted,
@@ -26,6 +19,9 @@ from malt_local.models.download import (
     pull,
     register_file,
 )
+from malt_local.models.listing import model_rows
+from malt_local.models.records import VERIFIED_ETAG, VERIFIED_MODELS_TOML, VERIFIED_TRUSTED
+from malt_local.models.spec import parse_spec
 
 
 class _PlainProgress(NullProgress):
