@@ -170,6 +170,7 @@ def suggest(name: str, choices: list[str]) -> str:
 
 
 def find_alias(name: str, catalog: dict[str, ModelEntry]) -> ModelEntry | None:
+    """The entry `name` names: the alias itself, else the alias that matches ignoring case."""
     if name in catalog:
         return catalog[name]
     for alias, entry in catalog.items():

@@ -196,6 +196,9 @@ def _check_space(folder: Path, total: int | None, have: int) -> None:
         )
 
 
+# --------------------------------------------------------------------------- pulling
+
+
 @dataclass(frozen=True)
 class PullResult:
     """What `malt pull` did and the record it left."""

@@ -35,6 +35,7 @@ VERIFIED_NONE = "none"  # nothing to check against (no pin, no sha256 ETag)
 
 
 def record_key(repo: str, file: str) -> str:
+    """A record's key in pulled.json: ``OWNER/REPO/FILE``."""
     return f"{repo}/{file}"
 
 
