@@ -8,15 +8,14 @@ when the file's size or modification time change.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from malt_local.paths import malt_home
+from malt_local.paths import malt_home, write_json_atomic
 
 CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -31,12 +30,23 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     """Stream a file through sha256 (about 1 GB/s: a few seconds for an 8B model); `on_bytes`
     hears each chunk's length, for a progress bar."""
     h = hashlib.sha256()
+    hash_into(h, path, on_bytes)
+    return h.hexdigest()
+
+
+def hash_into(
+    hasher: hashlib._Hash, path: Path, on_bytes: Callable[[int], None] | None = None
+) -> int:
+    """Feed a file's bytes to `hasher` chunk by chunk; returns how many there were. A resumed
+    download hashes its partial file this way and goes on with the same hasher."""
+    total = 0
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
-            h.update(chunk)
+            hasher.update(chunk)
+            total += len(chunk)
             if on_bytes is not None:
                 on_bytes(len(chunk))
-    return h.hexdigest()
+    return total
 
 
 def cached_sha256(path: Path) -> str:
@@ -53,12 +63,6 @@ def cached_sha256(path: Path) -> str:
     digest = sha256_file(path)
     cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}:")}
     cache[key] = digest
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # a cache we cannot write only costs time
+    with contextlib.suppress(OSError):  # a cache we cannot write only costs time
+        write_json_atomic(cache_file, cache)
     return digest

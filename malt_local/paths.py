@@ -3,13 +3,21 @@
 `MALT_HOME` moves every per-user file (model records, user aliases); tests point it at a
 temporary folder. Project data (`malt.db`) lives in the working directory unless `--db` says
 otherwise, the way `llm` keeps one file a user can find with `malt db path`.
+
+The small JSON files malt keeps there (`pulled.json`, `hashes.json`) are rewritten whole through
+a temporary file and `os.replace` (`write_json_atomic`), so a crash leaves the old or the new
+version, never half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DB = "malt.db"
 
@@ -37,3 +45,20 @@ def data_path(name: str) -> Path:
     if packaged.is_file() or packaged.is_dir():
         return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / name
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as `path` whole: a temporary file beside it, fsynced, then `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

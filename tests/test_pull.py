@@ -23,14 +23,12 @@ from click.testing import CliRunner
 
 from malt_local.cli import cli
 from malt_local.errors import EXIT_DISK_FULL, MaltError
-from malt_local.models import download as hub_mod
-from malt_local.models.catalog import (
-    load_catalog,
-    load_records,
-    parse_spec,
-    records_path,
-    resolve_model,
-)
+from malt_local.models import download
+from malt_local.models.catalog import load_catalog
+from malt_local.models.hf_cache import HubConfig
+from malt_local.models.records import load_records, records_path
+from malt_local.models.resolve import resolve_model
+from malt_local.models.spec import parse_spec
 from tests.conftest import default_signals
 from tests.hubserver import COMMIT, FakeHub
 from tests.smallfs import leave_free, small_filesystem
@@ -369,9 +367,9 @@ def test_disk_filling_during_pull_is_one_line_and_the_pull_resumes(
 
 def test_dropped_connection_retries_in_process(hub: FakeHub, env: dict[str, str]) -> None:
     hub.faults.cut_after, hub.faults.cut_count = CUT, 2
-    cfg = hub_mod.HubConfig.from_env()
-    cfg = hub_mod.HubConfig(**{**cfg.__dict__, "retries": 3, "retry_wait": 0.0})
-    result = hub_mod.pull(parse_spec("tiny"), cfg)
+    cfg = HubConfig.from_env()
+    cfg = HubConfig(**{**cfg.__dict__, "retries": 3, "retry_wait": 0.0})
+    result = download.pull(parse_spec("tiny"), cfg)
     assert result.record.sha256 == PAYLOAD_SHA
     assert [g.range for g in hub.gets()] == [None, f"bytes={CUT}-", f"bytes={2 * CUT}-"]
     assert len(hub.heads()) == 3  # a fresh HEAD before each retry: CDN URLs expire
@@ -424,12 +422,12 @@ def test_corrupt_partial_left_by_a_crash_is_caught(hub: FakeHub, env: dict[str, 
 
 
 def test_interrupt_keeps_the_partial(hub: FakeHub, env: dict[str, str]) -> None:
-    class CtrlC(hub_mod.NullProgress):
+    class CtrlC(download.NullProgress):
         def advance(self, n: int) -> None:
             raise KeyboardInterrupt
 
-    with pytest.raises(hub_mod.PullInterrupted) as info:
-        hub_mod.pull(parse_spec("tiny"), progress=CtrlC())
+    with pytest.raises(download.PullInterrupted) as info:
+        download.pull(parse_spec("tiny"), progress=CtrlC())
     have = info.value.have
     assert 0 < have < len(PAYLOAD) and info.value.partial.stat().st_size == have
     hub.clear()
@@ -503,7 +501,7 @@ def test_cdn_redirect_drops_the_token(env: dict[str, str], monkeypatch) -> None:
 
 
 def test_not_enough_disk_space(hub: FakeHub, env: dict[str, str], monkeypatch) -> None:
-    monkeypatch.setattr(hub_mod.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     result = malt("pull", "tiny")
     assert result.exit_code == 2
     line = one_error_line(result.stderr.splitlines()[-1])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from malt_local.models.catalog import model_rows
+from malt_local.models.listing import model_rows
 from malt_local.models.download import human_size
 
 

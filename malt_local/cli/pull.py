@@ -10,13 +10,7 @@ import click
 
 from malt_local.cli._progress import transfer_progress
 from malt_local.cli.interrupts import exit_code
-from malt_local.models.catalog import (
-    VERIFIED_ETAG,
-    VERIFIED_MODELS_TOML,
-    VERIFIED_TRUSTED,
-    licence_notice_for,
-    parse_spec,
-)
+from malt_local.models.catalog import licence_notice_for
 from malt_local.models.download import (
     PullInterrupted,
     PullResult,
@@ -24,6 +18,8 @@ from malt_local.models.download import (
     pull,
     register_file,
 )
+from malt_local.models.records import VERIFIED_ETAG, VERIFIED_MODELS_TOML, VERIFIED_TRUSTED
+from malt_local.models.spec import parse_spec
 
 _AGAINST = {
     VERIFIED_MODELS_TOML: "verified against models.toml",

@@ -11,18 +11,9 @@ Why malt has its own downloader instead of calling `huggingface_hub.hf_hub_downl
   pinned in models.toml, else with the Hub's ETag (for LFS files, which GGUFs are, the ETag *is*
   the sha256). A mismatch deletes the file. Only a verified file becomes ``blobs/<etag>``.
 
-The result is the layout huggingface_hub and llama.cpp's ``-hf`` share, so each reuses the
-other's downloads: ``models--OWNER--REPO/{blobs/<etag>, refs/<revision>,
-snapshots/<commit>/<file> -> ../../blobs/<etag>}``. The environment variables users know
-(``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``,
-``HF_HUB_ETAG_TIMEOUT``, ``HF_HUB_DOWNLOAD_TIMEOUT``) mean what they mean there; they are read
-when a command runs, with huggingface_hub's precedence, rather than at import.
-
-The protocol (see the reference, section 4): HEAD ``{endpoint}/{repo}/resolve/{rev}/{file}``;
-follow same-host redirects; on a cross-host (CDN) redirect stop and read the metadata from the
-3xx itself (``X-Repo-Commit``, ``X-Linked-Etag``, ``X-Linked-Size``); then GET the CDN URL
-without the token (it never leaves the Hub's host). Every attempt starts with a fresh HEAD
-because the CDN URLs are signed and expire.
+The cache layout and the environment are `hf_cache.py`'s, the requests `hub_http.py`'s; this
+module decides what a pull does and leaves a record (`records.py`) of what it verified. A GGUF
+already on disk is registered the same way, without network (`register_file`).
 """
 
 from __future__ import annotations
@@ -32,42 +23,48 @@ import errno
 import hashlib
 import http.client
 import os
-import re
 import shutil
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from malt_local import __version__
 from malt_local.diskspace import disk_guard
 from malt_local.errors import MaltError
 from malt_local.gguf import check_gguf
-from malt_local.hashing import is_sha256, sha256_file
-from malt_local.models.catalog import (
+from malt_local.hashing import hash_into, is_sha256, sha256_file
+from malt_local.models.hf_cache import (
+    HubConfig,
+    download_lock,
+    link_snapshot,
+    repo_folder,
+    snapshot_file,
+    write_ref,
+)
+from malt_local.models.hub_http import (
+    RemoteFile,
+    Target,
+    Transient,
+    Unreachable,
+    content_range_start,
+    error_reason,
+    head_file,
+    http_error,
+    open_get,
+)
+from malt_local.models.records import (
     VERIFIED_ETAG,
     VERIFIED_MODELS_TOML,
     VERIFIED_NONE,
     VERIFIED_TRUSTED,
-    ModelSpec,
     Record,
     find_record,
     save_record,
 )
+from malt_local.models.spec import ModelSpec
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20  # 1 MiB reads: large enough for speed, small enough for a smooth bar
 FSYNC_EVERY = 64 << 20  # bytes between fsyncs: what a reboot may cost, not more
-MAX_REDIRECTS = 10
-
-_TRUE = {"1", "ON", "YES", "TRUE"}
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_SAFE_ETAG_RE = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
 
 
 # --------------------------------------------------------------------------- progress
@@ -111,279 +108,12 @@ def human_size(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-# --------------------------------------------------------------------------- configuration
-
-
-def _is_true(value: str | None) -> bool:
-    return (value or "").strip().upper() in _TRUE
-
-
-def _expand(value: str) -> Path:
-    return Path(os.path.expandvars(os.path.expanduser(value)))
-
-
-def hub_cache_dir(env: Mapping[str, str] | None = None) -> Path:
-    """The HF hub cache, with huggingface_hub.constants' precedence, read now (not at import).
-
-    HF_HUB_CACHE > HUGGINGFACE_HUB_CACHE > $HF_HOME/hub > $XDG_CACHE_HOME/huggingface/hub >
-    ~/.cache/huggingface/hub - the same folder llama.cpp's -hf uses when LLAMA_CACHE is unset.
-    """
-    env = os.environ if env is None else env
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(name):
-            return _expand(env[name])
-    return hf_home(env) / "hub"
-
-
-def hf_home(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("HF_HOME"):
-        return _expand(env["HF_HOME"])
-    xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return _expand(xdg) / "huggingface"
-
-
-def _token(env: Mapping[str, str]) -> str | None:
-    """HF_TOKEN (or the legacy name), else the token `hf auth login` saved."""
-    token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
-    if not token and not _is_true(env.get("HF_HUB_DISABLE_IMPLICIT_TOKEN")):
-        path = _expand(env["HF_TOKEN_PATH"]) if env.get("HF_TOKEN_PATH") else hf_home(env) / "token"
-        with contextlib.suppress(OSError):
-            token = path.read_text(encoding="utf-8")
-    token = (token or "").strip()
-    return token or None
-
-
-def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
-    try:
-        return float(env.get(name) or default)
-    except ValueError:
-        raise MaltError(f"{name} must be a number of seconds, not {env.get(name)!r}") from None
-
-
-@dataclass(frozen=True)
-class HubConfig:
-    """Everything a pull needs from the environment, read once per command."""
-
-    endpoint: str = DEFAULT_ENDPOINT
-    cache_dir: Path = Path("~/.cache/huggingface/hub")
-    token: str | None = None
-    offline: bool = False
-    etag_timeout: float = 10.0
-    download_timeout: float = 10.0
-    retries: int = 3  # in-process retries after a dropped connection (each resumes)
-    retry_wait: float = 1.0  # seconds before the first retry; doubles each time
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> HubConfig:
-        env = os.environ if env is None else env
-        try:
-            retries = max(0, int(env.get("MALT_PULL_RETRIES") or 3))
-        except ValueError:
-            raise MaltError("MALT_PULL_RETRIES must be a whole number") from None
-        return cls(
-            endpoint=(env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
-            cache_dir=hub_cache_dir(env),
-            token=_token(env),
-            offline=_is_true(env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE")),
-            etag_timeout=_float_env(env, "HF_HUB_ETAG_TIMEOUT", 10.0),
-            download_timeout=_float_env(env, "HF_HUB_DOWNLOAD_TIMEOUT", 10.0),
-            retries=retries,
-        )
-
-
-def repo_folder(cache_dir: Path, repo: str) -> Path:
-    return cache_dir / ("models--" + repo.replace("/", "--"))
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-class _Unreachable(Exception):
-    """No answer from the server at all (refused, DNS, timeout, TLS)."""
-
-
-class _Transient(Exception):
-    """A download attempt that failed in a way another attempt may not (cut, 5xx)."""
-
-
 class PullInterrupted(Exception):
     """Ctrl-C during a download: the partial file is kept for the next `malt pull`."""
 
     def __init__(self, partial: Path, have: int, total: int | None) -> None:
         super().__init__(f"interrupted at {have} bytes")
         self.partial, self.have, self.total = partial, have, total
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Hand 3xx back to us: the metadata lives on them and the token must not change hosts."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        return None
-
-
-def _host(url: str) -> str:
-    return urllib.parse.urlsplit(url).netloc.lower()
-
-
-def _headers(cfg: HubConfig, url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    headers = {
-        "User-Agent": f"malt/{__version__}; python/{sys.version_info[0]}.{sys.version_info[1]}",
-        "Accept-Encoding": "identity",
-    }
-    if cfg.token and _host(url) == _host(cfg.endpoint):
-        headers["Authorization"] = f"Bearer {cfg.token}"
-    headers.update(extra or {})
-    return headers
-
-
-def _reason(exc: BaseException) -> str:
-    reason: Any = getattr(exc, "reason", None) or exc
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-        return "timed out"
-    text = getattr(reason, "strerror", None) or str(reason) or reason.__class__.__name__
-    return " ".join(str(text).split())
-
-
-def _open(url: str, method: str, headers: dict[str, str], timeout: float) -> Any:
-    """One request, no redirects followed; a 4xx/5xx comes back as a response, not raised."""
-    opener = urllib.request.build_opener(_NoRedirect)
-    request = urllib.request.Request(url, method=method, headers=headers)
-    try:
-        return opener.open(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        return exc
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-        raise _Unreachable(_reason(exc)) from exc
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """What a HEAD on the resolve URL says about one file."""
-
-    url: str  # what to GET: the resolve URL, or the CDN URL it redirects to
-    commit: str
-    etag: str
-    size: int | None
-
-    @property
-    def sha256(self) -> str | None:
-        """The ETag of an LFS file is its sha256; a small git file's is not."""
-        return self.etag if is_sha256(self.etag) else None
-
-
-@dataclass(frozen=True)
-class _Target:
-    repo: str
-    file: str
-    revision: str
-    display: str  # what the user typed, for "run `malt pull X` again"
-
-
-def resolve_url(endpoint: str, repo: str, file: str, revision: str) -> str:
-    return (
-        f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/"
-        f"{urllib.parse.quote(file)}"
-    )
-
-
-def _http_error(cfg: HubConfig, status: int, headers: Any, t: _Target) -> MaltError:
-    """One line for each way the Hub says no; 5xx and 429 are left to the caller."""
-    code = headers.get("X-Error-Code", "") or ""
-    message = " ".join((headers.get("X-Error-Message", "") or "").split())
-    where = f"{cfg.endpoint}/{t.repo}"
-    if code == "GatedRepo" or (status == 403 and "gated" in message.lower()):
-        return MaltError(
-            f"{t.repo} is a gated repository: accept its licence at {where} while logged in, "
-            "then set HF_TOKEN to a token of that account (or run `hf auth login`)"
-        )
-    if status == 401 and cfg.token and code != "RepoNotFound":
-        return MaltError(
-            f"the Hub refused the token (401{': ' + message if message else ''}): "
-            "check HF_TOKEN, or unset it for public models"
-        )
-    if code == "RepoNotFound" or status == 401:
-        hint = "check the name" + ("" if cfg.token else ", or set HF_TOKEN if it is private")
-        return MaltError(f"repository '{t.repo}' not found on the Hub ({hint})")
-    if code == "RevisionNotFound":
-        return MaltError(f"revision '{t.revision}' not found in {t.repo}")
-    if code == "EntryNotFound" or status == 404:
-        return MaltError(f"file '{t.file}' not found in {t.repo} at revision '{t.revision}'")
-    if status == 403:
-        return MaltError(
-            f"the Hub refused access to {t.repo}/{t.file} (403"
-            f"{': ' + message if message else ''}): check that HF_TOKEN can read it"
-        )
-    return MaltError(
-        f"the Hub answered HTTP {status} for {t.repo}/{t.file}{': ' + message if message else ''}"
-    )
-
-
-def _strip_etag(value: str) -> str:
-    value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    return value.strip('"')
-
-
-def head_file(cfg: HubConfig, t: _Target) -> RemoteFile:
-    """HEAD the resolve URL: commit, ETag (the sha256 of LFS files), size and where to GET."""
-    url = resolve_url(cfg.endpoint, t.repo, t.file, t.revision)
-    for _ in range(MAX_REDIRECTS):
-        response = _open(url, "HEAD", _headers(cfg, url), cfg.etag_timeout)
-        with contextlib.closing(response):
-            status, headers = response.getcode(), response.headers
-        if 300 <= status < 400 and headers.get("Location"):
-            target = urllib.parse.urljoin(url, headers["Location"])
-            if _host(target) == _host(url):
-                url = target  # a renamed repository, a revision alias: same Hub, follow
-                continue
-            return _remote_from(cfg, headers, target, redirected=True, t=t)
-        if status == 429 or status >= 500:
-            raise _Transient(f"the Hub answered HTTP {status}")
-        if status >= 400:
-            raise _http_error(cfg, status, headers, t)
-        return _remote_from(cfg, headers, url, redirected=False, t=t)
-    raise MaltError(f"too many redirects for {t.repo}/{t.file} at {cfg.endpoint}")
-
-
-def _remote_from(
-    cfg: HubConfig, headers: Any, url: str, redirected: bool, t: _Target
-) -> RemoteFile:
-    commit = headers.get("X-Repo-Commit")
-    etag = _strip_etag(headers.get("X-Linked-Etag") or headers.get("ETag") or "")
-    if not commit or not etag:
-        missing = "X-Repo-Commit" if not commit else "ETag"
-        raise MaltError(
-            f"{cfg.endpoint} sent no {missing} for {t.repo}/{t.file}: "
-            "is HF_ENDPOINT a Hugging Face Hub?"
-        )
-    if not _SAFE_ETAG_RE.match(etag):
-        raise MaltError(f"{cfg.endpoint} sent an unusable ETag {etag!r} for {t.repo}/{t.file}")
-    raw_size = headers.get("X-Linked-Size")
-    if raw_size is None and not redirected:
-        raw_size = headers.get("Content-Length")
-    try:
-        size = int(raw_size) if raw_size is not None else None
-    except ValueError:
-        size = None
-    return RemoteFile(url=url, commit=commit, etag=etag, size=size)
-
-
-def _open_get(cfg: HubConfig, url: str, offset: int) -> Any:
-    """GET, following redirects ourselves so the token is dropped when the host changes."""
-    extra = {"Range": f"bytes={offset}-"} if offset else {}
-    for _ in range(MAX_REDIRECTS):
-        response = _open(url, "GET", _headers(cfg, url, extra), cfg.download_timeout)
-        status = response.getcode()
-        if 300 <= status < 400 and response.headers.get("Location"):
-            response.close()
-            url = urllib.parse.urljoin(url, response.headers["Location"])
-            continue
-        return response
-    raise _Transient("too many redirects")
 
 
 # --------------------------------------------------------------------------- files
@@ -417,11 +147,7 @@ class _Partial:
             self.reset()
             return 0
         progress.start("checking the partial download", size)
-        with self.path.open("rb") as fh:
-            while chunk := fh.read(CHUNK):
-                self.hasher.update(chunk)
-                self.have += len(chunk)
-                progress.advance(len(chunk))
+        self.have += hash_into(self.hasher, self.path, progress.advance)
         progress.done()
         return self.have
 
@@ -458,32 +184,6 @@ class _Partial:
             self.fh.close()
 
 
-@contextlib.contextmanager
-def _download_lock(cache_dir: Path, repo: str, etag: str) -> Iterator[None]:
-    """One writer per blob. Same lock file huggingface_hub uses, so the two never collide."""
-    lock_dir = cache_dir / ".locks" / repo_folder(cache_dir, repo).name
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(lock_dir / f"{etag}.lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise MaltError(
-                    f"another download of this file is running (lock {lock_dir / etag}.lock): "
-                    "wait for it to finish"
-                ) from None
-            raise
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _check_space(folder: Path, total: int | None, have: int) -> None:
     if total is None:
         return
@@ -494,38 +194,6 @@ def _check_space(folder: Path, total: int | None, have: int) -> None:
             f"not enough disk space in {folder}: the download needs {human_size(need)} more, "
             f"{human_size(free)} is free (free some space, or point HF_HUB_CACHE at a bigger disk)"
         )
-
-
-def _link_snapshot(folder: Path, commit: str, file: str, blob: Path) -> Path:
-    """snapshots/<commit>/<file> -> ../../blobs/<etag>, relative as huggingface_hub makes it."""
-    snapshot = folder / "snapshots" / commit / file
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(blob, snapshot.parent)
-    if snapshot.is_symlink() and os.readlink(snapshot) == target:
-        return snapshot
-    if snapshot.is_symlink() or snapshot.exists():
-        snapshot.unlink()
-    try:
-        os.symlink(target, snapshot)
-    except OSError:  # no symlinks (some Windows setups): a hard link, else a copy
-        try:
-            os.link(blob, snapshot)
-        except OSError:
-            shutil.copyfile(blob, snapshot)
-    return snapshot
-
-
-def _write_ref(folder: Path, revision: str, commit: str) -> None:
-    if revision == commit:
-        return
-    ref = folder / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        if ref.read_text(encoding="utf-8").strip() == commit:
-            return
-    tmp = ref.with_name(ref.name + f".{os.getpid()}.tmp")
-    tmp.write_text(commit, encoding="utf-8")
-    os.replace(tmp, ref)
 
 
 # --------------------------------------------------------------------------- pulling
@@ -615,7 +283,7 @@ def pull(
     """
     cfg = cfg or HubConfig.from_env()
     progress = progress or NullProgress()
-    t = _Target(spec.repo, spec.file, spec.revision, spec.display)
+    t = Target(spec.repo, spec.file, spec.revision, spec.display)
     usable = _usable_record(spec, home)
 
     if cfg.offline:
@@ -640,7 +308,7 @@ def pull(
         # Renamed upstream, token revoked...: the verified copy here is still what was asked.
         progress.note(f"{exc.format_message()}; using the copy verified {usable.recorded_at}")
         return PullResult(usable, "cached")
-    except (_Unreachable, _Transient) as exc:
+    except (Unreachable, Transient) as exc:
         if usable is not None:
             progress.note(
                 f"cannot reach the Hub ({exc}); using the copy verified {usable.recorded_at}"
@@ -673,7 +341,7 @@ def pull(
 def _download(
     cfg: HubConfig,
     spec: ModelSpec,
-    t: _Target,
+    t: Target,
     remote: RemoteFile,
     progress: Progress,
     home: Path | None,
@@ -686,12 +354,12 @@ def _download(
     against = (
         VERIFIED_MODELS_TOML if spec.sha256 else VERIFIED_ETAG if remote.sha256 else VERIFIED_NONE
     )
-    with _download_lock(cfg.cache_dir, spec.repo, remote.etag):
+    with download_lock(cfg.cache_dir, spec.repo, remote.etag):
         if blob.is_file():
             digest = _verify(blob, progress, f"verifying {spec.display}")
             if expected is None or digest == expected:
-                snapshot = _link_snapshot(folder, remote.commit, spec.file, blob)
-                _write_ref(folder, spec.revision, remote.commit)
+                snapshot = link_snapshot(folder, remote.commit, spec.file, blob)
+                write_ref(folder, spec.revision, remote.commit)
                 record = _make_record(spec, snapshot, digest, against, "hub", remote.commit)
                 save_record(record, home)
                 return PullResult(record, "cached")
@@ -710,8 +378,8 @@ def _download(
                 f"the corrupt download was deleted, run `malt pull {spec.display}` again"
             )
         os.replace(part, blob)
-        snapshot = _link_snapshot(folder, remote.commit, spec.file, blob)
-        _write_ref(folder, spec.revision, remote.commit)
+        snapshot = link_snapshot(folder, remote.commit, spec.file, blob)
+        write_ref(folder, spec.revision, remote.commit)
     record = _make_record(spec, snapshot, digest, against, "hub", remote.commit)
     save_record(record, home)
     action = "resumed" if resumed_from else "downloaded"
@@ -719,7 +387,7 @@ def _download(
 
 
 def _fetch(
-    cfg: HubConfig, t: _Target, remote: RemoteFile, part_path: Path, progress: Progress
+    cfg: HubConfig, t: Target, remote: RemoteFile, part_path: Path, progress: Progress
 ) -> tuple[str, int, int | None]:
     """Fill `part_path` to `remote.size` bytes, resuming; returns (sha256, received, resumed at)."""
     part = _Partial(part_path)
@@ -734,7 +402,7 @@ def _fetch(
             try:
                 _get_into(cfg, t, url, part, remote.size, progress)
                 break
-            except _Transient as exc:
+            except Transient as exc:
                 # Consecutive failures without a byte of progress end the attempt; a flaky link
                 # that keeps delivering keeps going.
                 failures = 1 if part.received > before else failures + 1
@@ -746,7 +414,7 @@ def _fetch(
                     ) from None
                 progress.note(f"{exc}; retrying from byte {part.have}")
                 time.sleep(cfg.retry_wait * 2 ** (failures - 1))
-                with contextlib.suppress(_Unreachable, _Transient, MaltError):
+                with contextlib.suppress(Unreachable, Transient, MaltError):
                     url = head_file(cfg, t).url  # signed CDN URLs expire: ask again
         part.sync()
         return part.hasher.hexdigest(), part.received, resumed_from
@@ -757,36 +425,31 @@ def _fetch(
         part.close()
 
 
-def _content_range_start(value: str | None) -> int | None:
-    match = re.match(r"^\s*bytes\s+(\d+)-", value or "")
-    return int(match.group(1)) if match else None
-
-
 def _get_into(
-    cfg: HubConfig, t: _Target, url: str, part: _Partial, total: int | None, progress: Progress
+    cfg: HubConfig, t: Target, url: str, part: _Partial, total: int | None, progress: Progress
 ) -> None:
-    """One GET from `part.have` on, appended to `part`; _Transient when the attempt broke."""
+    """One GET from `part.have` on, appended to `part`; Transient when the attempt broke."""
     offset = part.have
     if total is not None and offset == total:
         return
     try:
-        response = _open_get(cfg, url, offset)
-    except _Unreachable as exc:
-        raise _Transient(str(exc)) from None
+        response = open_get(cfg, url, offset)
+    except Unreachable as exc:
+        raise Transient(str(exc)) from None
     with contextlib.closing(response):
         status = response.getcode()
         if status == 416:  # our partial is not a prefix the server can continue
             part.reset()
-            raise _Transient("the server refused to resume (HTTP 416); starting again")
+            raise Transient("the server refused to resume (HTTP 416); starting again")
         if status == 429 or status >= 500:
-            raise _Transient(f"the server answered HTTP {status}")
+            raise Transient(f"the server answered HTTP {status}")
         if status >= 400:
-            raise _http_error(cfg, status, response.headers, t)
+            raise http_error(cfg, status, response.headers, t)
         if status == 206:
-            start = _content_range_start(response.headers.get("Content-Range"))
+            start = content_range_start(response.headers.get("Content-Range"))
             if start != offset:
                 part.reset()
-                raise _Transient(f"the server resumed at byte {start}, not {offset}")
+                raise Transient(f"the server resumed at byte {start}, not {offset}")
         elif offset:
             progress.note("the server ignored the resume request (HTTP 200): starting from zero")
             part.reset()
@@ -796,7 +459,7 @@ def _get_into(
             try:
                 chunk = read(CHUNK)
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                raise _Transient(f"connection lost: {_reason(exc)}") from None
+                raise Transient(f"connection lost: {error_reason(exc)}") from None
             if not chunk:
                 break
             part.append(chunk)  # a write error (disk full) is not transient: it propagates
@@ -809,7 +472,7 @@ def _get_into(
         progress.done()
         cut = bool(getattr(response, "length", None))  # bytes of Content-Length never came
     if cut or (total is not None and part.have < total):
-        raise _Transient("the connection closed early")
+        raise Transient("the connection closed early")
 
 
 def _from_cache(
@@ -820,16 +483,10 @@ def _from_cache(
     Picks up files fetched by an earlier pull whose record was lost, by `hf download` or by
     llama.cpp -hf.
     """
-    folder = repo_folder(cfg.cache_dir, spec.repo)
-    commit = spec.revision if _COMMIT_RE.match(spec.revision) else None
-    if commit is None:
-        with contextlib.suppress(OSError):
-            commit = (folder / "refs" / spec.revision).read_text(encoding="utf-8").strip()
-    if not commit:
+    found = snapshot_file(repo_folder(cfg.cache_dir, spec.repo), spec.revision, spec.file)
+    if found is None:
         return None
-    snapshot = folder / "snapshots" / commit / spec.file
-    if not snapshot.is_file():
-        return None
+    commit, snapshot = found
     blob = Path(os.path.realpath(snapshot))
     expected = spec.sha256 or (blob.name if is_sha256(blob.name) else None)
     against = VERIFIED_MODELS_TOML if spec.sha256 else VERIFIED_ETAG if expected else VERIFIED_NONE

@@ -57,7 +57,7 @@ def cache_root() -> Path:
 
 
 def _find_pulled(sha256: str) -> Path | None:
-    from malt_local.models.catalog import load_records
+    from malt_local.models.records import load_records
 
     for record in load_records().values():
         if record.sha256 == sha256 and record.problem() is None:

@@ -57,7 +57,7 @@ def set_context_adapters(ctx: object, adapters: list[tuple[object, float]]) -> N
 
 def resolve_model_path(spec: str) -> tuple[Path, str | None]:
     """A GGUF path and its known sha256 (None: hash it) from a path or a pulled alias."""
-    from malt_local.models.catalog import resolve_model
+    from malt_local.models.resolve import resolve_model
 
     resolved = resolve_model(spec)
     check_gguf(Path(resolved.path), "model file")
