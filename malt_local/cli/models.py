@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from malt_local.models.listing import model_rows
 from malt_local.models.download import human_size
+from malt_local.models.listing import model_rows
 
 
 @click.command(name="models")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from malt_local.errors import MaltError
-from malt_local.filelock import LockHeld, exclusive_lock
+from malt_local.models.filelock import LockHeld, exclusive_lock
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from malt_local.errors import MaltError
-from malt_local.filelock import exclusive_lock
+from malt_local.models.filelock import exclusive_lock
 from malt_local.paths import malt_home, write_json_atomic
 
 RECORDS_FILE = "pulled.json"
