@@ -21,7 +21,7 @@ class MaltError(Exception):
         return self.message
 
 
-# Exit codes other than 0 (done) and 2 (a user error, above); README "Exit codes" lists them.
+# Exit codes other than 0 (done) and 2 (a user error, above); docs/troubleshooting.md lists them.
 EXIT_DISK_FULL = 75  # sysexits EX_TEMPFAIL: free space and run the same command again
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM), as Slurm, systemd and docker stop a job

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from malt_local.models.download import NullProgress
 from malt_local.progress import Progress
 
 
@@ -80,21 +81,12 @@ class CountBar:
             self._bar = None
 
 
-class TransferProgress:
+class TransferProgress(NullProgress):
     """What `malt pull` reports to (the library's `models.download.Progress`): off a terminal
     the notes still reach a log on stderr; with --quiet nothing is shown."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
-
-    def start(self, description: str, total: int | None, completed: int = 0) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def done(self) -> None:
-        pass
 
     def note(self, message: str) -> None:
         if not self.quiet:
