@@ -18,7 +18,8 @@ from malt_local.cli import cli
 from malt_local.db.store import NodeRecord, Store
 from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
-from malt_local.export import pipeline as ex
+from malt_local.export import pairing, pipeline
+from malt_local.export.options import ExportOptions, parse_choice
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question
 from malt_local.roles import ROLES
@@ -122,7 +123,7 @@ def db_nodes(db: Path) -> dict[str, dict]:
 
 def export(db: Path, out: Path, **kw) -> dict:
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    return ex.export(db, out, ex.ExportOptions(**kw))
+    return pipeline.export(db, out, ExportOptions(**kw))
 
 
 GOLD_SFT = {
@@ -309,9 +310,9 @@ def test_split_is_by_question_deterministic_and_complete(tmp_path):
         assert manifest["counts"][role]["valid"] == len(valid)
         # The rule: sha256 of the id below the fraction, unless the role needed an anchor.
         for qid in q_valid - set(manifest["split"]["moved_to_valid"].values()):
-            assert ex._fraction(qid) < 0.3
+            assert pairing._fraction(qid) < 0.3
         for qid in q_train - set(manifest["split"]["moved_to_train"].values()):
-            assert ex._fraction(qid) >= 0.3
+            assert pairing._fraction(qid) >= 0.3
     again = tmp_path / "again"
     export(db, again, valid_fraction=0.3)
     for role in ROLES:
@@ -323,15 +324,15 @@ def test_split_is_by_question_deterministic_and_complete(tmp_path):
 
 def test_split_anchor_moves_one_question_when_the_fraction_gives_none():
     qids = [f"q{i:012x}" for i in range(5)]
-    splitter = ex.Splitter.anchored(
+    splitter = pairing.Splitter.anchored(
         1e-12,
         ((q, {"generator": True, "refiner": q != qids[0]}) for q in qids),
         ("generator", "refiner"),
     )
-    lowest = min(qids, key=ex._fraction)
+    lowest = min(qids, key=pairing._fraction)
     assert [q for q in qids if splitter.split(q, "generator") == "valid"] == [lowest]
     assert splitter.force_train == {}
-    one = ex.Splitter.anchored(0.5, iter([("qonly", {"generator": True})]), ("generator",))
+    one = pairing.Splitter.anchored(0.5, iter([("qonly", {"generator": True})]), ("generator",))
     assert one.force_valid == {} == one.force_train  # one question: nothing to balance
 
 
@@ -604,7 +605,7 @@ def test_failure_midway_leaves_nothing_behind(golden, tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return {"x": 1}
 
-    monkeypatch.setattr(ex, "json_example", boom)
+    monkeypatch.setattr(pipeline, "json_example", boom)
     with pytest.raises(RuntimeError):
         export(golden, out, theta=0.0)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -619,8 +620,8 @@ def test_failure_midway_leaves_nothing_behind(golden, tmp_path, monkeypatch):
 def test_library_validates_before_writing(golden, tmp_path):
     with pytest.raises(MaltError, match="unknown role"):
         export(golden, tmp_path / "x", roles=["judge"])
-    assert ex.parse_choice("ALL", ROLES, "role") == ROLES
-    assert ex.parse_choice("Verifier", ROLES, "role") == ("verifier",)
+    assert parse_choice("ALL", ROLES, "role") == ROLES
+    assert parse_choice("Verifier", ROLES, "role") == ("verifier",)
     assert not (tmp_path / "x").exists()
 
 

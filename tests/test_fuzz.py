@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from malt_local.db.store import JudgedNode
 from malt_local.errors import MaltError
-from malt_local.export.pipeline import ExportNode, is_positive, pairs_for_group
+from malt_local.export.pairing import is_positive, pairs_for_group
 from malt_local.grading import answers_equal, extract_answer, grade, normalize_answer
 from malt_local.questions.loading import load_questions
 from malt_local.run import credit
@@ -176,14 +177,16 @@ def test_credit_refuses_an_incomplete_tree(tree, drop):
 # -- DPO pairing --------------------------------------------------------------------------------
 
 
-def node(i: int, depth: int, score: float) -> ExportNode:
+def node(i: int, depth: int, score: float) -> JudgedNode:
     leaf = depth == 3
-    return ExportNode(
+    return JudgedNode(
         id=f"n{i}",
+        run_id="r",
         question_id="q",
         parent_id="p" if depth > 1 else None,
         role=("generator", "verifier", "refiner")[depth - 1],
         depth=depth,
+        branch=i,
         path=f"0.{i}" if depth == 2 else (f"0.0.{i}" if leaf else str(i)),
         messages="[]",
         output=f"out {i}",
@@ -192,6 +195,11 @@ def node(i: int, depth: int, score: float) -> ExportNode:
         correct=None,
         reward=score if leaf else None,
         value=score,
+        label=None,
+        prompt_tokens=0,
+        completion_tokens=0,
+        seed=0,
+        duration_ms=None,
         created_at="",
     )
 

@@ -13,7 +13,8 @@ import pytest
 from malt_local.db.store import Store
 from malt_local.engines.base import Completion
 from malt_local.errors import MaltError
-from malt_local.export import pipeline as ex
+from malt_local.export.options import ExportOptions
+from malt_local.export.pipeline import export
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question
 from malt_local.run import credit
@@ -266,7 +267,7 @@ def test_judge_on_a_graded_task_keeps_the_graders_rewards(tmp_path):
     store.close()
     # The JSON export takes `evaluation` from the judge where a node was judged.
     out = tmp_path / "out"
-    ex.export(tmp_path / "g.db", out, ex.ExportOptions(formats=("json",)))
+    export(tmp_path / "g.db", out, ExportOptions(formats=("json",)))
     data = json.loads((out / "refiner_training.json").read_text())
     assert data["examples"] and "LLM judge" in data["metadata"]["evaluation"]
     for e in data["examples"]:
@@ -284,13 +285,13 @@ def test_export_waits_for_the_judge_then_uses_its_rewards(tmp_path):
     store, run = judge_tree(tmp_path)
     store.close()
     with pytest.raises(MaltError, match="no complete trees"):
-        ex.export(tmp_path / "j.db", tmp_path / "early", ex.ExportOptions())
+        export(tmp_path / "j.db", tmp_path / "early", ExportOptions())
     assert not (tmp_path / "early").exists()
     store = Store(tmp_path / "j.db")
     judge(store, run, FakeJudge())
     store.close()
     out = tmp_path / "out"
-    manifest = ex.export(tmp_path / "j.db", out, ex.ExportOptions())
+    manifest = export(tmp_path / "j.db", out, ExportOptions())
     prov = [
         json.loads(x) for x in (out / "provenance/refiner.sft.jsonl").read_text().split("\n") if x
     ]
@@ -361,7 +362,7 @@ def test_real_task_judge_run_stores_schema_valid_verdicts_and_resumes(tmp_path, 
     r = malt(*argv, env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["judge"]["judged"] == 0
     out = tmp_path / "out"
-    manifest = ex.export(db, out, ex.ExportOptions(formats=("json",)))
+    manifest = export(db, out, ExportOptions(formats=("json",)))
     assert manifest["questions"]["exported"] == 1
     verdicts = {j["node_id"]: j for j in rows(db, "SELECT * FROM judgements")}
     for e in json.loads((out / "refiner_training.json").read_text())["examples"]:

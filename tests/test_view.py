@@ -18,7 +18,8 @@ import pytest
 from malt_local.db.store import Store
 from malt_local.errors import MaltError
 from malt_local.evaluate.pipeline import EvalSettings
-from malt_local.export import pipeline as ex
+from malt_local.export.options import ExportOptions
+from malt_local.export.pipeline import export
 from malt_local.roles import ROLES
 from malt_local.view import data
 from malt_local.view.server import CSP, ViewServer, is_loopback
@@ -184,7 +185,7 @@ def test_http_refuses_writes_foreign_hosts_and_unknown_files(server):
 
 def test_pairs_are_the_exported_pairs(gold_db, tmp_path):
     out = tmp_path / "export"
-    ex.export(gold_db, out, ex.ExportOptions(formats=("dpo",)))
+    export(gold_db, out, ExportOptions(formats=("dpo",)))
     store = Store.read_only(gold_db)
     try:
         for role in ROLES:
@@ -208,7 +209,7 @@ def test_pairs_are_the_exported_pairs(gold_db, tmp_path):
             (x.chosen.id, x.rejected.id) for x in full[2:5]
         ]
         # --theta relabels the same way export does.
-        ex.export(gold_db, out, ex.ExportOptions(formats=("dpo",), theta=0.2))
+        export(gold_db, out, ExportOptions(formats=("dpo",), theta=0.2))
         rows = (out / "verifier.dpo.jsonl").read_text().splitlines()
         assert len(data.pairs(store, "rgold", "verifier", theta=0.2)["pairs"]) == len(rows)
     finally:

@@ -81,17 +81,18 @@ def command(
     same parent. Only complete trees are exported. manifest.json in the output folder
     records counts, θ, source runs, model sha256, prompt hashes and the licence notice.
     """
-    from malt_local.export import pipeline as ex
+    from malt_local.export.options import FORMATS, ExportOptions, parse_choice
+    from malt_local.export.pipeline import export
 
-    options = ex.ExportOptions(
-        roles=ex.parse_choice(role, ROLES, "role"),
-        formats=ex.parse_choice(format_, ex.FORMATS, "format"),
+    options = ExportOptions(
+        roles=parse_choice(role, ROLES, "role"),
+        formats=parse_choice(format_, FORMATS, "format"),
         theta=theta,
         run_ids=run_ids,
         valid_fraction=valid_fraction,
         max_pairs_per_group=max_pairs_per_group,
     )
-    manifest = ex.export(db_path or default_db_path(), out, options)
+    manifest = export(db_path or default_db_path(), out, options)
     if json_:
         click.echo(json.dumps({"out": str(out), "manifest": manifest}, indent=2))
         return

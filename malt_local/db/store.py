@@ -66,6 +66,37 @@ class NodeRecord:
     def branches(self) -> tuple[int, ...]:
         return tuple(int(b) for b in self.path.split("."))
 
+    @property
+    def group(self) -> str:
+        """The sibling group: the parent node, or the question for generators."""
+        return self.parent_id or self.question_id
+
+
+@dataclass
+class JudgedNode(NodeRecord):
+    """A row of `nodes` with the LLM judge's verdict on it from `judgements` (None if unjudged)."""
+
+    correctness_score: float | None = None
+    reasoning_score: float | None = None
+    explanation: str | None = None
+    key_matches: str | None = None
+    judge_valid: int | None = None
+    judged_at: str | None = None
+
+    @property
+    def judged(self) -> bool:
+        return self.judge_valid is not None
+
+
+# The judgement's columns named as JudgedNode's fields; `n.*` as the store's other reads.
+_JUDGED_NODES_SQL = """
+    SELECT n.*, j.correctness_score AS correctness_score, j.reasoning_score AS reasoning_score,
+           j.explanation AS explanation, j.key_matches AS key_matches, j.valid AS judge_valid,
+           j.created_at AS judged_at
+    FROM nodes n LEFT JOIN judgements j ON j.node_id = n.id
+    WHERE n.id > ? AND n.id < ?
+    ORDER BY n.id"""
+
 
 def node_id(run_id: str, question_id: str, path: tuple[int, ...]) -> str:
     """The node's id is its address in the tree: run, question, branch path."""
@@ -251,6 +282,21 @@ class Store:
             args.append(question_id)
         for row in self.db.query(sql + " ORDER BY question_id, depth, path", args):
             yield NodeRecord(**row)
+
+    def judged_nodes(self, run_id: str, *, chunk: int) -> Iterator[JudgedNode]:
+        """A run's nodes with their judgements, tree after tree, each depth first (by path),
+        fetched `chunk` rows at a time, so memory does not grow with the run.
+
+        Node ids are `run/question/path`, so the id range [run + "/", run + "0") is exactly the
+        run's nodes ("0" sorts right after "/"), and walking it in the primary key's order yields
+        tree after tree, each depth first, with no sort (a `run_id = ?` condition would lead
+        SQLite to another index and a sort of the whole run).
+        """
+        cur = self.db.conn.execute(_JUDGED_NODES_SQL, [run_id + "/", run_id + "0"])
+        names = [d[0] for d in cur.description]
+        while batch := cur.fetchmany(chunk):
+            for row in batch:
+                yield JudgedNode(**dict(zip(names, row, strict=True)))
 
     def set_credit(self, updates: Iterable[tuple[str, float, int]]) -> None:
         """Values and labels of one question's nodes, all in one transaction."""

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from malt_local.errors import MaltError
+from malt_local.export.manifest import MANIFEST
 from malt_local.hashing import sha256_file as _sha256
-
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)

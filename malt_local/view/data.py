@@ -2,9 +2,9 @@
 
 Every function takes a `Store` opened with `Store.read_only`, so nothing here can write. The
 rules that decide what the data means are not restated: run figures come from `report`, DPO
-pairs from `export`'s own pairing (`export.tree_pairs`), evaluation measures from `evaluate`'s
-scoring (`evaluate.benchmark_measures`); this module only gathers their inputs and shapes the
-results for pages.
+pairs from `export`'s own pairing (`export.pairing.tree_pairs`), evaluation measures from
+`evaluate`'s scoring (`evaluate.benchmark_measures`); this module only gathers their inputs and
+shapes the results for pages.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from malt_local.db.store import Store
+from malt_local.db.store import JudgedNode, Store
 from malt_local.errors import MaltError
 from malt_local.evaluate import pipeline as evaluate
-from malt_local.export import pipeline as export
+from malt_local.export.options import ExportOptions
+from malt_local.export.pairing import tree_pairs
+from malt_local.export.records import dpo_record
+from malt_local.export.trees import iter_trees, source_runs
 from malt_local.questions.loading import Question
 from malt_local.roles import ROLES, nodes_per_role, tree_size
 from malt_local.run.status import run_status
@@ -220,8 +223,8 @@ class Pair:
     question_id: str
     question: str
     prompt: list[dict]
-    chosen: export.ExportNode
-    rejected: export.ExportNode
+    chosen: JudgedNode
+    rejected: JudgedNode
 
 
 def pairs(
@@ -236,20 +239,20 @@ def pairs(
     all are counted, only `limit` of them from index `start` are kept (a page)."""
     if role not in ROLES:
         raise MaltError(f"unknown role '{role}': choose {', '.join(ROLES)}")
-    options = export.ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
+    options = ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
     options.validate()
-    (run,) = export.source_runs(store, options)
+    (run,) = source_runs(store, options)
     out: list[Pair] = []
     complete = incomplete = total = 0
     end = None if limit is None else start + limit
-    for t in export.iter_trees(store, run):
+    for t in iter_trees(store, run):
         if not t.complete():
             incomplete += 1
             continue
         complete += 1
-        for chosen, rejected in export.tree_pairs(t, role):
+        for chosen, rejected in tree_pairs(t, role):
             if total >= start and (end is None or total < end):
-                record = export.dpo_record(chosen, rejected)
+                record = dpo_record(chosen, rejected)
                 out.append(Pair(t.question.id, t.question.text, record["prompt"], chosen, rejected))
             total += 1
     return {
