@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from malt_local.cli._options import db_option, json_option
+from malt_local.cli._options import db_option, json_option, setting
+from malt_local.export.options import FORMATS, ExportOptions
 from malt_local.paths import default_db_path
 from malt_local.roles import ROLES
 
 ROLE_CHOICES = (*ROLES, "all")
-FORMAT_CHOICES = ("sft", "dpo", "json", "all")
+FORMAT_CHOICES = (*FORMATS, "all")
 
 
 @click.command(name="export")
@@ -39,8 +40,9 @@ FORMAT_CHOICES = ("sft", "dpo", "json", "all")
     show_default=True,
     help="Output folder (created; files are replaced whole).",
 )
-@click.option(
-    "--theta",
+@setting(
+    ExportOptions,
+    "theta",
     type=float,
     help="Relabel: generator/verifier positive when value > θ [each run's θ].",
 )
@@ -50,13 +52,15 @@ FORMAT_CHOICES = ("sft", "dpo", "json", "all")
     multiple=True,
     help="Only this run (repeatable) [every run in the database].",
 )
-@click.option(
-    "--valid-fraction",
+@setting(
+    ExportOptions,
+    "valid_fraction",
     type=float,
     help="Also write ROLE/train.jsonl and ROLE/valid.jsonl, split by question.",
 )
-@click.option(
-    "--max-pairs-per-group",
+@setting(
+    ExportOptions,
+    "max_pairs_per_group",
     type=int,
     help="DPO: at most K pairs per sibling group, largest value margin first [all].",
 )
@@ -81,7 +85,7 @@ def command(
     same parent. Only complete trees are exported. manifest.json in the output folder
     records counts, θ, source runs, model sha256, prompt hashes and the licence notice.
     """
-    from malt_local.export.options import FORMATS, ExportOptions, parse_choice
+    from malt_local.export.options import parse_choice
     from malt_local.export.pipeline import export
 
     options = ExportOptions(
