@@ -134,7 +134,8 @@ def eval_cmd(
     QUESTIONS are one or more benchmark files (a row each). Every turn is stored in the
     database; re-running the same command generates only what is missing.
     """
-    from malt_local.evaluate.pipeline import EvalSettings, run_eval
+    from malt_local.evaluate.pipeline import run_eval
+    from malt_local.evaluate.settings import EvalSettings
     from malt_local.run.pipeline import progress_display
 
     settings = EvalSettings(
