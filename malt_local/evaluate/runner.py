@@ -53,11 +53,68 @@ from malt_local.questions.loading import Question
 
 @dataclass
 class _Pending:
+    """A requested turn, kept until its completion arrives to be graded and stored."""
+
     slot: Slot
     role: str
     messages: list[dict[str, str]]
     seed: int
     parent_id: str | None
+
+
+def turn_context(
+    role: str,
+    q: Question,
+    earlier: dict[str, str],
+    stored: dict[str, EvalGeneration],
+) -> tuple[TreeContext, str | None] | None:
+    """A turn's prompt context and its parent's id, from the chain's earlier turns (`earlier`:
+    their generation ids by role): the generator answers alone, the verifier critiques the
+    generator's turn, the refiner sees both. None while a turn it extends is not stored."""
+    parent_id = None
+    if role == "generator":
+        ctx = TreeContext(q)
+    elif role == "verifier":
+        parent_id = earlier["generator"]
+        if parent_id not in stored:
+            return None
+        ctx = TreeContext(q, generation=stored[parent_id].output)
+    else:
+        g = stored.get(earlier["generator"])
+        parent_id = earlier["verifier"]
+        if g is None or parent_id not in stored:
+            return None
+        ctx = TreeContext(q, generation=g.output, critique=stored[parent_id].output)
+    return ctx, parent_id
+
+
+def graded_generation(
+    run_id: str, adapter_set: str, info: _Pending, c: Completion
+) -> EvalGeneration:
+    """The row of one generated turn, graded: its answer and whether that answer is right."""
+    q = info.slot.question
+    answer, correct = grade(c.text, q.ground_truth, q.task, list(q.options) or None)
+    return EvalGeneration(
+        id=c.key,
+        eval_run_id=run_id,
+        adapter_set=adapter_set,
+        seed_index=info.slot.seed_index,
+        question_id=q.id,
+        pass_index=info.slot.pass_index,
+        role=info.role,
+        parent_id=info.parent_id,
+        messages=json.dumps(info.messages, ensure_ascii=False),
+        output=c.text,
+        finish_reason=c.finish_reason,
+        answer=answer,
+        # A critique that states no answer has no grade; answers always have one.
+        correct=None if info.role == "verifier" and answer is None else int(correct),
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+        seed=info.seed if c.seed is None else c.seed,
+        duration_ms=int(c.seconds * 1000),
+        created_at=utcnow(),
+    )
 
 
 class EvalRunner:
@@ -229,20 +286,11 @@ class EvalRunner:
             if key in stored:
                 continue
             q = slot.question
-            parent_id = None
-            if role == "generator":
-                ctx = TreeContext(q)
-            elif role == "verifier":
-                parent_id = self.gid(aset, slot, "generator")
-                if parent_id not in stored:
-                    continue
-                ctx = TreeContext(q, generation=stored[parent_id].output)
-            else:
-                g = stored.get(self.gid(aset, slot, "generator"))
-                parent_id = self.gid(aset, slot, "verifier")
-                if g is None or parent_id not in stored:
-                    continue
-                ctx = TreeContext(q, generation=g.output, critique=stored[parent_id].output)
+            earlier = {r: self.gid(aset, slot, r) for r in ("generator", "verifier")}
+            extends = turn_context(role, q, earlier, stored)
+            if extends is None:
+                continue
+            ctx, parent_id = extends
             messages = self.prompts.messages(role, ctx)
             seed = generation_seed(self.settings.seed, slot.seed_index, q.id, slot.pass_index, role)
             pending[key] = _Pending(slot, role, messages, seed, parent_id)
@@ -272,29 +320,7 @@ class EvalRunner:
         self, aset: AdapterSet, info: _Pending, c: Completion, item: str
     ) -> EvalGeneration | None:
         """Store one turn, if this process still holds its claim (None: it was lost)."""
-        q = info.slot.question
-        answer, correct = grade(c.text, q.ground_truth, q.task, list(q.options) or None)
-        gen = EvalGeneration(
-            id=c.key,
-            eval_run_id=self.run_id,
-            adapter_set=aset.id,
-            seed_index=info.slot.seed_index,
-            question_id=q.id,
-            pass_index=info.slot.pass_index,
-            role=info.role,
-            parent_id=info.parent_id,
-            messages=json.dumps(info.messages, ensure_ascii=False),
-            output=c.text,
-            finish_reason=c.finish_reason,
-            answer=answer,
-            # A critique that states no answer has no grade; answers always have one.
-            correct=None if info.role == "verifier" and answer is None else int(correct),
-            prompt_tokens=c.prompt_tokens,
-            completion_tokens=c.completion_tokens,
-            seed=info.seed if c.seed is None else c.seed,
-            duration_ms=int(c.seconds * 1000),
-            created_at=utcnow(),
-        )
+        gen = graded_generation(self.run_id, aset.id, info, c)
         with self.store.immediate():
             if not self._claims.keep(item):
                 return None
