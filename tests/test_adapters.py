@@ -22,14 +22,9 @@ from malt_local.engines.llama.adapters import (
     read_gguf_header,
 )
 from malt_local.errors import MaltError
-from malt_local.evaluate.pipeline import (
-    BASE,
-    AdapterSet,
-    EvalRunner,
-    EvalSettings,
-    adapter_set_id,
-    load_benchmarks,
-)
+from malt_local.evaluate.benchmarks import AdapterSet, adapter_set_id, load_benchmarks
+from malt_local.evaluate.runner import EvalRunner
+from malt_local.evaluate.settings import BASE, EvalSettings
 from malt_local.prompts import PromptSet
 from tests.conftest import TEST_DATA, malt
 

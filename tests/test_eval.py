@@ -14,21 +14,16 @@ import pytest
 
 from malt_local.db.store import Store
 from malt_local.engines.base import GenRequest
-from malt_local.evaluate.pipeline import (
-    BASE,
+from malt_local.evaluate.benchmarks import (
     AdapterSet,
     Benchmark,
-    Chain,
-    EvalRunner,
-    EvalSettings,
-    Turn,
     column_names,
     load_benchmarks,
-    mean_std,
     sample_indices,
-    score_question,
-    summarize,
 )
+from malt_local.evaluate.runner import EvalRunner
+from malt_local.evaluate.scores import Chain, Turn, mean_std, score_question, summarize
+from malt_local.evaluate.settings import BASE, EvalSettings
 from malt_local.grading import answers_equal, grade
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question

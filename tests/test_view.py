@@ -17,7 +17,7 @@ import pytest
 
 from malt_local.db.store import Store
 from malt_local.errors import MaltError
-from malt_local.evaluate.pipeline import EvalSettings
+from malt_local.evaluate.settings import EvalSettings
 from malt_local.export.options import ExportOptions
 from malt_local.export.pipeline import export
 from malt_local.roles import ROLES

@@ -20,7 +20,7 @@ from malt_local.cli._options import (
     setting,
 )
 from malt_local.cli._progress import CountBar, on_terminal
-from malt_local.evaluate.pipeline import MODES, EvalSettings
+from malt_local.evaluate.settings import MODES, EvalSettings
 from malt_local.grading import TASKS
 from malt_local.paths import default_db_path
 

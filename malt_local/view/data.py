@@ -1,10 +1,10 @@
 """What `malt view` reads from the database, as plain dicts and dataclasses for its templates.
 
 Every function takes a `Store` opened with `Store.read_only`, so nothing here can write. The
-rules that decide what the data means are not restated: run figures come from `report`, DPO
+rules that decide what the data means are not restated: run figures come from `run.status`, DPO
 pairs from `export`'s own pairing (`export.pairing.tree_pairs`), evaluation measures from
-`evaluate`'s scoring (`evaluate.benchmark_measures`); this module only gathers their inputs and
-shapes the results for pages.
+`evaluate`'s scoring (`evaluate.results.benchmark_measures`); this module only gathers their
+inputs and shapes the results for pages.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from pathlib import Path
 
 from malt_local.db.store import JudgedNode, Store
 from malt_local.errors import MaltError
-from malt_local.evaluate import pipeline as evaluate
+from malt_local.evaluate.benchmarks import AdapterSet
+from malt_local.evaluate.results import benchmark_measures
+from malt_local.evaluate.settings import EvalSettings
+from malt_local.evaluate.tables import EvalGeneration
 from malt_local.export.options import ExportOptions
 from malt_local.export.pairing import tree_pairs
 from malt_local.export.records import dpo_record
@@ -282,7 +285,7 @@ def evaluations(store: Store) -> list[dict]:
 def _evaluation(store: Store, run: dict) -> dict:
     rid = run["id"]
     stored = {
-        r["id"]: evaluate.EvalGeneration(**r)
+        r["id"]: EvalGeneration(**r)
         for r in store.db.query("SELECT * FROM eval_generations WHERE eval_run_id = ?", [rid])
     }
     roles = {g.role for g in stored.values()}
@@ -295,7 +298,7 @@ def _evaluation(store: Store, run: dict) -> dict:
     ):
         samples[row["benchmark"]][row["seed_index"]].append(row["question_id"])
     asets = [
-        evaluate.AdapterSet(r["id"], json.loads(r["adapters"]))
+        AdapterSet(r["id"], json.loads(r["adapters"]))
         for r in store.db.query(
             "SELECT id, adapters FROM eval_adapter_sets WHERE eval_run_id = ? "
             "ORDER BY id != 'base', created_at",
@@ -306,7 +309,7 @@ def _evaluation(store: Store, run: dict) -> dict:
     benchmarks = []
     for label, seeds in samples.items():
         per_seed = [[_question(store, qid, qcache) for qid in seeds[s]] for s in sorted(seeds)]
-        settings = evaluate.EvalSettings(
+        settings = EvalSettings(
             mode="all" if "refiner" in roles else "sa",
             votes=votes,
             samples=max(len(qs) for qs in per_seed),
@@ -314,7 +317,7 @@ def _evaluation(store: Store, run: dict) -> dict:
         )
         entry = {"benchmark": label, "seeds": len(per_seed), "samples": settings.samples}
         try:
-            entry.update(evaluate.benchmark_measures(stored, rid, label, per_seed, settings, asets))
+            entry.update(benchmark_measures(stored, rid, label, per_seed, settings, asets))
         except MaltError as exc:
             entry["error"] = str(exc)
         benchmarks.append(entry)

@@ -1,0 +1,103 @@
+"""What `malt eval` was asked for, and which of it names the evaluation.
+
+`EvalSettings` holds the flags and checks them before anything is loaded or written. Only what
+shapes a generation (model, sampling, seed, task, prompts) goes into the `identity` whose hash
+is the eval run id, so re-running the same command resumes it, and a run with more votes,
+samples or seeds reuses what is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from malt_local.engines.base import SamplingParams
+from malt_local.errors import MaltError
+from malt_local.grading import TASKS
+from malt_local.roles import ROLES
+
+MODES = ("sa", "ma", "all")
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `malt eval` was asked for.
+
+    Temperature 0.3 is the paper's generation temperature; it does not state one for test time,
+    and a positive temperature is what makes k votes differ at all.
+    """
+
+    mode: str = "all"
+    votes: int = 3
+    samples: int = 100
+    seeds: int = 4
+    temperature: float = 0.3
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 512
+    seed: int = 0
+    task: str | None = None
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise MaltError(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
+        if self.votes < 1:
+            raise MaltError(f"--votes must be at least 1 (got {self.votes})")
+        if self.samples < 1:
+            raise MaltError(f"--samples must be at least 1 (got {self.samples})")
+        if self.seeds < 1:
+            raise MaltError(f"--seeds must be at least 1 (got {self.seeds})")
+        if self.max_tokens < 1:
+            raise MaltError(f"--max-tokens must be positive (got {self.max_tokens})")
+        if self.temperature < 0:
+            raise MaltError(f"--temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise MaltError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise MaltError(f"--top-k must be >= 0 (got {self.top_k})")
+        if self.task is not None and self.task not in TASKS:
+            raise MaltError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("generator",) if self.mode == "sa" else ROLES
+
+    @property
+    def with_sa(self) -> bool:
+        return self.mode in ("sa", "all")
+
+    @property
+    def with_ma(self) -> bool:
+        return self.mode in ("ma", "all")
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_tokens=self.max_tokens,
+        )
+
+
+def identity(settings: EvalSettings, model_sha256: str, prompts_sha256: str) -> dict:
+    """What shapes a generation; its hash is the eval run id.
+
+    Mode, votes, samples and seeds are not in it: they only choose which generations are
+    needed, and everything already stored under the same identity is reused.
+    """
+    return {
+        "model_sha256": model_sha256,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "top_k": settings.top_k,
+        "max_tokens": settings.max_tokens,
+        "seed": settings.seed,
+        "task": settings.task,
+        "prompts_sha256": prompts_sha256,
+    }
+
+
+def eval_run_id(ident: dict) -> str:
+    return "e" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
