@@ -26,7 +26,6 @@ from malt_local.diskspace import disk_full_error, is_disk_full
 from malt_local.errors import MaltError
 from malt_local.questions.loading import Question
 
-ROLE_BY_DEPTH = {1: "generator", 2: "verifier", 3: "refiner"}
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another process's transaction
 
 
