@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: malt_local/bench/ is two below
 # The first 200 GSM8K test rows, shipped with the tests (tests/data/README.md).
 GSM8K_SLICE = ROOT / "tests" / "data" / "gsm8k" / "test.jsonl"
 EXAMPLE_GSM8K = ROOT / "examples" / "gsm8k.jsonl"
