@@ -412,6 +412,10 @@ def test_benchmark_labels_name_the_folder_and_stay_distinct(tmp_path):
         (["--adapter", "generator"], "expected ROLE=PATH"),
         (["--task", "poetry"], "unknown task 'poetry'"),
         (["--ctx", "100"], "--ctx 100 is too small (at least 256)"),
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+        (["--top-k", str(10**22)], "--top-k must be in"),
+        (["--seed", str(10**22)], "--seed must be a 64-bit integer"),
+        (["--max-tokens", str(2**31)], "--max-tokens must be in"),
     ],
 )
 def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, gsm_file, args, message):

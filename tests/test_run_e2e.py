@@ -197,6 +197,9 @@ def test_ctrl_c_or_sigterm_stops_keeps_nodes_and_resumes(tmp_path, small_model, 
     assert all(after[n["id"]] == n for n in kept)
 
 
+ONE = '{"question": "a", "answer": "1"}\n'  # one good question
+
+
 @pytest.mark.parametrize(
     "setup,args,message",
     [
@@ -209,6 +212,26 @@ def test_ctrl_c_or_sigterm_stops_keeps_nodes_and_resumes(tmp_path, small_model, 
         ('{"question": "a", "answer": "1"}\n', ["--max-tokens", "-5", "q.jsonl"], "--max-tokens"),
         ('{"question": "a", "answer": "1"}\n', ["--theta", "2", "q.jsonl"], "--theta"),
         ('{"question": "a", "answer": "1"}\n', ["--ctx", "100", "q.jsonl"], "--ctx 100 is too"),
+        (ONE, ["--temperature", "nan", "q.jsonl"], "--temperature must be a finite"),
+        (ONE, ["--temperature", "inf", "q.jsonl"], "--temperature must be a finite"),
+        ('{"question": "a", "answer": "1"}\n', ["--top-p", "nan", "q.jsonl"], "--top-p"),
+        (ONE, ["--top-k", str(10**22), "q.jsonl"], "--top-k must be in"),
+        (ONE, ["--seed", str(10**22), "q.jsonl"], "--seed must be a 64-bit"),
+        (ONE, ["--max-tokens", str(10**22), "q.jsonl"], "--max-tokens must be in"),
+        ('{"question": "a", "answer": "1"}\n', ["--theta", "nan", "q.jsonl"], "--theta"),
+        (
+            ONE,
+            [
+                "--engine",
+                "openai",
+                "--endpoint",
+                "http://127.0.0.1:9",
+                "--request-timeout",
+                "nan",
+                "q.jsonl",
+            ],
+            "--request-timeout must be a positive",
+        ),
         (
             '{"question": "a", "answer": "1"}\n',
             ["--model", "notgguf.bin", "q.jsonl"],

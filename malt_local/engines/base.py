@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from malt_local.errors import MaltError
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,36 @@ class SamplingParams:
     max_tokens: int = 512
     # Fixed-length generation (benchmarks): keep sampling past end-of-sequence.
     ignore_eos: bool = False
+
+
+# The widest values the engines and the database take: llama.cpp's sampler takes a 32-bit top-k
+# and token count, SQLite a 64-bit integer for the run seed.
+INT32_MAX = 2**31 - 1
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_sampling(
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+) -> None:
+    """Refuse, in one line, sampling flags an engine or the database cannot take (None: not
+    given). Checked before anything is written: `--temperature nan` would otherwise be stored and
+    then sent as `NaN` (not JSON), and `--seed 10**22` fail as an overflow in SQLite after the
+    run row was begun."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise MaltError(f"--temperature must be a finite number >= 0 (got {temperature})")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise MaltError(f"--top-p must be in (0, 1] (got {top_p})")
+    if top_k is not None and not 0 <= top_k <= INT32_MAX:
+        raise MaltError(f"--top-k must be in [0, {INT32_MAX}] (got {top_k})")
+    if max_tokens is not None and not 1 <= max_tokens <= INT32_MAX:
+        raise MaltError(f"--max-tokens must be in [1, {INT32_MAX}] (got {max_tokens})")
+    if seed is not None and not INT64[0] <= seed <= INT64[1]:
+        raise MaltError(f"--seed must be a 64-bit integer (got {seed})")
 
 
 @dataclass

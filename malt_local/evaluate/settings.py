@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from malt_local.engines.base import SamplingParams
+from malt_local.engines.base import SamplingParams, check_sampling
 from malt_local.errors import MaltError
 from malt_local.grading import TASKS
 from malt_local.roles import ROLES
@@ -49,14 +49,10 @@ class EvalSettings:
             raise MaltError(f"--samples must be at least 1 (got {self.samples})")
         if self.seeds < 1:
             raise MaltError(f"--seeds must be at least 1 (got {self.seeds})")
-        if self.max_tokens < 1:
-            raise MaltError(f"--max-tokens must be positive (got {self.max_tokens})")
-        if self.temperature < 0:
-            raise MaltError(f"--temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise MaltError(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise MaltError(f"--top-k must be >= 0 (got {self.top_k})")
+        check_sampling(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_tokens=self.max_tokens, seed=self.seed,
+        )  # fmt: skip
         if self.task is not None and self.task not in TASKS:
             raise MaltError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 from dataclasses import asdict, dataclass, field, fields
 
 from malt_local import __version__
 from malt_local.db.store import Store, utcnow
+from malt_local.engines.base import check_sampling
 from malt_local.errors import MaltError
 from malt_local.grading import TASKS
 
@@ -69,15 +71,11 @@ class RunSettings:
             raise MaltError(f"--n must be at least 1 (got {self.n})")
         if self.n is not None and self.n > 6:
             raise MaltError(f"--n {self.n} gives {self.n**3} leaves per question; use n <= 6")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise MaltError(f"--max-tokens must be positive (got {self.max_tokens})")
-        if self.temperature is not None and self.temperature < 0:
-            raise MaltError(f"--temperature must be >= 0 (got {self.temperature})")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise MaltError(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.top_k is not None and self.top_k < 0:
-            raise MaltError(f"--top-k must be >= 0 (got {self.top_k})")
-        if self.theta is not None and not 0 <= self.theta <= 1:
+        check_sampling(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_tokens=self.max_tokens, seed=self.seed,
+        )  # fmt: skip
+        if self.theta is not None and not (math.isfinite(self.theta) and 0 <= self.theta <= 1):
             raise MaltError(f"--theta must be in [0, 1] (got {self.theta})")
         if self.task is not None and self.task not in TASKS:
             raise MaltError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -42,8 +43,8 @@ class OpenAISettings:
             raise MaltError(f"--max-in-flight must be at least 1 (got {self.max_in_flight})")
         if self.model_sha256 is not None and not is_sha256(self.model_sha256):
             raise MaltError("--model-sha256 must be 64 lower-case hex digits")
-        if self.timeout is not None and self.timeout <= 0:
-            raise MaltError("--request-timeout must be positive")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise MaltError(f"--request-timeout must be a positive number (got {self.timeout})")
 
     def with_model(self, name: str) -> OpenAISettings:
         return dataclasses.replace(self, model=name)
