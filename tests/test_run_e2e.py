@@ -219,6 +219,8 @@ ONE = '{"question": "a", "answer": "1"}\n'  # one good question
         (ONE, ["--seed", str(10**22), "q.jsonl"], "--seed must be a 64-bit"),
         (ONE, ["--max-tokens", str(10**22), "q.jsonl"], "--max-tokens must be in"),
         ('{"question": "a", "answer": "1"}\n', ["--theta", "nan", "q.jsonl"], "--theta"),
+        (ONE, ["--engine", "openai", "--endpoint", "http://[::1", "q.jsonl"], "is not an http"),
+        (ONE, ["--engine", "openai", "--endpoint", "http://h:x", "q.jsonl"], "is not an http"),
         (
             ONE,
             [

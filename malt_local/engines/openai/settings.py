@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 
 from malt_local.errors import MaltError
@@ -62,6 +63,16 @@ class OpenAISettings:
         return 60.0 + max_tokens * sequences / 4.0
 
 
+def _parses(url: str) -> bool:
+    """Whether the URL's host and port can be read: `http://[::1` or `http://h:x` pass the
+    pattern above, then fail with a ValueError deep in the first request."""
+    try:
+        u = urllib.parse.urlsplit(url)
+        return bool(u.hostname) and (u.port is None or u.port > 0)
+    except ValueError:
+        return False
+
+
 def split_endpoints(values: tuple[str, ...] | list[str], env: str | None) -> tuple[str, ...]:
     """`--endpoint` values, else `$MALT_ENDPOINTS` split on commas and spaces; each checked."""
     raw = list(values) or [v for v in re.split(r"[,\s]+", env or "") if v]
@@ -70,7 +81,7 @@ def split_endpoints(values: tuple[str, ...] | list[str], env: str | None) -> tup
         base = url.strip().rstrip("/")
         if base.endswith("/v1"):
             base = base[: -len("/v1")]
-        if not re.match(r"^https?://[^/\s]+", base):
+        if not re.match(r"^https?://[^/\s]+", base) or not _parses(base):
             raise MaltError(f"--endpoint {url!r} is not an http:// or https:// URL")
         if base not in out:
             out.append(base)
