@@ -333,23 +333,33 @@ def test_settings_that_cannot_fit_are_clear_errors(model, monkeypatch):
         plan_batch(model, max_tokens=16, seq_limit=2048, parallel=10_000)
     with pytest.raises(MaltError, match="--ctx"):
         plan_batch(model, max_tokens=16, seq_limit=2048, ctx=100)
-    with pytest.raises(MaltError, match="lower --ctx"):
+    with pytest.raises(MaltError, match="lower --parallel or --ctx"):
         plan_batch(model, max_tokens=16, seq_limit=2048, ctx=2**40)
     # On a CPU: one stream of seq_limit cells per sequence id, half the ids spare for kept
-    # parents, within a quarter of the available memory; a unified cache where fewer fit.
+    # parents, as many as STREAMS_BYTES holds; the free memory never changes the plan (the
+    # layout changes the texts), it only refuses one that cannot fit.
     gib = 2**30
-    monkeypatch.setattr(sizing, "available_memory", lambda: 32 * gib)
-    plan = plan_batch(model, max_tokens=512, seq_limit=3584)
+    per_stream = 2560 * kv_bytes_per_cell(model)  # the benchmark's nodes: 3 * 96 + 2048 cells
+    plans = []
+    for free in (32, 20, 12, 8, 3, 2.1):
+        monkeypatch.setattr(sizing, "available_memory", lambda free=free: free * gib)
+        plans.append(plan_batch(model, max_tokens=96, seq_limit=2336))
+    plan = plans[0]
+    assert all(p == plan for p in plans), plans
     assert plan.parallel == 32 and not plan.offload and not plan.kv_unified
-    assert plan.seq_limit == 3584 and plan.n_seq_max == 64 and plan.n_ctx == 64 * 3584
-    per_stream = 3584 * kv_bytes_per_cell(model)
-    monkeypatch.setattr(sizing, "available_memory", lambda: 12 * gib)
-    fewer = plan_batch(model, max_tokens=512, seq_limit=3584)
-    assert not fewer.kv_unified and fewer.n_seq_max == int(3 * gib // per_stream) < 64
-    assert fewer.n_seq_max > fewer.parallel
-    monkeypatch.setattr(sizing, "available_memory", lambda: 8 * gib)
-    small = plan_batch(model, max_tokens=512, seq_limit=3584)
-    assert small.kv_unified and small.kv_bytes <= 4 * gib and small.n_seq_max == 64
+    assert plan.n_seq_max == min(64, sizing.STREAMS_BYTES // per_stream) > plan.parallel
+    assert plan.seq_limit == 2336 and plan.n_ctx == plan.n_seq_max * 2560
+    monkeypatch.setattr(sizing, "available_memory", lambda: plan.kv_bytes - 1)
+    with pytest.raises(MaltError, match="lower --parallel or --max-tokens"):
+        plan_batch(model, max_tokens=96, seq_limit=2336)
+    # Where streams do not fit STREAMS_BYTES (512 tokens a node): a unified cache, again
+    # whatever is free.
+    small = []
+    for free in (32, 3):
+        monkeypatch.setattr(sizing, "available_memory", lambda free=free: free * gib)
+        small.append(plan_batch(model, max_tokens=512, seq_limit=3584))
+    assert small[0] == small[1] and small[0].kv_unified and small[0].n_seq_max == 64
+    assert small[0].n_ctx == -(-(32 * (768 + 128) + 3584) // 256) * 256
     # A total size asks for one unified cache.
     unified = plan_batch(model, max_tokens=512, seq_limit=3584, ctx=8192)
     assert unified.kv_unified and unified.n_ctx == 8192 and unified.seq_limit == 3584

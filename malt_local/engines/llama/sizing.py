@@ -18,10 +18,13 @@ DEFAULT_PARALLEL_CPU = 32
 # Tokens per physical micro-batch: prompt prefill runs in chunks of this size.
 UBATCH_GPU = 1024
 UBATCH_CPU = 512
-# Share of the machine's available memory the KV cache may take on a CPU.
-KV_MEMORY_SHARE = 0.5
-# ... and the share one stream per sequence may take (a faster layout, not a necessary one).
-STREAMS_MEMORY_SHARE = 0.25
+# Bytes the one-stream-per-sequence layout may take (a faster layout, not a necessary one). A
+# constant, not a share of the free memory: the layout changes the texts a seed gives, so it
+# must follow from the flags and the model alone, or the same command makes another tree on a
+# day with less memory free (and a resumed run mixes layouts).
+# 2 GiB holds the streams of the benchmark's tree (SmolLM2-135M, 96 tokens a node: 36 ids) and
+# still runs with 3 GB free; a larger budget would be refused there.
+STREAMS_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def plan_batch(
     flash_attn: bool | None = None,
     kv_unified: bool | None = None,
 ) -> BatchPlan:
-    """Size the context from the model and the machine; a clear error for what cannot fit.
+    """Size the context from the model and the flags; a clear error for what cannot fit.
 
     `seq_limit` is the per-sequence context of the simple path (prompt plus output), so both
     engines end a too-long node the same way. `ctx` is the total number of KV cells of one
@@ -90,12 +93,16 @@ def plan_batch(
     Two layouts of the KV cache. On a GPU, and wherever `ctx` is given, one unified cache: a
     shared prefix is stored once and a fork only tags cells. On a CPU, by default, one stream
     of `seq_limit` cells per sequence id (a fork copies the parent's stream) whenever more than
-    `parallel` streams fit in a quarter of the available memory, up to `2 * parallel` (the
-    spare ids hold parents kept until their children start). Attention on the CPU then reads
-    only a sequence's own cells, where in a unified cache every query row walks past every
-    other sequence's cells too. On the 2-core CPU (SmolLM2-135M, the benchmark's tree at 96
-    tokens a node) streams made 124 to 128 tok/s against 82 for the unified cache, at a cost
-    in memory: 3.8 against 0.5 GiB peak. `kv_unified` forces either layout.
+    `parallel` streams fit in `STREAMS_BYTES`, up to `2 * parallel` (the spare ids hold
+    parents kept until their children start). Attention on the CPU then reads only a
+    sequence's own cells, where in a unified cache every query row walks past every other
+    sequence's cells too. On the 2-core CPU (SmolLM2-135M, the benchmark's tree at 96 tokens a
+    node) streams made 124 to 128 tok/s against 82 for the unified cache, at a cost in memory:
+    3.8 against 0.5 GiB peak. `kv_unified` forces either layout.
+
+    Neither choice reads the free memory: the layout changes the texts a seed gives, so one
+    command must give one tree on any day. A plan that needs more than the available memory
+    is refused in one line instead of shrunk.
     """
     import llama_cpp
 
@@ -107,8 +114,6 @@ def plan_batch(
         raise MaltError(f"--parallel must be between 1 and {max_seq} (got {parallel})")
     check_ctx(ctx)
     per_cell = kv_bytes_per_cell(model)
-    avail = None if offload else available_memory()
-    budget = KV_MEMORY_SHARE * avail if avail is not None else None
     n_ubatch = UBATCH_GPU if offload else UBATCH_CPU
 
     def make(unified: bool, n_seq_max: int, n_ctx: int, limit: int) -> BatchPlan:
@@ -131,26 +136,28 @@ def plan_batch(
 
     if kv_unified is None:
         kv_unified = offload or ctx is not None
+    plan = None
     if not kv_unified:
         stream = -(-seq_limit // 256) * 256
-        n_seq_max = min(max_seq, 2 * parallel)
-        if avail is not None:
-            n_seq_max = min(n_seq_max, int(STREAMS_MEMORY_SHARE * avail // (stream * per_cell)))
+        n_seq_max = min(max_seq, 2 * parallel, STREAMS_BYTES // (stream * per_cell))
         if n_seq_max >= parallel + 1:
-            return make(False, n_seq_max, n_seq_max * stream, seq_limit)
-    # By default a live sequence holds its own output and, in a tree, about half an output's
-    # worth of shared prompt and parent output; seq_limit leaves room for one long prompt.
-    n_ctx = ctx if ctx is not None else parallel * (max_tokens * 3 // 2 + 128) + seq_limit
-    n_ctx = -(-n_ctx // 256) * 256
-    if budget is not None and n_ctx * per_cell > budget:
-        fit = int(budget // per_cell) // 256 * 256
-        if ctx is not None or fit < min(seq_limit, 4096):
-            raise MaltError(
-                f"a KV cache of {n_ctx} cells needs {_gib(n_ctx * per_cell)} GiB, more than half "
-                f"of the {_gib(avail or 0)} GiB available: lower --ctx or --parallel"
-            )
-        n_ctx = fit
-    return make(True, min(max_seq, 2 * parallel), n_ctx, min(seq_limit, n_ctx))
+            plan = make(False, n_seq_max, n_seq_max * stream, seq_limit)
+    if plan is None:
+        # By default a live sequence holds its own output and, in a tree, about half an
+        # output's worth of shared prompt and parent output; seq_limit leaves room for one
+        # long prompt.
+        n_ctx = ctx if ctx is not None else parallel * (max_tokens * 3 // 2 + 128) + seq_limit
+        n_ctx = -(-n_ctx // 256) * 256
+        plan = make(True, min(max_seq, 2 * parallel), n_ctx, min(seq_limit, n_ctx))
+    # Free memory decides only whether the plan runs at all, never its shape.
+    avail = None if offload else available_memory()
+    if avail is not None and plan.kv_bytes > avail:
+        raise MaltError(
+            f"a KV cache of {plan.n_ctx} cells needs {_gib(plan.kv_bytes)} GiB, more than the "
+            f"{_gib(avail)} GiB available: lower --parallel"
+            + (" or --ctx" if plan.kv_unified else " or --max-tokens")
+        )
+    return plan
 
 
 def _gib(n: float) -> str:
