@@ -53,7 +53,7 @@ def check_sampling(
     run row was begun."""
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise MaltError(f"--temperature must be a finite number >= 0 (got {temperature})")
-    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not 0 < top_p <= 1:  # NaN and inf fail it too
         raise MaltError(f"--top-p must be in (0, 1] (got {top_p})")
     if top_k is not None and not 0 <= top_k <= INT32_MAX:
         raise MaltError(f"--top-k must be in [0, {INT32_MAX}] (got {top_k})")

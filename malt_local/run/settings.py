@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import secrets
 from dataclasses import asdict, dataclass, field, fields
 
@@ -75,7 +74,7 @@ class RunSettings:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             max_tokens=self.max_tokens, seed=self.seed,
         )  # fmt: skip
-        if self.theta is not None and not (math.isfinite(self.theta) and 0 <= self.theta <= 1):
+        if self.theta is not None and not 0 <= self.theta <= 1:  # NaN fails it too
             raise MaltError(f"--theta must be in [0, 1] (got {self.theta})")
         if self.task is not None and self.task not in TASKS:
             raise MaltError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")

@@ -64,8 +64,8 @@ class OpenAISettings:
 
 
 def _parses(url: str) -> bool:
-    """Whether the URL's host and port can be read: `http://[::1` or `http://h:x` pass the
-    pattern above, then fail with a ValueError deep in the first request."""
+    """Whether the URL's host and port can be read: `http://[::1` or `http://h:x` pass
+    `split_endpoints`' pattern, then fail with a ValueError deep in the first request."""
     try:
         u = urllib.parse.urlsplit(url)
         return bool(u.hostname) and (u.port is None or u.port > 0)
