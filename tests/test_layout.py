@@ -174,11 +174,11 @@ def test_the_checker_finds_a_top_module_with_one_user(tmp_path):
     package = tmp_path / "pkg"
     (package / "run").mkdir(parents=True)
     (package / "cli").mkdir()
-    (package / "shared.py").write_text("")
+    (package / "common.py").write_text("")
     (package / "lonely.py").write_text("")
-    (package / "run" / "a.py").write_text("from pkg import shared\nfrom pkg.lonely import x\n")
-    (package / "cli" / "b.py").write_text("def f():\n    import pkg.shared\n")
-    assert top_level_users(package) == {"shared": {"run", "cli"}, "lonely": {"run"}}
+    (package / "run" / "a.py").write_text("from pkg import common\nfrom pkg.lonely import x\n")
+    (package / "cli" / "b.py").write_text("def f():\n    import pkg.common\n")
+    assert top_level_users(package) == {"common": {"run", "cli"}, "lonely": {"run"}}
 
 
 def test_one_cli_module_per_command():
