@@ -89,11 +89,21 @@ def test_release_frees_unfinished_claims_only(store):
 
 
 def test_heartbeat_renews_a_live_holders_lease(store):
-    a = Claims(store, "tree", "r1", holder="host:1:a", lease=0.3)
+    """The renewal is watched in the database, not raced against a sleep: on a loaded machine a
+    thread can be late by more than a short lease, and the test must not depend on load."""
+
+    def expires() -> float:
+        return store.db.execute("SELECT expires_at FROM claims WHERE item = 'q1'").fetchone()[0]
+
+    a = Claims(store, "tree", "r1", holder="host:1:a", lease=2.0)
     with a:
         a.try_take(["q1"])
-        time.sleep(1.0)  # three leases: only the heartbeat keeps the claim alive
-        b = Claims(store, "tree", "r1", holder="host:2:b", lease=0.3)
+        first = expires()
+        deadline = time.monotonic() + 120
+        while expires() < first + 1.0:  # renewed past its first lease: only the heartbeat does
+            assert time.monotonic() < deadline, "the heartbeat never renewed the lease"
+            time.sleep(0.05)
+        b = Claims(store, "tree", "r1", holder="host:2:b", lease=2.0)
         assert b.try_take(["q1"]) == (None, [], ["q1"])
     # Released on exit: free at once.
     assert b.try_take(["q1"]) == ("q1", [], [])
