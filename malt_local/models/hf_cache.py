@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from malt_local.errors import MaltError
+from malt_local.errors import MaltError, clean_secret
 from malt_local.models.filelock import LockHeld, exclusive_lock
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -63,13 +63,14 @@ def hf_home(env: Mapping[str, str] | None = None) -> Path:
 
 def _token(env: Mapping[str, str]) -> str | None:
     """HF_TOKEN (or the legacy name), else the token `hf auth login` saved."""
+    name = "HF_TOKEN" if env.get("HF_TOKEN") else "HUGGING_FACE_HUB_TOKEN"
     token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
     if not token and not _is_true(env.get("HF_HUB_DISABLE_IMPLICIT_TOKEN")):
         path = _expand(env["HF_TOKEN_PATH"]) if env.get("HF_TOKEN_PATH") else hf_home(env) / "token"
+        name = f"the token file {path}"
         with contextlib.suppress(OSError):
             token = path.read_text(encoding="utf-8")
-    token = (token or "").strip()
-    return token or None
+    return clean_secret(token, name)
 
 
 def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
