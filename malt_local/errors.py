@@ -7,13 +7,44 @@ written: the library raises `MaltError` (it imports no click), and the CLI's gro
 
 from __future__ import annotations
 
+import re
+
+# The password of a URL (`http://user:pass@host`): --endpoint and HF_ENDPOINT may carry one,
+# and every message that names the URL must not.
+_URL_PASSWORD_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ``***`` (``user:***@host``)."""
+    return _URL_PASSWORD_RE.sub(r"\1***@", text)
+
+
+def clean_secret(value: str | None, name: str) -> str | None:
+    """An API key or token as read from `name` (an environment variable), stripped of the
+    whitespace a copy and paste or a file's last newline adds; None when empty.
+
+    A key with a control character inside (a newline from pasting two lines) would be sent as
+    a broken or split header: refused, in a line that names the variable, never the key.
+    """
+    value = (value or "").strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise MaltError(
+            f"{name} holds a control character (a newline?) inside the key: set it to the key "
+            "alone, on one line"
+        )
+    return value or None
+
 
 class MaltError(Exception):
-    """A problem with the user's input or environment, reported in one line, exit code 2."""
+    """A problem with the user's input or environment, reported in one line, exit code 2.
+
+    The message goes through `redact`: an endpoint URL in it never shows its password.
+    """
 
     exit_code = 2
 
     def __init__(self, message: str) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
 

@@ -9,7 +9,7 @@ another host name (`localhost` instead of `127.0.0.1`) carrying `X-Linked-Etag` 
 
 Faults are switched on per test: cut the connection after K body bytes, stall after K bytes
 (so a test can Ctrl-C or kill the client mid-body), flip one byte of the body, answer 200 to a
-Range request, gate a repository, require a token. Every request is
+Range request, gate a repository, require a token, send a hostile commit or ETag. Every request is
 recorded (method, path, host, Range, Authorization) so tests can assert what went over the wire.
 """
 
@@ -45,6 +45,9 @@ class Faults:
     token: str | None = None  # when set, requests need `Authorization: Bearer <token>`
     status: int | None = None  # answer every resolve request with this bare status
     stall_after: int | None = None  # send this many body bytes, then wait for `release`
+    commit: str | None = None  # a hostile server: send this X-Repo-Commit instead of COMMIT
+    etag: str | None = None  # ... this ETag (X-Linked-Etag with cdn) instead of the sha256
+    any_revision: bool = False  # serve every revision, not only main and COMMIT
 
 
 class FakeHub:
@@ -181,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "GatedRepo",
                 f"Access to model {repo} is restricted and you are not in the authorized list.",
             )
-        if revision not in ("main", COMMIT):
+        if revision not in ("main", COMMIT) and not f.any_revision:
             return self._error(404, "RevisionNotFound", "Invalid rev id", commit=False)
         data = fake.files.get((repo, file))
         if data is None:
@@ -191,8 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
             host = f"localhost:{fake.port}"
             self.send_response(302)
             self.send_header("Location", f"http://{host}/blob/{sha}")
-            self.send_header("X-Repo-Commit", COMMIT)
-            self.send_header("X-Linked-Etag", f'"{sha}"')
+            self.send_header("X-Repo-Commit", f.commit or COMMIT)
+            self.send_header("X-Linked-Etag", f.etag or f'"{sha}"')
             self.send_header("X-Linked-Size", str(len(data)))
             self.send_header("ETag", '"not-the-sha"')
             self.send_header("Content-Length", "0")
@@ -235,8 +238,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_response(206 if start else 200)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", f'"{sha}"')
+        self.send_header("X-Repo-Commit", f.commit or COMMIT)
+        self.send_header("ETag", f.etag or f'"{sha}"')
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
         if start:

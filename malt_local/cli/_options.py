@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from malt_local.engines import ENGINES, EngineOptions, engine_kind, engine_names
-from malt_local.errors import MaltError
+from malt_local.errors import MaltError, clean_secret
 
 ENDPOINTS_ENV = "MALT_ENDPOINTS"
 FLAG_NAMES = {"endpoints": "--endpoint", "role_models": "--role-model", "server_n": "--server-n"}
@@ -177,7 +177,7 @@ def _pop_server_settings(kind: str, flags: dict) -> object | None:
         return None
     return OpenAISettings(
         endpoints=split_endpoints(given["endpoints"], os.environ.get(ENDPOINTS_ENV)),
-        api_key=os.environ.get(given["api_key_env"]) or None,
+        api_key=clean_secret(os.environ.get(given["api_key_env"]), "$" + given["api_key_env"]),
         role_models=parse_role_models(given["role_models"]),
         max_in_flight=given["max_in_flight"],
         server_n=given["server_n"],

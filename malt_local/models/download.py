@@ -35,8 +35,11 @@ from malt_local.gguf import check_gguf
 from malt_local.hashing import hash_into, is_sha256, sha256_file
 from malt_local.models.hf_cache import (
     HubConfig,
+    cache_dirs,
     download_lock,
     link_snapshot,
+    refuse_symlink,
+    refuse_symlinks,
     repo_folder,
     snapshot_file,
     write_ref,
@@ -63,6 +66,7 @@ from malt_local.models.records import (
 )
 from malt_local.models.spec import ModelSpec
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows
 CHUNK = 1 << 20  # 1 MiB reads: large enough for speed, small enough for a smooth bar
 FSYNC_EVERY = 64 << 20  # bytes between fsyncs: what a reboot may cost, not more
 
@@ -134,7 +138,9 @@ class _Partial:
         self.path = path
         # Unbuffered: every received chunk is in the file at once, so a kill or a power cut
         # loses at most what the kernel had not written yet, and a resume starts from there.
-        self.fh: BinaryIO = path.open("ab", buffering=0)
+        # O_NOFOLLOW: a link planted at this name would send the download into its target.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+        self.fh: BinaryIO = os.fdopen(fd, "ab", buffering=0)
         self.hasher = hashlib.sha256()
         self.have = 0
         self.received = 0  # bytes this process got from the network
@@ -347,8 +353,10 @@ def _download(
     home: Path | None,
 ) -> PullResult:
     folder = repo_folder(cfg.cache_dir, spec.repo)
-    blobs = folder / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
+    # Every folder the pull writes in, checked before the first byte: none may be a link.
+    blobs = cache_dirs(cfg.cache_dir, Path(folder.name, "blobs"))
+    refuse_symlinks(folder, Path("snapshots", remote.commit, spec.file).parent)
+    refuse_symlinks(folder, Path("refs", spec.revision).parent)
     blob = blobs / remote.etag
     expected = spec.sha256 or remote.sha256
     against = (
@@ -366,6 +374,7 @@ def _download(
             blob.unlink()
             progress.note(f"the cached copy {blob} was corrupt (sha256 {digest}): deleted it")
         part = blobs / f"{remote.etag}.incomplete"
+        refuse_symlink(part)
         progress.note(
             f"pulling {spec.display}: {spec.repo}/{spec.file} ({human_size(remote.size)})"
         )
@@ -492,7 +501,9 @@ def _from_cache(
     against = VERIFIED_MODELS_TOML if spec.sha256 else VERIFIED_ETAG if expected else VERIFIED_NONE
     digest = _verify(snapshot, progress, f"verifying {spec.display}")
     if expected is not None and digest != expected:
-        blob.unlink(missing_ok=True)
+        # Only a blob of this cache is deleted: a snapshot link may point anywhere.
+        if blob.parent == Path(os.path.realpath(repo_folder(cfg.cache_dir, spec.repo) / "blobs")):
+            blob.unlink(missing_ok=True)
         if snapshot.is_symlink():
             snapshot.unlink()
         raise MaltError(

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from malt_local.errors import MaltError
 
 
 class LockHeld(Exception):
@@ -31,7 +34,10 @@ def exclusive_lock(path: Path, *, wait: bool = True) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows: last writer wins
         yield
         return
-    with open(path, "a") as fh:
+    if path.is_symlink():  # a planted link: opening it would create or lock its target
+        raise MaltError(f"{path} is a symbolic link malt did not make: remove it and try again")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -19,13 +19,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from malt_local.errors import MaltError
+from malt_local.errors import MaltError, clean_secret
 from malt_local.models.filelock import LockHeld, exclusive_lock
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where links need privileges
 
 
 # --------------------------------------------------------------------------- configuration
@@ -62,13 +63,14 @@ def hf_home(env: Mapping[str, str] | None = None) -> Path:
 
 def _token(env: Mapping[str, str]) -> str | None:
     """HF_TOKEN (or the legacy name), else the token `hf auth login` saved."""
+    name = "HF_TOKEN" if env.get("HF_TOKEN") else "HUGGING_FACE_HUB_TOKEN"
     token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")
     if not token and not _is_true(env.get("HF_HUB_DISABLE_IMPLICIT_TOKEN")):
         path = _expand(env["HF_TOKEN_PATH"]) if env.get("HF_TOKEN_PATH") else hf_home(env) / "token"
+        name = f"the token file {path}"
         with contextlib.suppress(OSError):
             token = path.read_text(encoding="utf-8")
-    token = (token or "").strip()
-    return token or None
+    return clean_secret(token, name)
 
 
 def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
@@ -116,10 +118,43 @@ def repo_folder(cache_dir: Path, repo: str) -> Path:
     return cache_dir / ("models--" + repo.replace("/", "--"))
 
 
+def refuse_symlink(path: Path) -> None:
+    """Refuse to write at `path` when it is a symbolic link: malt never makes one there, so
+    it was planted, and writing through it would change a file outside the cache."""
+    if path.is_symlink():
+        raise MaltError(
+            f"{path} is a symbolic link malt did not make: refusing to write through it "
+            "(remove it and run `malt pull` again)"
+        )
+
+
+def refuse_symlinks(base: Path, relative: Path) -> None:
+    """`refuse_symlink` for every folder below `base` on the way to `base / relative` that
+    exists already; nothing is made."""
+    path = base
+    for part in relative.parts:
+        path = path / part
+        refuse_symlink(path)
+        if not path.exists():
+            return
+
+
+def cache_dirs(cache_dir: Path, relative: Path) -> Path:
+    """`cache_dir / relative`, each folder below `cache_dir` made if missing and refused if it
+    is a symbolic link (the cache folder itself may be one: a cache moved to a bigger disk)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir
+    for part in relative.parts:
+        path = path / part
+        refuse_symlink(path)
+        path.mkdir(exist_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def download_lock(cache_dir: Path, repo: str, etag: str) -> Iterator[None]:
     """One writer per blob. Same lock file huggingface_hub uses, so the two never collide."""
-    lock_dir = cache_dir / ".locks" / repo_folder(cache_dir, repo).name
+    lock_dir = cache_dirs(cache_dir, Path(".locks", repo_folder(cache_dir, repo).name))
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(exclusive_lock(lock_dir / f"{etag}.lock", wait=False))
@@ -134,7 +169,7 @@ def download_lock(cache_dir: Path, repo: str, etag: str) -> Iterator[None]:
 def link_snapshot(folder: Path, commit: str, file: str, blob: Path) -> Path:
     """snapshots/<commit>/<file> -> ../../blobs/<etag>, relative as huggingface_hub makes it."""
     snapshot = folder / "snapshots" / commit / file
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    cache_dirs(folder, snapshot.parent.relative_to(folder))
     target = os.path.relpath(blob, snapshot.parent)
     if snapshot.is_symlink() and os.readlink(snapshot) == target:
         return snapshot
@@ -154,12 +189,17 @@ def write_ref(folder: Path, revision: str, commit: str) -> None:
     if revision == commit:
         return
     ref = folder / "refs" / revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
+    cache_dirs(folder, ref.parent.relative_to(folder))
     with contextlib.suppress(OSError):
         if ref.read_text(encoding="utf-8").strip() == commit:
             return
     tmp = ref.with_name(ref.name + f".{os.getpid()}.tmp")
-    tmp.write_text(commit, encoding="utf-8")
+    tmp.unlink(missing_ok=True)  # a leftover, or a planted link: the link itself goes
+    # O_EXCL | O_NOFOLLOW: a fresh file of ours, never a write through a link; os.replace then
+    # replaces `ref` itself, link or not.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(commit)
     os.replace(tmp, ref)
 
 

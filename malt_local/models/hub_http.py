@@ -29,7 +29,10 @@ from malt_local.models.hf_cache import HubConfig
 
 MAX_REDIRECTS = 10
 
-_SAFE_ETAG_RE = re.compile(r"^[0-9A-Za-z._-]{1,128}$")
+# The server's answer names files in the cache (``blobs/<etag>``, ``snapshots/<commit>/``), so
+# only what the Hub really sends is used: a git sha1 or an LFS sha256, a 40-hex commit.
+_ETAG_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 class Unreachable(Exception):
@@ -186,8 +189,16 @@ def _remote_from(cfg: HubConfig, headers: Any, url: str, redirected: bool, t: Ta
             f"{cfg.endpoint} sent no {missing} for {t.repo}/{t.file}: "
             "is HF_ENDPOINT a Hugging Face Hub?"
         )
-    if not _SAFE_ETAG_RE.match(etag):
-        raise MaltError(f"{cfg.endpoint} sent an unusable ETag {etag!r} for {t.repo}/{t.file}")
+    if not _COMMIT_RE.match(commit):
+        raise MaltError(
+            f"{cfg.endpoint} sent an unusable X-Repo-Commit {commit[:80]!r} for "
+            f"{t.repo}/{t.file} (not 40 hex digits): refused, nothing was written"
+        )
+    if not _ETAG_RE.match(etag):
+        raise MaltError(
+            f"{cfg.endpoint} sent an unusable ETag {etag[:80]!r} for {t.repo}/{t.file} "
+            "(not a sha1 or sha256): refused, nothing was written"
+        )
     raw_size = headers.get("X-Linked-Size")
     if raw_size is None and not redirected:
         raw_size = headers.get("Content-Length")

@@ -36,6 +36,14 @@ class ModelSpec:
     size: int | None = None  # from the catalog, informational
     entry: ModelEntry | None = None
 
+    def __post_init__(self) -> None:
+        # Every spelling (alias, path, URL, a user's models.toml, --revision) ends here, and the
+        # repository, the file and the revision become folder names in the HF cache: a name
+        # that could climb out of it (`..`, an absolute path) is refused before any request.
+        check_repo(self.repo)
+        check_file_part(self.file)
+        check_revision(self.revision)
+
     @property
     def key(self) -> str:
         return record_key(self.repo, self.file)
@@ -48,11 +56,69 @@ class ModelSpec:
         return f"{self.repo}/{self.file}"
 
 
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# What git's check-ref-format refuses anywhere in a ref name: control characters, space and
+# ~ ^ : ? * [ \ (DEL included).
+_REF_BAD_CHARS_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def _bad_path_part(value: str) -> str | None:
+    """Why `value` cannot be a relative path inside a cache folder, or None when it can."""
+    if not value:
+        return "it is empty"
+    if "\\" in value:
+        return "it holds a backslash"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "it holds a control character"
+    if value.startswith("/"):
+        return "it is an absolute path"
+    parts = value.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "it holds an empty, '.' or '..' component"
+    return None
+
+
+def check_file_part(file: str) -> None:
+    """A Hub file name, which becomes ``snapshots/<commit>/<file>``: relative, no ``..``."""
+    why = _bad_path_part(file)
+    if why is not None:
+        raise MaltError(f"file name {file!r} is refused: {why} (use OWNER/REPO/FILE.gguf)")
+
+
+def check_repo(repo: str) -> None:
+    """OWNER/REPO, which becomes the cache folder ``models--OWNER--REPO``."""
+    why = _bad_path_part(repo) or (None if repo.count("/") == 1 else "it is not OWNER/REPO")
+    if why is not None:
+        raise MaltError(f"repository name {repo!r} is refused: {why}")
+
+
+def check_revision(revision: str) -> None:
+    """A 40-hex commit, or a name git's ref-name rules allow (it becomes ``refs/<revision>``)."""
+    if _COMMIT_RE.match(revision):
+        return
+    why = None
+    if not revision:
+        why = "it is empty"
+    elif _REF_BAD_CHARS_RE.search(revision):
+        why = "it holds a space, a control character or one of ~ ^ : ? * [ \\"
+    elif ".." in revision or "//" in revision or "@{" in revision or revision == "@":
+        why = "it holds '..', '//' or '@{'"
+    elif revision.startswith(("/", "-")) or revision.endswith(("/", ".", ".lock")):
+        why = "it starts with '/' or '-', or ends with '/', '.' or '.lock'"
+    elif any(p.startswith(".") or p.endswith(".lock") for p in revision.split("/")):
+        why = "a component starts with '.' or ends with '.lock'"
+    if why is not None:
+        raise MaltError(
+            f"revision {revision!r} is refused: {why} (use a branch, a tag or a 40-hex commit)"
+        )
+
+
 _HUB_URL_RE = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/", re.IGNORECASE)
 
 
 def looks_like_hub_path(spec: str) -> bool:
-    return spec.count("/") >= 2 and spec.lower().endswith(".gguf")
+    """OWNER/REPO/FILE.gguf; an absolute path is a file on disk, never a Hub path."""
+    return not spec.startswith("/") and spec.count("/") >= 2 and spec.lower().endswith(".gguf")
 
 
 def parse_spec(
@@ -67,13 +133,17 @@ def parse_spec(
     """
     catalog = load_catalog() if catalog is None else catalog
     spec = spec.strip()
+    if spec.startswith("/") and spec.lower().endswith(".gguf"):
+        raise MaltError(
+            f"'{spec}' is a path on disk, not a Hub file: use `malt pull ALIAS --file {spec}`"
+        )
     if _HUB_URL_RE.match(spec) or looks_like_hub_path(spec):
         path = _HUB_URL_RE.sub("", spec)
-        parts = [p for p in path.split("/") if p]
+        parts = path.split("/")
         url_revision = None
         if len(parts) >= 5 and parts[2] in ("resolve", "blob"):
             url_revision, parts = parts[3], parts[:2] + parts[4:]
-        if len(parts) < 3:
+        if len(parts) < 3 or not all(parts[:2]):
             raise MaltError(f"'{spec}' does not name a file: use OWNER/REPO/FILE.gguf")
         repo, file = "/".join(parts[:2]), "/".join(parts[2:])
         for entry in catalog.values():

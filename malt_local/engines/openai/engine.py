@@ -36,7 +36,7 @@ from malt_local.engines.openai import http
 from malt_local.engines.openai.routing import Endpoint, pick
 from malt_local.engines.openai.settings import OpenAISettings
 from malt_local.engines.registry import EngineOptions
-from malt_local.errors import MaltError
+from malt_local.errors import MaltError, redact
 
 # Sequences in flight per endpoint when the server does not say (`--max-in-flight`).
 DEFAULT_IN_FLIGHT = 8
@@ -273,8 +273,10 @@ class OpenAIEngine:
             others = sum(1 for e in self.endpoints if not e.down)
             where = f"its questions move to the {others} other(s)" if others else "none is left"
             sys.stderr.write(
-                f"malt: endpoint {ep.url} taken out after {ep.failures} failures "
-                f"({ep.last_error}); {where}\n"
+                redact(
+                    f"malt: endpoint {ep.url} taken out after {ep.failures} failures "
+                    f"({ep.last_error}); {where}\n"
+                )
             )
 
     def _all_down(self) -> str:
