@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from malt_local.cli import cli
-from malt_local.db.store import NodeRecord, Store
+from malt_local.db.store import JudgedNode, NodeRecord, Store
 from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
 from malt_local.export import pairing, pipeline
@@ -52,14 +52,15 @@ def make_run(store: Store, run_id: str, n: int, theta: float = 0.5, task: str | 
 
 
 def scripted(correct: dict[str, set[str]]):
-    """Leaves answer 18 (right) where `correct[question_id]` lists their path, else 7."""
+    """Leaves answer 18 (right) where `correct[question_id]` lists their path, else 7; every
+    text names its path, so no two siblings say the same thing (the export writes that once)."""
 
     def script(request, key, seed):
         _, qid, path = key.split("/")
         depth = path.count(".") + 1
         if depth == 3:
             right = path in correct.get(qid, ())
-            return "Refined. Final Answer: 18" if right else "Final Answer: 7"
+            return f"Refined {path}. Final Answer: 18" if right else f"Leaf {path}. Final Answer: 7"
         if depth == 2:
             return "A critique without numbers: " + path.replace(".", " and ").translate(
                 str.maketrans("0123456789", "abcdefghij")
@@ -280,6 +281,77 @@ def test_json_for_an_empty_role_is_valid(golden, tmp_path):
 # --------------------------------------------------------------------------- split
 
 
+def sibling(path: str, value: float, output: str, finish: str = "stop") -> JudgedNode:
+    """A verifier node under generator 0, for the pure rules below."""
+    return JudgedNode(
+        id=f"r/q/{path}", run_id="r", question_id="q", parent_id="r/q/0", role="verifier",
+        depth=2, branch=int(path[-1]), path=path, messages='[{"role": "user", "content": "x"}]',
+        output=output, finish_reason=finish, answer=None, correct=None, reward=None,
+        value=value, label=None, prompt_tokens=0, completion_tokens=0, seed=0,
+        duration_ms=None, created_at="",
+    )  # fmt: skip
+
+
+def test_length_stopped_positives_are_left_out_unless_kept():
+    cut = sibling("0.0", 1.0, "An unfinished crit", "length")
+    good, bad = sibling("0.1", 0.8, "A critique."), sibling("0.2", 0.0, "Wrong.")
+    dropped = pairing.Dropped()
+    assert pairing.positives([cut, good, bad], 0.5, dropped=dropped) == [good]
+    assert dropped.length_stopped == 1
+    assert pairing.positives([cut, good, bad], 0.5, keep_length_stopped=True) == [cut, good]
+    # Never the chosen side; still a rejected one (a cut-off text is a fine example of bad).
+    assert pairing.pairs_for_group([cut, good, bad], 0.5) == [(good, bad)]
+    kept = pairing.pairs_for_group([cut, good, bad], 0.5, keep_length_stopped=True)
+    assert kept == [(cut, bad), (good, bad)]
+    cut_bad = sibling("0.2", 0.0, "Wrong and cut", "length")
+    assert pairing.pairs_for_group([good, cut_bad], 0.5) == [(good, cut_bad)]
+
+
+def test_identical_siblings_give_one_sft_line_and_no_pair():
+    a, b = sibling("0.0", 1.0, "Same words."), sibling("0.1", 0.9, "Same words.")
+    c = sibling("0.2", 0.0, "Same words.")
+    d = sibling("0.3", 0.0, "Other words.")
+    dropped = pairing.Dropped()
+    assert pairing.positives([a, b, c, d], 0.5, dropped=dropped) == [a]
+    assert pairing.pairs_for_group([a, b, c, d], 0.5, dropped=dropped) == [(a, d), (b, d)]
+    assert dropped.as_dict() == {"length_stopped": 0, "duplicate_sft": 1, "identical_pairs": 2}
+    # The cap counts only pairs that are kept.
+    assert pairing.pairs_for_group([a, b, c, d], 0.5, max_pairs=1) == [(a, d)]
+
+
+def test_export_reports_what_it_left_out(golden, tmp_path):
+    """Through the files, the manifest and the CLI's summary, per role."""
+    with sqlite3.connect(golden) as conn:
+        # A positive verifier cut off at max_tokens; two right refiner leaves saying the same.
+        conn.execute("UPDATE nodes SET finish_reason = 'length' WHERE path = '0.1'")
+        conn.execute("UPDATE nodes SET output = 'Same. Final Answer: 18' WHERE path = '0.0.1'")
+        conn.execute("UPDATE nodes SET output = 'Same. Final Answer: 18' WHERE path = '0.0.0'")
+    conn.close()
+    out = tmp_path / "out"
+    r = run_cli("--db", str(golden), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert paths(out, "verifier") == ["0.0", "1.2"]
+    assert ("0.1", "0.2") not in pair_paths(out, "verifier")
+    assert paths(out, "refiner") == [p for p in GOLD_SFT["refiner"] if p != "0.0.1"]
+    assert manifest["keep_length_stopped"] is False
+    assert manifest["left_out"] == {
+        "generator": {"length_stopped": 0, "duplicate_sft": 0, "identical_pairs": 0},
+        "verifier": {"length_stopped": 1, "duplicate_sft": 0, "identical_pairs": 0},
+        "refiner": {"length_stopped": 0, "duplicate_sft": 1, "identical_pairs": 0},
+    }
+    assert manifest["counts"]["refiner"]["sft"] == len(GOLD_SFT["refiner"]) - 1
+    assert "left out: 1 length-stopped, 0 duplicate SFT, 0 identical pairs" in r.stdout
+    assert "left out: 0 length-stopped, 1 duplicate SFT, 0 identical pairs" in r.stdout
+    r = run_cli("--db", str(golden), "--out", str(out), "--keep-length-stopped")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert paths(out, "verifier") == GOLD_SFT["verifier"]
+    assert pair_paths(out, "verifier") == GOLD_DPO["verifier"]
+    assert manifest["keep_length_stopped"] is True
+    assert manifest["left_out"]["verifier"]["length_stopped"] == 0
+
+
 def many_questions(tmp_path, count: int = 12) -> Path:
     """n = 2 trees; in question i, leaf paths ending in .0 are right when i is even, and leaf
     0.0.0 only when i is odd: every role has positives in several questions."""
@@ -339,21 +411,34 @@ def test_split_anchor_moves_one_question_when_the_fraction_gives_none():
 # --------------------------------------------------------------------------- a real run
 
 
-def dpo_groups_expected(nodes: dict[str, dict], theta: float) -> dict[str, int]:
-    """Pairs per role counted straight from the database: |positives| x |negatives| per group."""
-    groups: dict[tuple[str, str], list[bool]] = defaultdict(list)
+def dpo_groups_expected(
+    nodes: dict[str, dict], theta: float, keep_length_stopped: bool = False
+) -> dict[str, int]:
+    """Pairs per role counted straight from the database: positive x negative per group, less
+    length-stopped chosen sides (unless kept) and pairs whose two outputs are the same."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for n in nodes.values():
-        positive = n["reward"] == 1.0 if n["role"] == "refiner" else n["value"] > theta
-        groups[(n["role"], n["parent_id"] or n["question_id"])].append(positive)
+        groups[(n["role"], n["parent_id"] or n["question_id"])].append(n)
     out = dict.fromkeys(ROLES, 0)
-    for (role, _), labels in groups.items():
-        out[role] += labels.count(True) * labels.count(False)
+    for (role, _), members in groups.items():
+        pos = [n for n in members if is_db_positive(n, theta)]
+        neg = [n for n in members if not is_db_positive(n, theta)]
+        out[role] += sum(
+            (keep_length_stopped or p["finish_reason"] != "length") and p["output"] != r["output"]
+            for p in pos
+            for r in neg
+        )
     return out
+
+
+def is_db_positive(n: dict, theta: float) -> bool:
+    return n["reward"] == 1.0 if n["role"] == "refiner" else n["value"] > theta
 
 
 def test_real_run_every_line_follows_the_rules(real_run_db, tmp_path):
     out = tmp_path / "out"
-    manifest = export(real_run_db, out, valid_fraction=0.5)
+    # The run's 40-token budget cuts nearly every node off: kept, or there would be no pairs.
+    manifest = export(real_run_db, out, valid_fraction=0.5, keep_length_stopped=True)
     nodes = db_nodes(real_run_db)
     (run,) = manifest["sources"]
     theta = run["theta"]
@@ -368,7 +453,7 @@ def test_real_run_every_line_follows_the_rules(real_run_db, tmp_path):
             if n["role"] == role
         }
         assert labels == {True, False}, role
-    expected_pairs = dpo_groups_expected(nodes, theta)
+    expected_pairs = dpo_groups_expected(nodes, theta, keep_length_stopped=True)
     assert sum(expected_pairs.values()) > 0  # the pair checks below are not vacuous
     for role in ROLES:
         positives = {
@@ -378,8 +463,17 @@ def test_real_run_every_line_follows_the_rules(real_run_db, tmp_path):
         }  # fmt: skip
         sft = read_jsonl(out / f"{role}.sft.jsonl")
         prov = read_jsonl(out / f"provenance/{role}.sft.jsonl")
-        assert {p["node_id"] for p in prov} == positives  # positives only, and all of them
-        assert len(sft) == len(prov) == manifest["counts"][role]["sft"] == len(positives)
+        # Positives only; all of them but the length-stopped, each distinct text once.
+        kept = positives  # length-stopped ones too (keep_length_stopped)
+        texts = {(nodes[nid]["messages"], nodes[nid]["output"]) for nid in kept}
+        assert {p["node_id"] for p in prov} <= kept
+        assert {(nodes[p["node_id"]]["messages"], nodes[p["node_id"]]["output"]) for p in prov} == (
+            texts
+        )
+        left = manifest["left_out"][role]
+        assert left["length_stopped"] == len(positives) - len(kept)
+        assert left["duplicate_sft"] == len(kept) - len(texts)
+        assert len(sft) == len(prov) == manifest["counts"][role]["sft"] == len(texts)
         for line, p in zip(sft, prov, strict=True):
             node = nodes[p["node_id"]]
             assert node["role"] == role
@@ -398,8 +492,8 @@ def test_real_run_every_line_follows_the_rules(real_run_db, tmp_path):
             assert line["chosen"] == [{"role": "assistant", "content": chosen["output"]}]
             assert line["rejected"] == [{"role": "assistant", "content": rejected["output"]}]
         data = json.loads((out / f"{role}_training.json").read_text())
-        assert data["metadata"]["total_examples"] == len(positives)
-        assert {e["node_id"] for e in data["examples"]} == positives
+        assert data["metadata"]["total_examples"] == len(sft)
+        assert {e["node_id"] for e in data["examples"]} == {p["node_id"] for p in prov}
         for e in data["examples"]:
             assert {"question", "score", "evaluation"} <= set(e)
             assert set(e["evaluation"]) == {
@@ -427,7 +521,7 @@ def test_real_export_is_training_ready(real_run_db, tmp_path, small_model):
     from gguf import GGUFReader
 
     out = tmp_path / "out"
-    export(real_run_db, out, formats=["sft", "dpo"])
+    export(real_run_db, out, formats=["sft", "dpo"], keep_length_stopped=True)  # 40-token run
     cache = tmp_path / "hf-cache"
     field = GGUFReader(str(small_model)).fields["tokenizer.chat_template"]
     template = ChatTemplate(bytes(field.parts[field.data[0]]).decode("utf-8"))

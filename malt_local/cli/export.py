@@ -64,6 +64,12 @@ FORMAT_CHOICES = (*FORMATS, "all")
     type=int,
     help="DPO: at most K pairs per sibling group, largest value margin first [all].",
 )
+@setting(
+    ExportOptions,
+    "keep_length_stopped",
+    is_flag=True,
+    help="Keep nodes cut off at --max-tokens as SFT positives and DPO chosen sides.",
+)
 @db_option
 @json_option
 def command(
@@ -74,6 +80,7 @@ def command(
     run_ids: tuple[str, ...],
     valid_fraction: float | None,
     max_pairs_per_group: int | None,
+    keep_length_stopped: bool,
     db_path: Path | None,
     json_: bool,
 ) -> None:
@@ -95,6 +102,7 @@ def command(
         run_ids=run_ids,
         valid_fraction=valid_fraction,
         max_pairs_per_group=max_pairs_per_group,
+        keep_length_stopped=keep_length_stopped,
     )
     manifest = export(db_path or default_db_path(), out, options)
     if json_:
@@ -109,6 +117,12 @@ def command(
     )
     for r, counts in manifest["counts"].items():
         click.echo(f"  {r:<9} " + "  ".join(f"{k} {v}" for k, v in counts.items()))
+        left = manifest["left_out"][r]
+        if any(left.values()):
+            click.echo(
+                f"  {'':<9} left out: {left['length_stopped']} length-stopped, "
+                f"{left['duplicate_sft']} duplicate SFT, {left['identical_pairs']} identical pairs"
+            )
     for notice in manifest["licence_notices"]:
         click.echo(f"licence: {notice}")
     if valid_fraction is not None:

@@ -1,7 +1,8 @@
 """`manifest.json`: what an export holds and where it came from, so a dataset can be traced
 and checked without the database.
 
-- **Manifest** (`manifest.json`): counts, θ, pairing and split rules, the source runs and their
+- **Manifest** (`manifest.json`): counts, what was left out per role and why (`left_out`), θ,
+  pairing and split rules, the source runs and their
   config, model sha256, prompt hashes, tool version, the licence notice the base model needs,
   and each file's line count and sha256. `malt train` reads it (malt_local.training.data).
 - The seed's JSON files carry a metadata header built here too (`json_metadata`).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from malt_local import __version__
 from malt_local.export.options import ExportOptions
-from malt_local.export.pairing import PAIRING_RULE, SPLIT_RULE, Splitter
+from malt_local.export.pairing import PAIRING_RULE, SPLIT_RULE, Dropped, Splitter
 from malt_local.export.trees import RunInfo
 from malt_local.hashing import sha256_file
 from malt_local.models.catalog import licence_for_model_file
@@ -99,6 +100,7 @@ def build_manifest(
     per_run: dict[str, dict[str, int]],
     models: list[dict],
     counts: dict[str, dict[str, int]],
+    dropped: dict[str, Dropped],
     names: dict[str, dict[str, str]],
     tmp: Path,
 ) -> dict:
@@ -120,6 +122,9 @@ def build_manifest(
         "roles": list(options.roles),
         "formats": list(options.formats),
         "counts": counts,
+        # Not in the files, so that a smaller count than the tree holds can be explained.
+        "left_out": {role: dropped[role].as_dict() for role in options.roles},
+        "keep_length_stopped": options.keep_length_stopped,
         "questions": {"exported": stats.complete, "incomplete_skipped": stats.incomplete},
         "positives": {
             "generator": "value > theta",

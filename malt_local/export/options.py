@@ -1,4 +1,5 @@
-"""What an export is asked for: roles, formats, θ, runs, the split and the pair cap.
+"""What an export is asked for: roles, formats, θ, runs, the split, the pair cap and whether
+length-stopped nodes are kept.
 
 `ExportOptions.validate` is where every choice a user can get wrong is refused, with the CLI's
 wording, before anything is read or written; `parse_choice` reads the CLI's `all`-or-one flags.
@@ -22,6 +23,8 @@ class ExportOptions:
     run_ids: tuple[str, ...] = ()
     valid_fraction: float | None = None
     max_pairs_per_group: int | None = None
+    # Nodes cut off at max_tokens are left out of SFT and the DPO chosen side unless kept.
+    keep_length_stopped: bool = False
 
     def validate(self) -> None:
         for role in self.roles:

@@ -7,6 +7,11 @@ questions go to valid. No I/O: `malt view` and the tests call these on trees in 
   its reward is 1 and negative when it is 0, whatever θ (`is_positive`).
 - **DPO pairs** come from siblings only (same parent; the generators of one question are
   siblings). The pairing rule is `pairs_for_group`, stated in words as `PAIRING_RULE`.
+- **Length-stopped nodes** (cut off at max_tokens, `length_stopped`) are no positive for SFT and
+  no chosen side for DPO unless asked (`--keep-length-stopped`): their text stops mid-answer,
+  and training on it teaches the model to stop mid-answer. They stay as rejected sides.
+- **Duplicates**: a pair whose chosen text equals its rejected text teaches nothing and is
+  dropped; identical SFT records of one tree are written once (`Dropped` counts both).
 - **The train/valid split** is by question (`Splitter`), stated in words as `SPLIT_RULE`.
 
 The two rule texts are what the manifest records, so they sit beside the code they describe.
@@ -28,7 +33,9 @@ PAIRING_RULE = (
     "have the same label gives none. Positives are ranked by value descending, negatives by "
     "value ascending (ties by path); all positive x negative combinations are listed by value "
     "margin (chosen - rejected) descending, then chosen rank, then rejected rank; "
-    "max_pairs_per_group keeps the first K of that list (null: all)"
+    "max_pairs_per_group keeps the first K of that list (null: all). Before the cap, a "
+    "length-stopped positive is no chosen side (unless keep_length_stopped) and a pair whose "
+    "chosen output equals its rejected output is dropped"
 )
 SPLIT_RULE = (
     "by question: a question is in valid when the first 8 bytes of sha256('malt-split:' + "
@@ -38,6 +45,27 @@ SPLIT_RULE = (
     "one with the smallest (largest) fraction is moved, so both of the role's files get data, "
     "as mlx-lm requires (needs two such questions)"
 )
+
+
+@dataclass
+class Dropped:
+    """What one role's export left out, per reason, as the manifest reports it."""
+
+    length_stopped: int = 0  # positives cut off at max_tokens: not in SFT, not chosen in DPO
+    duplicate_sft: int = 0  # SFT records equal to one already written for the tree
+    identical_pairs: int = 0  # DPO pairs whose chosen output equals the rejected one
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "length_stopped": self.length_stopped,
+            "duplicate_sft": self.duplicate_sft,
+            "identical_pairs": self.identical_pairs,
+        }
+
+
+def length_stopped(node: JudgedNode) -> bool:
+    """Cut off at max_tokens: the text is unfinished, not an answer to imitate."""
+    return node.finish_reason == "length"
 
 
 def is_positive(node: JudgedNode, theta: float) -> bool:
@@ -55,17 +83,59 @@ def score(node: JudgedNode) -> float:
     return float(value)
 
 
+def positives(
+    nodes: list[JudgedNode],
+    theta: float,
+    keep_length_stopped: bool = False,
+    dropped: Dropped | None = None,
+) -> list[JudgedNode]:
+    """The nodes an SFT (and seed JSON) export writes, in order: the positives, less the
+    length-stopped ones (unless kept) and less any whose prompt and output repeat an earlier
+    one's (siblings that said the same thing: one line, not several), counted into `dropped`.
+    Called per tree, so what it remembers stays small."""
+    out: list[JudgedNode] = []
+    seen: set[tuple[str, str]] = set()
+    for node in nodes:
+        if not is_positive(node, theta):
+            continue
+        if length_stopped(node) and not keep_length_stopped:
+            if dropped is not None:
+                dropped.length_stopped += 1
+            continue
+        key = (node.messages, node.output)
+        if key in seen:
+            if dropped is not None:
+                dropped.duplicate_sft += 1
+            continue
+        seen.add(key)
+        out.append(node)
+    return out
+
+
 def pairs_for_group(
-    siblings: list[JudgedNode], theta: float, max_pairs: int | None = None
+    siblings: list[JudgedNode],
+    theta: float,
+    max_pairs: int | None = None,
+    keep_length_stopped: bool = False,
+    dropped: Dropped | None = None,
 ) -> list[tuple[JudgedNode, JudgedNode]]:
-    """(chosen, rejected) pairs of one sibling group; the rule is `PAIRING_RULE`."""
+    """(chosen, rejected) pairs of one sibling group; the rule is `PAIRING_RULE`. Identical
+    pairs are counted into `dropped` (the export's length-stopped count is of SFT positives)."""
     labelled = [(s, is_positive(s, theta)) for s in siblings]
-    pos = sorted((s for s, good in labelled if good), key=lambda s: (-score(s), s.path))
+    pos = sorted(
+        (s for s, good in labelled if good and (keep_length_stopped or not length_stopped(s))),
+        key=lambda s: (-score(s), s.path),
+    )
     neg = sorted((s for s, good in labelled if not good), key=lambda s: (score(s), s.path))
     # Margins rounded so that equal margins tie exactly (2/3 - 1/3 against 1/3 - 0).
     ranked = [
-        (round(score(p) - score(r), 9), i, j) for i, p in enumerate(pos) for j, r in enumerate(neg)
+        (round(score(p) - score(r), 9), i, j)
+        for i, p in enumerate(pos)
+        for j, r in enumerate(neg)
+        if p.output != r.output
     ]
+    if dropped is not None:
+        dropped.identical_pairs += len(pos) * len(neg) - len(ranked)
     ranked.sort(key=lambda t: (-t[0], t[1], t[2]))
     if max_pairs is not None:
         ranked = ranked[:max_pairs]
@@ -73,14 +143,18 @@ def pairs_for_group(
 
 
 def tree_pairs(
-    tree: Tree, role: str, max_pairs: int | None = None
+    tree: Tree,
+    role: str,
+    max_pairs: int | None = None,
+    keep_length_stopped: bool = False,
+    dropped: Dropped | None = None,
 ) -> list[tuple[JudgedNode, JudgedNode]]:
     """The (chosen, rejected) pairs of `role` that a DPO export writes for one complete tree,
     in file order; `malt view` shows these, so the page and the file cannot disagree."""
     return [
         pair
         for group in sibling_groups(tree.role_nodes(role))
-        for pair in pairs_for_group(group, tree.run.theta, max_pairs)
+        for pair in pairs_for_group(group, tree.run.theta, max_pairs, keep_length_stopped, dropped)
     ]
 
 

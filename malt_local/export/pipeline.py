@@ -20,7 +20,13 @@ from malt_local.diskspace import disk_guard
 from malt_local.errors import MaltError
 from malt_local.export.manifest import Stats, build_manifest, json_metadata, source_models
 from malt_local.export.options import ExportOptions
-from malt_local.export.pairing import Splitter, is_positive, score, tree_pairs
+from malt_local.export.pairing import (
+    Dropped,
+    Splitter,
+    positives,
+    score,
+    tree_pairs,
+)
 from malt_local.export.records import dpo_record, json_example, sft_record
 from malt_local.export.trees import RunInfo, Tree, complete_questions, iter_trees, source_runs
 from malt_local.export.writer import (
@@ -93,6 +99,7 @@ def _write_all(
             rf.seed_json = JsonDataset(tmp / nm["json"])
         files[role] = rf
     stats = Stats()
+    dropped = {role: Dropped() for role in options.roles}
     per_run: dict[str, dict[str, int]] = {}
     judged_runs: set[str] = set()
     try:
@@ -109,7 +116,7 @@ def _write_all(
                         judged_runs.add(run.id)
                 for role in options.roles:
                     part = splitter.split(tree.question.id, role) if splitter else None
-                    _write_tree(tree, role, files[role], options, part)
+                    _write_tree(tree, role, files[role], options, part, dropped[role])
             started = store.db.execute(
                 "SELECT COUNT(DISTINCT question_id) FROM nodes WHERE run_id = ?", [run.id]
             ).fetchone()[0]
@@ -145,18 +152,23 @@ def _write_all(
             meta = json_metadata(role, runs, models, stats, options, judged_runs)
             c["json"] = rf.seed_json.finish(meta)
         counts[role] = c
-    manifest = build_manifest(runs, options, splitter, stats, per_run, models, counts, names, tmp)
+    manifest = build_manifest(
+        runs, options, splitter, stats, per_run, models, counts, dropped, names, tmp
+    )
     return manifest
 
 
 def _write_tree(
-    tree: Tree, role: str, rf: RoleFiles, options: ExportOptions, part: str | None
+    tree: Tree,
+    role: str,
+    rf: RoleFiles,
+    options: ExportOptions,
+    part: str | None,
+    dropped: Dropped,
 ) -> None:
-    theta = tree.run.theta
-    role_nodes = tree.role_nodes(role)
-    for node in role_nodes:
-        if not is_positive(node, theta):
-            continue
+    for node in positives(
+        tree.role_nodes(role), tree.run.theta, options.keep_length_stopped, dropped
+    ):
         prov = _node_provenance(tree, node)
         if rf.sft and rf.sft_prov:
             record = sft_record(node)
@@ -169,7 +181,10 @@ def _write_tree(
         if rf.seed_json:
             rf.seed_json.add(json_example(node, tree))
     if rf.dpo and rf.dpo_prov:
-        for chosen, rejected in tree_pairs(tree, role, options.max_pairs_per_group):
+        pairs = tree_pairs(
+            tree, role, options.max_pairs_per_group, options.keep_length_stopped, dropped
+        )
+        for chosen, rejected in pairs:
             rf.dpo.write_line(dpo_record(chosen, rejected))
             rf.dpo_prov.write_line(
                 {
