@@ -105,6 +105,12 @@ def command(
     )
     for skipped in result.too_long:
         click.echo(skipped.describe(), err=True)
+    if result.layout_changed:
+        click.echo(
+            f"note: run {result.run_id} went on under another KV layout than before "
+            f"({', '.join(result.layout_changed)}); its trees will not match a fresh run's",
+            err=True,
+        )
     if result.judge is not None:
         j = result.judge
         click.echo(

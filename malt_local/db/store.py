@@ -195,6 +195,16 @@ class Store:
         with self.db.atomic():
             self.db["runs"].insert(row)
 
+    def set_run_layout(self, run_id: str, layout: dict) -> None:
+        """Record the engine layout a run is continued under (its config's `layout`)."""
+        with self.db.atomic():
+            (row,) = self.db.query("SELECT config FROM runs WHERE id = ?", [run_id])
+            config = {**json.loads(row["config"]), "layout": layout}
+            self.db.execute(
+                "UPDATE runs SET config = ? WHERE id = ?",
+                [json.dumps(config, sort_keys=True), run_id],
+            )
+
     def run(self, run_id: str) -> dict | None:
         rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
         return rows[0] if rows else None

@@ -183,6 +183,16 @@ class AdapterEngine(Protocol):
 
 
 @runtime_checkable
+class HasLayout(Protocol):
+    """An engine whose texts follow a memory layout of its own choosing (the batched engine's
+    KV cache): a run records it when it starts and is continued only under the same one."""
+
+    def layout(self) -> dict:
+        """The figures that shape the texts, JSON-ready."""
+        ...
+
+
+@runtime_checkable
 class MeasuresPrompts(Protocol):
     """An engine that tokenizes prompts itself and knows the context one node may use (the
     llama.cpp engines), so a question too long for it is found before anything is generated.

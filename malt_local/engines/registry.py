@@ -45,6 +45,9 @@ class EngineOptions:
     judge: bool = False
     flash_attn: bool | None = None
     kv_unified: bool | None = None
+    # A resumed run's recorded KV layout (`sizing.layout_of`): the batched engine is made with
+    # it when no layout flag is given, so the run's texts keep following one layout.
+    layout: dict | None = field(default=None, compare=False)
     # Remote engines: a settings object of the engine's own (e.g. `OpenAISettings`).
     remote: ServedSettings | None = field(default=None, compare=False)
 

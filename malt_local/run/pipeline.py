@@ -18,6 +18,7 @@ from malt_local.diskspace import disk_guard
 from malt_local.engines import (
     Engine,
     EngineOptions,
+    HasLayout,
     MeasuresPrompts,
     ModelIdentity,
     engine_kind,
@@ -43,6 +44,7 @@ from malt_local.run.settings import (
     RunSpec,
     check_same,
     choose_run,
+    layout_changes,
     prompts_digest,
     settings_from_run,
     start_run,
@@ -68,6 +70,9 @@ class RunSummary:
     tokens_per_second: float
     config: dict
     judge: JudgeSummary | None
+    # The run went on under another KV layout than it was last made with ("name old (now
+    # new)"): its trees will not match a fresh run's under either.
+    layout_changed: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +120,8 @@ def run_tree(
     hashes = prompts.hashes()
     base = options or EngineOptions(max_tokens=settings.max_tokens or 512)
     base = dataclasses.replace(base, max_tokens=settings.max_tokens)
+    if run is not None and previous.engine == kind.name and previous.layout:
+        base = dataclasses.replace(base, layout=previous.layout)  # the resume keeps it
     identity = identify_model(kind.name, model_spec, base)
     engine_options = base.for_model(kind.local, identity.served_model or identity.model)
     remote = engine_options.remote
@@ -155,11 +162,18 @@ def run_tree(
     )
 
     engine = make_engine(kind.name, engine_options)
+    if isinstance(engine, HasLayout):
+        spec = dataclasses.replace(spec, layout=engine.layout())
     with disk_guard(db_path):
         store = Store(db_path)
         try:
             if run is None:
                 run = start_run(store, spec, join=not new_run)
+            # Flags left out, a resume keeps the run's layout (`base.layout` above); flags that
+            # change it win, and the run records the new one so later resumes keep that.
+            layout_changed = layout_changes(run, spec)
+            if layout_changed:
+                store.set_run_layout(run["id"], spec.layout)
             if judge_plan is not None:
                 check_judge_model(store, run["id"], judge_plan.name, judge_plan.model.sha256)
             store.add_questions(run["id"], questions)
@@ -197,6 +211,7 @@ def run_tree(
         tokens_per_second=final.completion_tokens / elapsed if elapsed > 0 else 0.0,
         config=asdict(spec),
         judge=judged,
+        layout_changed=layout_changed,
     )
 
 
@@ -208,7 +223,7 @@ def _judge_name(identity: ModelIdentity) -> str:
 def _judge_options(base: EngineOptions, local: bool, plan: JudgePlan) -> EngineOptions:
     """The judge's engine: the run's kind, on the judge model, sized for the run's prompts
     (`--ctx` sizes the tree's shared cache, not one verdict's)."""
-    options = dataclasses.replace(base, judge=True, ctx=None, parallel=None)
+    options = dataclasses.replace(base, judge=True, ctx=None, parallel=None, layout=None)
     return options.for_model(local, plan.target)
 
 

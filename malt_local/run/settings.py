@@ -104,6 +104,9 @@ class RunSpec:
     role_models: dict = field(default_factory=dict)
     # A declared revision of the weights behind a served model (`--model-revision`).
     model_revision: str | None = None
+    # The engine's memory layout when the run began (`HasLayout`; the batched engine's KV
+    # plan): not identity, but the texts follow it, so a resume on the same engine keeps it.
+    layout: dict = field(default_factory=dict)
 
     def row(self, run_id: str) -> dict:
         cfg = asdict(self)
@@ -213,6 +216,20 @@ def check_same(run: dict, spec: RunSpec, db_path: str) -> None:
             f"run {run['id']} in {db_path} was made with {', '.join(diffs)}; "
             "pass --new-run to start a new run, or leave the flag out to continue it"
         )
+
+
+def layout_changes(run: dict, spec: RunSpec) -> list[str]:
+    """How `spec`'s layout differs from the one `run` was last made with, as "name old (now
+    new)" items; [] when they agree, when either is unknown, or on another engine (which
+    continues a run with its own layout)."""
+    recorded = stored_spec(run)
+    if not recorded.layout or not spec.layout or recorded.engine != spec.engine:
+        return []
+    return [
+        f"{k} {recorded.layout.get(k)} (now {spec.layout.get(k)})"
+        for k in sorted(set(recorded.layout) | set(spec.layout))
+        if recorded.layout.get(k) != spec.layout.get(k)
+    ]
 
 
 def start_run(store: Store, spec: RunSpec, *, join: bool) -> dict:

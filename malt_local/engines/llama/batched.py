@@ -49,7 +49,7 @@ import numpy as np
 from malt_local.engines.base import Completion, GenRequest, RequestQueue
 from malt_local.engines.llama.model import LocalModel, set_context_adapters
 from malt_local.engines.llama.sampler import Draw, VectorSampler
-from malt_local.engines.llama.sizing import BatchPlan, new_context
+from malt_local.engines.llama.sizing import BatchPlan, layout_of, new_context
 from malt_local.errors import MaltError
 
 # -- the batch -----------------------------------------------------------------------------------
@@ -579,6 +579,9 @@ class BatchedEngine:
 
     def node_context(self) -> int:
         return self.plan.seq_limit
+
+    def layout(self) -> dict:
+        return layout_of(self.plan)
 
     # adapters and teardown --------------------------------------------------------------------
 

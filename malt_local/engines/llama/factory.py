@@ -8,7 +8,7 @@ from malt_local.engines.base import Engine, ModelIdentity
 from malt_local.engines.llama.batched import BatchedEngine
 from malt_local.engines.llama.model import LocalModel, resolve_model_path
 from malt_local.engines.llama.simple import HighLevelEngine
-from malt_local.engines.llama.sizing import context_size, plan_batch
+from malt_local.engines.llama.sizing import context_size, plan_batch, plan_from_layout
 from malt_local.engines.registry import EngineOptions
 from malt_local.errors import MaltError
 
@@ -62,6 +62,9 @@ def make_batched(options: EngineOptions) -> Engine:
         n_gpu_layers=options.gpu_layers,
     )
     try:
+        flags = (options.parallel, options.ctx, options.flash_attn, options.kv_unified)
+        if options.layout and all(flag is None for flag in flags):
+            return BatchedEngine(model, plan_from_layout(model, options.layout))
         plan = plan_batch(
             model,
             max_tokens=options.max_tokens,

@@ -149,15 +149,69 @@ def plan_batch(
         n_ctx = ctx if ctx is not None else parallel * (max_tokens * 3 // 2 + 128) + seq_limit
         n_ctx = -(-n_ctx // 256) * 256
         plan = make(True, min(max_seq, 2 * parallel), n_ctx, min(seq_limit, n_ctx))
-    # Free memory decides only whether the plan runs at all, never its shape.
-    avail = None if offload else available_memory()
+    _check_memory(
+        plan,
+        "lower --parallel" + (" or --ctx" if plan.kv_unified else " or --max-tokens"),
+    )
+    return plan
+
+
+# The figures of a plan that shape the texts a seed gives: a run records them when it starts,
+# and a resumed run is made with them (`plan_from_layout`).
+LAYOUT_FIELDS = (
+    "kv_unified", "parallel", "n_seq_max", "n_ctx", "n_batch", "n_ubatch", "seq_limit",
+    "flash_attn",
+)  # fmt: skip
+
+
+def layout_of(plan: BatchPlan) -> dict:
+    """The plan's layout as a run records it (JSON-ready)."""
+    return {name: getattr(plan, name) for name in LAYOUT_FIELDS}
+
+
+def plan_from_layout(model: LocalModel, layout: dict) -> BatchPlan:
+    """The plan a run recorded, rebuilt on this machine for its resume.
+
+    The defaults may have moved since the run began (another malt version, a GPU now seen), and
+    the texts follow the layout, so a resumed tree keeps the layout it began with.
+    """
+    import llama_cpp
+
+    try:
+        figures = {name: layout[name] for name in LAYOUT_FIELDS}
+        ints = [figures[k] for k in LAYOUT_FIELDS if k not in ("kv_unified", "flash_attn")]
+        ok = all(type(v) is int and v > 0 for v in ints) and all(
+            type(figures[k]) is bool for k in ("kv_unified", "flash_attn")
+        )
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise MaltError(f"the run's recorded KV layout is not readable: {layout!r}")
+    max_seq = int(llama_cpp.llama_max_parallel_sequences())
+    if figures["n_seq_max"] > max_seq:
+        raise MaltError(
+            f"the run's KV layout uses {figures['n_seq_max']} sequences, more than this "
+            f"llama.cpp's {max_seq}: pass --new-run"
+        )
+    offload = model.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+    plan = BatchPlan(
+        **figures,
+        threads=model.n_threads,
+        offload=offload,
+        kv_bytes=figures["n_ctx"] * kv_bytes_per_cell(model),
+    )
+    _check_memory(plan, "free some memory, or pass --new-run (the run keeps its KV layout)")
+    return plan
+
+
+def _check_memory(plan: BatchPlan, advice: str) -> None:
+    """Free memory decides only whether a plan runs at all, never its shape."""
+    avail = None if plan.offload else available_memory()
     if avail is not None and plan.kv_bytes > avail:
         raise MaltError(
             f"a KV cache of {plan.n_ctx} cells needs {_gib(plan.kv_bytes)} GiB, more than the "
-            f"{_gib(avail)} GiB available: lower --parallel"
-            + (" or --ctx" if plan.kv_unified else " or --max-tokens")
+            f"{_gib(avail)} GiB available: {advice}"
         )
-    return plan
 
 
 def _gib(n: float) -> str:
