@@ -10,6 +10,7 @@ inputs and shapes the results for pages.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,10 @@ from malt_local.evaluate.tables import EvalGeneration
 from malt_local.export.options import ExportOptions
 from malt_local.export.pairing import tree_pairs
 from malt_local.export.records import dpo_record
-from malt_local.export.trees import iter_trees, source_runs
+from malt_local.export.trees import CHUNK, QuestionInfo, Tree, iter_trees, source_runs
 from malt_local.questions.loading import Question
 from malt_local.roles import ROLES, nodes_per_role, tree_size
-from malt_local.run.status import run_status
+from malt_local.run.too_long import skipped_in_run
 
 VALUE_BINS = 10  # value histograms: ten bins of width 0.1 over [0, 1]
 LENGTH_BINS = 8  # output-length histograms: eight bins from 0 to the run's max tokens
@@ -37,7 +38,106 @@ LENGTH_BINS = 8  # output-length histograms: eight bins from 0 to the run's max 
 
 def runs(store: Store) -> list[dict]:
     """Every run with `malt status`'s figures, newest first."""
-    return [run_status(store, r) for r in reversed(store.runs())]
+    return [run_figures(store, r)["run"] for r in reversed(store.runs())]
+
+
+def run_figures(store: Store, row: dict) -> dict:
+    """One run's `malt status` figures (the same definitions as `run.status.run_status`) and
+    its per-role distributions, from two scans of indexes and no node row.
+
+    `run_status`'s aggregates read every node's row, and so did the run page: 2 s on the
+    paper's 292,500 nodes. Here one query walks the covering index `nodes_figures`
+    grouped in its own order (a few thousand groups: values, lengths and labels repeat), and
+    Python folds the groups into the figures (a database an older malt made, opened read-only
+    and so not migrated, has no such index: the same query then reads the rows, slowly but
+    right); the complete-tree count walks `nodes_run_question`. A tree is complete when all
+    its n + n² + n³ nodes are stored, which is the same as `run_status`'s "n³ leaves" (a
+    leaf's parent and grandparent are stored before it, and paths are unique). Prompt tokens
+    and node-seconds are not shown by the view, so they are not gathered.
+    """
+    run_id, n = row["id"], row["n"]
+    db = store.db.conn
+    too_long = skipped_in_run(store, run_id)
+    n_questions = db.execute(
+        "SELECT COUNT(*) FROM run_questions WHERE run_id = ?", [run_id]
+    ).fetchone()[0]
+    n_trees = n_questions - len(too_long)
+    cap = max(1, row["max_tokens"])
+    values = {r: [0] * VALUE_BINS for r in ROLES}
+    lengths = {r: [0] * LENGTH_BINS for r in ROLES}
+    finish: dict[str, Counter] = {r: Counter() for r in ROLES}
+    # per role: nodes, labelled, positives, correct, graded, reward sum, rewarded, tokens
+    acc = {r: [0, 0, 0, 0, 0, 0.0, 0, 0] for r in ROLES}
+    for role, value, tokens, reason, label, correct, reward, count in db.execute(
+        """SELECT role, value, completion_tokens, finish_reason, label, correct, reward,
+                  COUNT(*)
+           FROM nodes WHERE run_id = ?
+           GROUP BY role, value, completion_tokens, finish_reason, label, correct, reward""",
+        [run_id],
+    ):
+        if role not in acc:
+            continue
+        a = acc[role]
+        a[0] += count
+        if label is not None:
+            a[1] += count
+            a[2] += count if label == 1 else 0
+        if correct is not None:
+            a[3] += count * correct
+            a[4] += count
+        if reward is not None:
+            a[5] += count * reward
+            a[6] += count
+        a[7] += count * tokens
+        if value is not None:
+            values[role][min(VALUE_BINS - 1, max(0, int(value * VALUE_BINS)))] += count
+        lengths[role][min(LENGTH_BINS - 1, max(0, tokens * LENGTH_BINS // cap))] += count
+        finish[role][reason] += count
+    complete = db.execute(
+        """SELECT COUNT(*) FROM (SELECT question_id FROM nodes WHERE run_id = ?
+           GROUP BY question_id HAVING COUNT(*) = ?)""",
+        [run_id, tree_size(n)],
+    ).fetchone()[0]
+    roles = {
+        r: {
+            "nodes": a[0],
+            "expected": n_trees * nodes_per_role(n, r),
+            "labelled": a[1],
+            "positives": a[2],
+            "positive_rate": a[2] / a[1] if a[1] else None,
+            "accuracy": a[3] / a[4] if a[4] else None,
+            "completion_tokens": a[7],
+        }
+        for r, a in acc.items()
+    }
+    leaves = acc["refiner"]
+    done = sum(r["nodes"] for r in roles.values())
+    status = {
+        "run_id": run_id,
+        "created_at": row["created_at"],
+        "model": row["model"],
+        "model_sha256": row["model_sha256"],
+        "n": n,
+        "theta": row["theta"],
+        "temperature": row["temperature"],
+        "max_tokens": row["max_tokens"],
+        "questions": n_questions,
+        "questions_complete": complete,
+        "too_long": too_long,
+        "nodes": done,
+        "nodes_expected": n_trees * tree_size(n),
+        "leaf_accuracy": leaves[5] / leaves[6] if leaves[6] else None,
+        "completion_tokens": sum(r["completion_tokens"] for r in roles.values()),
+        "roles": roles,
+    }
+    return {
+        "run": status,
+        "value_hist": values,
+        "length_hist": lengths,
+        "length_cap": cap,
+        "mean_length": {r: a[7] / a[0] for r, a in acc.items() if a[0]},
+        "finish_reasons": {r: dict(sorted(finish[r].items())) for r in ROLES},
+    }
 
 
 def run_page(store: Store, run_id: str) -> dict:
@@ -45,34 +145,12 @@ def run_page(store: Store, run_id: str) -> dict:
     row = store.run(run_id)
     if row is None:
         raise MaltError(f"no run '{run_id}' in {store.path}")
-    status = run_status(store, row)
-    values: dict[str, list[int]] = {r: [0] * VALUE_BINS for r in ROLES}
-    lengths: dict[str, list[int]] = {r: [0] * LENGTH_BINS for r in ROLES}
-    finish: dict[str, Counter] = {r: Counter() for r in ROLES}
-    mean_len: dict[str, float] = {}
-    cap = max(1, row["max_tokens"])
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for role, value, tokens, reason in store.db.execute(
-        "SELECT role, value, completion_tokens, finish_reason FROM nodes WHERE run_id = ?",
-        [run_id],
-    ):
-        if value is not None:
-            values[role][min(VALUE_BINS - 1, int(value * VALUE_BINS))] += 1
-        lengths[role][min(LENGTH_BINS - 1, tokens * LENGTH_BINS // cap)] += 1
-        finish[role][reason] += 1
-        totals[role][0] += tokens
-        totals[role][1] += 1
-    for role, (tokens, count) in totals.items():
-        mean_len[role] = tokens / count
+    page = run_figures(store, row)
+    status = page["run"]
     return {
-        "run": status,
+        **page,
         "config": json.loads(row["config"]),
         "complete": status["nodes"] >= status["nodes_expected"] and status["nodes_expected"] > 0,
-        "value_hist": values,
-        "length_hist": lengths,
-        "length_cap": cap,
-        "mean_length": mean_len,
-        "finish_reasons": {r: dict(sorted(finish[r].items())) for r in ROLES},
     }
 
 
@@ -90,19 +168,22 @@ class QuestionFilter:
     truncated: bool | None = None  # some output stopped at max tokens
 
 
-def questions(store: Store, run_id: str, flt: QuestionFilter) -> list[dict]:
-    """The run's questions in run order, with per-question counts, filtered."""
-    if store.run(run_id) is None:
-        raise MaltError(f"no run '{run_id}' in {store.path}")
+MAX_SEARCH = 200  # characters: longer is refused (SQLite refuses a LIKE pattern over 50,000)
+
+# The filters as lookups in their partial indexes (migration m006): the conditions repeat the
+# indexes' WHERE clauses word for word, which is what lets SQLite use them.
+_FILTERS = {
+    "solved": "n.depth = 3 AND n.reward = 1",
+    "positives": "n.label = 1",
+    "truncated": "n.finish_reason = 'length'",
+}
+
+
+def _question_where(run_id: str, flt: QuestionFilter) -> tuple[str, list]:
+    if len(flt.search) > MAX_SEARCH:
+        raise MaltError(f"search is at most {MAX_SEARCH} characters (got {len(flt.search)})")
     sql = """
-        SELECT q.id, q.task, q.question, q.ground_truth, rq.position,
-               COUNT(n.id) AS nodes,
-               COALESCE(SUM(n.depth = 3 AND n.reward = 1), 0) AS solved_leaves,
-               COALESCE(SUM(n.depth = 3), 0) AS leaves,
-               COALESCE(SUM(n.label = 1), 0) AS positives,
-               COALESCE(SUM(n.finish_reason = 'length'), 0) AS truncated
         FROM run_questions rq JOIN questions q ON q.id = rq.question_id
-        LEFT JOIN nodes n ON n.run_id = rq.run_id AND n.question_id = rq.question_id
         WHERE rq.run_id = ?"""
     args: list = [run_id]
     if flt.search:
@@ -112,19 +193,67 @@ def questions(store: Store, run_id: str, flt: QuestionFilter) -> list[dict]:
     if flt.task:
         sql += " AND q.task = ?"
         args.append(flt.task)
-    sql += " GROUP BY q.id"
-    having = []
-    for wanted, expr in (
-        (flt.solved, "solved_leaves > 0"),
-        (flt.positives, "positives > 0"),
-        (flt.truncated, "truncated > 0"),
+    for name, wanted in (
+        ("solved", flt.solved),
+        ("positives", flt.positives),
+        ("truncated", flt.truncated),
     ):
         if wanted is not None:
-            having.append(expr if wanted else f"NOT ({expr})")
-    if having:
-        sql += " HAVING " + " AND ".join(having)
-    sql += " ORDER BY rq.position"
-    return [dict(r) for r in store.db.query(sql, args)]
+            exists = (
+                "EXISTS (SELECT 1 FROM nodes n WHERE n.run_id = rq.run_id "
+                f"AND n.question_id = rq.question_id AND {_FILTERS[name]})"
+            )
+            sql += f" AND {exists}" if wanted else f" AND NOT {exists}"
+    return sql, args
+
+
+def questions(
+    store: Store, run_id: str, flt: QuestionFilter, start: int = 0, limit: int | None = None
+) -> list[dict]:
+    """The run's questions in run order, filtered, `limit` of them from index `start` (a
+    page), each with its counts: nodes, correct and all leaves, positives, truncated outputs.
+
+    The page is chosen first (LIMIT/OFFSET over the `run_questions_position` index, filters
+    as index look-ups), then the counts are read for its questions only, so a page costs the
+    same on 7,500 questions as on 10.
+    """
+    if store.run(run_id) is None:
+        raise MaltError(f"no run '{run_id}' in {store.path}")
+    where, args = _question_where(run_id, flt)
+    rows = [
+        dict(r)
+        for r in store.db.query(
+            "SELECT q.id, q.task, q.question, q.ground_truth, rq.position"
+            + where
+            + " ORDER BY rq.position LIMIT ? OFFSET ?",
+            [*args, -1 if limit is None else limit, start],
+        )
+    ]
+    counts: dict[str, dict] = {}
+    for i in range(0, len(rows), 500):  # SQLite's variable limit is 999 on older builds
+        ids = [r["id"] for r in rows[i : i + 500]]
+        for c in store.db.query(
+            """SELECT question_id, COUNT(*) AS nodes,
+                      SUM(depth = 3 AND reward = 1) AS solved_leaves,
+                      SUM(depth = 3) AS leaves, SUM(label = 1) AS positives,
+                      SUM(finish_reason = 'length') AS truncated
+               FROM nodes WHERE run_id = ? AND question_id IN ("""
+            + ", ".join("?" * len(ids))
+            + ") GROUP BY question_id",
+            [run_id, *ids],
+        ):
+            counts[c["question_id"]] = c
+    empty = {"nodes": 0, "solved_leaves": 0, "leaves": 0, "positives": 0, "truncated": 0}
+    for r in rows:
+        c = counts.get(r["id"], empty)
+        r.update({k: c[k] for k in empty})
+    return rows
+
+
+def question_count(store: Store, run_id: str, flt: QuestionFilter) -> int:
+    """How many of the run's questions pass the filter (the pager's total)."""
+    where, args = _question_where(run_id, flt)
+    return store.db.execute("SELECT COUNT(*)" + where, args).fetchone()[0]
 
 
 def tasks(store: Store, run_id: str) -> list[str]:
@@ -268,6 +397,95 @@ def pairs(
     }
 
 
+# A run's nodes with their judgements from node id `lo` (exclusive) up to `hi`, in primary-key
+# order: tree after tree, each depth first (the order `Store.judged_nodes` and export walk).
+_JUDGED_FROM_SQL = """
+    SELECT n.*, j.correctness_score AS correctness_score, j.reasoning_score AS reasoning_score,
+           j.explanation AS explanation, j.key_matches AS key_matches, j.valid AS judge_valid,
+           j.created_at AS judged_at
+    FROM nodes n LEFT JOIN judgements j ON j.node_id = n.id
+    WHERE n.id > ? AND n.id < ?
+    ORDER BY n.id"""
+
+
+def pairs_page(
+    store: Store,
+    run_id: str,
+    role: str,
+    theta: float | None = None,
+    after: str = "",
+    limit: int = 100,
+    max_trees: int = 500,
+) -> dict:
+    """One page of the DPO pairs of `role` an export of this run writes, in file order: the
+    pairs of the trees after question `after` ("" = from the first), whole trees, until at
+    least `limit` pairs or `max_trees` trees are read. `next` is the question to continue
+    after (None on the last page).
+
+    Keyset paging by tree: a page reads only its own trees through the primary key (node ids
+    are `run/question/path`), never the run's other nodes, so the 100th page costs what the
+    first does. The run's total is not counted (that would read every tree); the pairs are
+    still export's, by its own pairing code.
+    """
+    if role not in ROLES:
+        raise MaltError(f"unknown role '{role}': choose {', '.join(ROLES)}")
+    options = ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
+    options.validate()
+    (run,) = source_runs(store, options)
+    # "0" sorts right after "/": "run/q0" is above every id of question q, below the next one's.
+    lo = f"{run_id}/{after}0" if after else f"{run_id}/"
+    hi = f"{run_id}0"
+    out: list[Pair] = []
+    complete = incomplete = 0
+    last = ""
+    cur = store.db.conn.execute(_JUDGED_FROM_SQL, [lo, hi])
+    names = [d[0] for d in cur.description]
+    nodes: list[JudgedNode] = []
+
+    def take(tree_nodes: list[JudgedNode]) -> None:
+        nonlocal complete, incomplete, last
+        qid = tree_nodes[0].question_id
+        last = qid
+        t = Tree(run, _question_info(store, qid), tree_nodes)
+        if not t.complete():
+            incomplete += 1
+            return
+        complete += 1
+        for chosen, rejected in tree_pairs(t, role):
+            record = dpo_record(chosen, rejected)
+            out.append(Pair(qid, t.question.text, record["prompt"], chosen, rejected))
+
+    full = False
+    while not full and (batch := cur.fetchmany(CHUNK)):
+        for row in batch:
+            node = JudgedNode(**dict(zip(names, row, strict=True)))
+            if nodes and node.question_id != nodes[0].question_id:
+                take(nodes)
+                nodes = []
+                if len(out) >= limit or complete + incomplete >= max_trees:
+                    full = True
+                    break
+            nodes.append(node)
+    cur.close()
+    if not full and nodes:
+        take(nodes)
+    return {
+        "theta": run.theta,
+        "pairs": out,
+        "after": after,
+        "next": last if full else None,
+        "complete": complete,
+        "incomplete": incomplete,
+    }
+
+
+def _question_info(store: Store, question_id: str) -> QuestionInfo:
+    row = store.question(question_id)
+    if row is None:
+        raise MaltError(f"node of question {question_id}, which is not stored")
+    return QuestionInfo(row["id"], row["question"], row["ground_truth"], row["task"])
+
+
 # --------------------------------------------------------------------------- evaluations
 
 
@@ -364,7 +582,7 @@ def training(path: Path | None) -> dict | None:
     """Loss curves from a `malt train` output folder (or its manifest file).
 
     The minimal format read: ``{"roles": {ROLE: {STAGE: {"log": [{"step": s, "loss": l},
-    ...]}}}}``; other keys are ignored, log entries without a numeric step and loss skipped.
+    ...]}}}}``; other keys are ignored, log entries without a finite step and loss skipped.
     None when no folder is given and ./adapters/manifest.json does not exist.
     """
     if path is None:
@@ -386,12 +604,25 @@ def training(path: Path | None) -> dict | None:
         for stage, body in stages.items():
             log = body.get("log") if isinstance(body, dict) else None
             points = [
-                (float(e["step"]), float(e["loss"]))
+                (step, loss)
                 for e in (log if isinstance(log, list) else [])
                 if isinstance(e, dict)
-                and isinstance(e.get("step"), (int, float))
-                and isinstance(e.get("loss"), (int, float))
+                and (step := _finite(e.get("step"))) is not None
+                and (loss := _finite(e.get("loss"))) is not None
             ]
             if points:
                 curves.setdefault(str(role), {})[str(stage)] = points
     return {"file": str(file), "curves": curves}
+
+
+def _finite(x: object) -> float | None:
+    """A log entry's number, or None: not a number, or not finite (a NaN or infinite loss,
+    which Python's JSON reader accepts, or an integer too big for a float) is a gap in the
+    curve, not a point no chart can place."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
