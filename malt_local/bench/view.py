@@ -252,5 +252,9 @@ def main(argv: list[str]) -> int:
         if not db.exists():
             print(f"bench: building {db} ...", file=sys.stderr, flush=True)
             built = build_database(db, args.questions, args.n)
+        else:
+            from malt_local.db.store import Store
+
+            Store(db).close()  # one built by an older malt gets the newer indexes
         print(report(built, db, time_pages(db, args.questions, args.repeat)))
     return 0

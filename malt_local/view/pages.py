@@ -48,13 +48,13 @@ def _whole(params: dict[str, list[str]], name: str) -> int:
     return int(text)
 
 
-def index(store: Store, params: dict) -> Page:
+def index(store: Store, params: dict, figures: data.FiguresCache | None = None) -> Page:
     evals = "eval_runs" in store.db.table_names()
-    return Page("index.html", {"runs": data.runs(store), "has_evals": evals})
+    return Page("index.html", {"runs": data.runs(store, figures), "has_evals": evals})
 
 
-def run(store: Store, run_id: str, params: dict) -> Page:
-    page = data.run_page(store, run_id)
+def run(store: Store, run_id: str, params: dict, figures: data.FiguresCache | None = None) -> Page:
+    page = data.run_page(store, run_id, figures)
     status = page["run"]
     roles = status["roles"]
     bins = [f"{i / data.VALUE_BINS:.1f}" for i in range(data.VALUE_BINS)]

@@ -33,7 +33,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from malt_local import __version__
 from malt_local.errors import MaltError
 from malt_local.roles import ROLES
-from malt_local.view import pages
+from malt_local.view import data, pages
 from malt_local.view.storage import open_read_only
 
 HERE = Path(__file__).resolve().parent
@@ -88,6 +88,7 @@ class ViewServer(ThreadingHTTPServer):
         self.db_path = db_path
         self.train = train
         self.env = environment()
+        self.figures = data.FiguresCache()  # run figures, kept while the data is unchanged
         self.loopback = is_loopback(host)
         try:
             super().__init__((host, port), Handler)
@@ -176,7 +177,8 @@ class Handler(BaseHTTPRequestHandler):
                 args = m.groups()
                 if has_run and store.run(args[0]) is None:
                     raise pages.NotFound(f"no run '{args[0]}' in {store.path}")
-                return getattr(pages, name)(store, *args, params)
+                extra = {"figures": self.server.figures} if name in ("index", "run") else {}
+                return getattr(pages, name)(store, *args, params, **extra)
             finally:
                 store.close()
         return None
