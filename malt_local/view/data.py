@@ -1,10 +1,12 @@
 """What `malt view` reads from the database, as plain dicts and dataclasses for its templates.
 
-Every function takes a `Store` opened with `Store.read_only`, so nothing here can write. The
-rules that decide what the data means are not restated: run figures come from `run.status`, DPO
-pairs from `export`'s own pairing (`export.pairing.tree_pairs`), evaluation measures from
-`evaluate`'s scoring (`evaluate.results.benchmark_measures`); this module only gathers their
-inputs and shapes the results for pages.
+Every function takes a `Store` opened read-only (`storage.open_read_only`), so nothing here can
+write. The rules that decide what the data means are not restated: DPO pairs come from
+`export`'s own pairing (`export.pairing.tree_pairs`), evaluation measures from `evaluate`'s
+scoring (`evaluate.results.benchmark_measures`); run figures keep `run.status`'s definitions
+but are gathered from one index scan (`run_figures`; a test holds them equal), because at the
+paper's scale `run_status`'s reads take seconds. Every list is read a page at a time, so a
+page's cost does not grow with the run.
 """
 
 from __future__ import annotations
