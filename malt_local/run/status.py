@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 from malt_local.db.store import Store
@@ -22,7 +23,9 @@ def open_for_status(db_path: Path) -> Store:
     except MaltError as exc:
         from malt_local.view.storage import open_read_only
 
-        if not db_path.is_file():
+        # Only SQLite failing to open or write the file; a refusal (a newer malt's schema)
+        # stands.
+        if not (db_path.is_file() and isinstance(exc.__cause__, sqlite3.OperationalError)):
             raise
         try:
             return open_read_only(db_path)
