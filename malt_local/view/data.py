@@ -421,7 +421,7 @@ def pairs(
     """The DPO pairs of `role` an export of this run writes, in file order (export's rule):
     all are counted, only `limit` of them from index `start` are kept (a page)."""
     if role not in ROLES:
-        raise MaltError(f"unknown role '{role}': choose {', '.join(ROLES)}")
+        raise MaltError(f"unknown role '{role[:40]}': choose {', '.join(ROLES)}")
     options = ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
     options.validate()
     (run,) = source_runs(store, options)
@@ -488,7 +488,7 @@ def pairs_page(
     still export's, by its own pairing code.
     """
     if role not in ROLES:
-        raise MaltError(f"unknown role '{role}': choose {', '.join(ROLES)}")
+        raise MaltError(f"unknown role '{role[:40]}': choose {', '.join(ROLES)}")
     options = ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
     options.validate()
     (run,) = source_runs(store, options)
