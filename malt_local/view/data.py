@@ -77,13 +77,15 @@ class FiguresCache:
     def fingerprint(store: Store, row: dict) -> tuple:
         db, run_id = store.db.conn, row["id"]
         st = store.path.stat()
+        # `+run_id`: not an index term, so SQLite walks the small partial index of unvalued
+        # nodes rather than the run's whole stretch of `nodes_figures`.
         return (
             st.st_dev,
             st.st_ino,
             json.dumps(row, sort_keys=True, default=str),
             *db.execute(
                 """SELECT (SELECT MAX(rowid) FROM nodes),
-                          (SELECT COUNT(*) FROM nodes WHERE run_id = ? AND value IS NULL),
+                          (SELECT COUNT(*) FROM nodes WHERE +run_id = ? AND value IS NULL),
                           (SELECT MAX(rowid) FROM judgements),
                           (SELECT COUNT(*) FROM run_questions WHERE run_id = ?),
                           (SELECT COUNT(*) FROM skipped_questions WHERE run_id = ?)""",
@@ -97,14 +99,14 @@ def run_figures(store: Store, row: dict) -> dict:
     its per-role distributions, from two scans of indexes and no node row.
 
     `run_status`'s aggregates read every node's row, and so did the run page: 2 s on the
-    paper's 292,500 nodes. Here one query walks the covering index `nodes_figures`
-    grouped in its own order (a few thousand groups: values, lengths and labels repeat), and
-    Python folds the groups into the figures (a database an older malt made, opened read-only
-    and so not migrated, has no such index: the same query then reads the rows, slowly but
-    right); the complete-tree count walks `nodes_run_question`. A tree is complete when all
-    its n + n² + n³ nodes are stored, which is the same as `run_status`'s "n³ leaves" (a
-    leaf's parent and grandparent are stored before it, and paths are unique). Prompt tokens
-    and node-seconds are not shown by the view, so they are not gathered.
+    paper's 292,500 nodes. Here one query walks the covering index `nodes_figures` grouped in
+    its own order (a few thousand groups: values, lengths and labels repeat), and Python folds
+    the groups into the figures (a database an older malt made, opened read-only and so not
+    migrated, has no such index: the same query then reads the rows, slowly but right); the
+    complete-tree count counts each question's nodes in `nodes_run_question`. A tree is
+    complete when all its n + n² + n³ nodes are stored, which is the same as `run_status`'s
+    "n³ leaves" (a leaf's parent and grandparent are stored before it, and paths are unique).
+    Prompt tokens and node-seconds are not shown by the view, so they are not gathered.
     """
     run_id, n = row["id"], row["n"]
     db = store.db.conn
@@ -145,8 +147,9 @@ def run_figures(store: Store, row: dict) -> dict:
         lengths[role][min(LENGTH_BINS - 1, max(0, tokens * LENGTH_BINS // cap))] += count
         finish[role][reason] += count
     complete = db.execute(
-        """SELECT COUNT(*) FROM (SELECT question_id FROM nodes WHERE run_id = ?
-           GROUP BY question_id HAVING COUNT(*) = ?)""",
+        """SELECT COUNT(*) FROM run_questions rq WHERE rq.run_id = ?
+           AND (SELECT COUNT(*) FROM nodes n
+                WHERE n.run_id = rq.run_id AND n.question_id = rq.question_id) = ?""",
         [run_id, tree_size(n)],
     ).fetchone()[0]
     roles = {
