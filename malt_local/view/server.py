@@ -88,6 +88,8 @@ class ViewServer(ThreadingHTTPServer):
         self.db_path = db_path
         self.train = train
         self.env = environment()
+        for name in self.env.list_templates():  # compiled now, not on each page's first request
+            self.env.get_template(name)
         self.figures = data.FiguresCache()  # run figures, kept while the data is unchanged
         self.loopback = is_loopback(host)
         try:
