@@ -64,3 +64,41 @@ def test_hand_written_notes_below_the_marker_survive_a_rerun(tmp_path):
     assert kept_notes(out) == ""
     out.write_text(f"# old table\n| 1 |\n\n{KEEP_MARKER}\n## Prompt tokens\nsaved 30%\n")
     assert kept_notes(out) == f"\n{KEEP_MARKER}\n## Prompt tokens\nsaved 30%\n"
+
+
+def test_view_part_builds_a_database_and_times_every_page_over_http(tmp_path):
+    """`--part view` on a small synthetic run: every page answered (status 200) and printed
+    with a time; how fast is the benchmark's business (BENCHMARKS.md), not this test's."""
+    from malt_local.bench.view import pages
+
+    db = tmp_path / "view.db"
+    r = subprocess.run(
+        [sys.executable, "-m", "malt_local.bench", "--part", "view", "--questions", "30",
+         "--repeat", "2", "--db", str(db)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "built 30 questions, 1170 nodes" in r.stdout
+    rows = {
+        cells[0]: cells[1:]
+        for line in r.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| page", "| ---"))
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    names = [name for name, _ in pages("", 30)]
+    assert list(rows) == names and len(names) >= 15
+    for name, (status, kib, first, median, worst) in rows.items():
+        assert float(kib) >= 0 and float(first) >= 0, name
+        assert status == "200", name
+        assert float(median) >= 0 and float(worst) >= float(median), name
+    # The pages list every kind of page the server has.
+    paths = [path for _, path in pages("", 30)]
+    for kind in ("/", "/run/rbench", "/questions", "/tree/", "/pairs", "/evals", "/training"):
+        assert any(kind in p for p in paths), kind
+    # A second run reuses the database it was given.
+    r = subprocess.run(
+        [sys.executable, "-m", "malt_local.bench", "--part", "view", "--questions", "30",
+         "--repeat", "1", "--db", str(db)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0 and "built" not in r.stdout and "slowest page" in r.stdout

@@ -6,9 +6,14 @@ these pin the logic on scripted trees and check every way a user can get the com
 
 from __future__ import annotations
 
+import html
 import json
+import os
+import re
 import socket
 import sqlite3
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -309,3 +314,260 @@ def test_training_manifest_minimal_format(tmp_path):
         data.training(folder)
     with pytest.raises(MaltError, match="cannot read training manifest"):
         data.training(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- paper-size runs
+
+
+@pytest.fixture
+def many_db(tmp_path) -> Path:
+    """250 complete synthetic trees (the view bench's builder, the real schema)."""
+    from malt_local.bench.view import build_database
+
+    db = tmp_path / "many.db"
+    build_database(db, 250)
+    return db
+
+
+@pytest.fixture
+def many_server(many_db):
+    srv = ViewServer(many_db, "127.0.0.1", 0)
+    srv.serve_in_thread()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def question_rows(body: str) -> list[str]:
+    return re.findall(r'<tr data-question-id="([^"]+)"', body)
+
+
+def test_questions_page_is_paged_and_its_links_walk_every_question(many_server, many_db):
+    base = many_server.url.rstrip("/") + "/run/rbench/questions"
+    status, _, body = fetch(base)
+    assert status == 200
+    seen = question_rows(body)
+    assert len(seen) == 100 and "250 questions" in body
+    while m := re.search(r'<a class="next" href="([^"]+)"', body):
+        status, _, body = fetch(base + html.unescape(m.group(1)))
+        assert status == 200
+        seen += question_rows(body)
+    with sqlite3.connect(many_db) as conn:
+        order = [
+            r[0] for r in conn.execute("SELECT question_id FROM run_questions ORDER BY position")
+        ]
+    conn.close()
+    assert seen == order  # every question once, in run order, over three pages
+    # Filters carry over to the next page, and a page past the end is empty, not an error.
+    status, _, body = fetch(base + "?solved=yes&start=0")
+    assert status == 200 and "solved=yes&amp;start=100" in body
+    assert question_rows(fetch(base + "?start=1000")[2]) == []
+
+
+def test_pairs_pages_walked_by_their_links_are_the_export(many_db):
+    store = Store.read_only(many_db)
+    try:
+        for role in ROLES:
+            full = [
+                (p.chosen.id, p.rejected.id) for p in data.pairs(store, "rbench", role)["pairs"]
+            ]
+            walked, after = [], ""
+            pages_seen = 0
+            while True:
+                page = data.pairs_page(store, "rbench", role, after=after, limit=40)
+                walked += [(p.chosen.id, p.rejected.id) for p in page["pairs"]]
+                pages_seen += 1
+                if page["next"] is None:
+                    break
+                after = page["next"]
+            assert walked == full and len(full) > 40 and pages_seen > 1, role
+    finally:
+        store.close()
+
+
+def test_pairs_page_links_go_on_where_the_page_stops(many_server):
+    base = many_server.url.rstrip("/") + "/run/rbench/pairs"
+    status, _, body = fetch(base + "?role=refiner")
+    assert status == 200
+    first = re.findall(r'data-chosen-id="([^"]+)"', body)
+    m = re.search(r'<a class="next" href="([^"]+)"', body)
+    assert m and len(first) >= 100
+    status, _, body = fetch(base + html.unescape(m.group(1)))
+    second = re.findall(r'data-chosen-id="([^"]+)"', body)
+    assert status == 200 and second and not set(first) & set(second)
+    assert f"pairs {len(first) + 1}–" in body and "first page" in body
+
+
+def test_run_figures_are_malt_status_figures(gold_db):
+    from malt_local.run.status import run_status
+
+    with sqlite3.connect(gold_db) as conn:  # one tree incomplete, one node unvalued
+        conn.execute("DELETE FROM nodes WHERE id = ?", [f"rgold/{Q_B.id}/2.2.2"])
+        conn.execute(
+            "UPDATE nodes SET value = NULL, label = NULL WHERE id = ?", [f"rgold/{Q_B.id}/2"]
+        )
+    conn.close()
+    store = Store.read_only(gold_db)
+    try:
+        row = store.run("rgold")
+        want = run_status(store, row)
+        got = data.run_figures(store, row)["run"]
+        for key, value in got.items():
+            if key == "roles":
+                for role, figures in value.items():
+                    assert figures == {k: want["roles"][role][k] for k in figures}, role
+            else:
+                assert value == want[key], key
+        # From the covering index, not the rows.
+        plan = " ".join(
+            r[3]
+            for r in store.db.execute(
+                "EXPLAIN QUERY PLAN SELECT role, value, completion_tokens, finish_reason, "
+                "label, correct, reward, COUNT(*) FROM nodes WHERE run_id = ? GROUP BY role, "
+                "value, completion_tokens, finish_reason, label, correct, reward",
+                ["rgold"],
+            )
+        )
+        assert "COVERING INDEX nodes_figures" in plan and "TEMP B-TREE" not in plan
+    finally:
+        store.close()
+
+
+def test_run_page_sees_new_values_and_nodes_after_it_was_shown(server, gold_db):
+    url = server.url + "run/rgold"
+    before = fetch(url)[2]
+    assert "78/78 nodes" in before
+    with sqlite3.connect(gold_db) as conn:  # values withdrawn, as a judge pass is about to
+        conn.execute("UPDATE nodes SET value = NULL, label = NULL WHERE depth = 1")
+    conn.close()
+    after = fetch(url)[2]
+    assert after != before and "still running" not in after
+    row = re.search(r'<tr data-role="generator">(.*?)</tr>', after, re.S).group(1)
+    assert '<td class="num">0/0</td>' in row  # no generator labelled any more
+
+
+# --------------------------------------------------------------------------- no 500s
+
+
+def test_invalid_utf8_in_stored_text_is_shown_with_the_replacement_character(server, gold_db):
+    with sqlite3.connect(gold_db) as conn:
+        conn.execute(
+            "UPDATE nodes SET output = CAST(X'4f6b20ff20656e64' AS TEXT) WHERE id = ?",
+            [f"rgold/{Q_A.id}/0"],
+        )
+        conn.execute(
+            "UPDATE questions SET question = CAST(X'517ff0283f' AS TEXT) || question WHERE id = ?",
+            [Q_A.id],
+        )
+    conn.close()
+    base = server.url.rstrip("/")
+    for path in (
+        f"/run/rgold/tree/{Q_A.id}",
+        "/run/rgold/questions",
+        "/run/rgold/pairs?role=generator",
+        "/run/rgold",
+        "/",
+    ):
+        status, _, body = fetch(base + path)
+        assert status == 200, (path, body[:300])
+    assert "Ok \ufffd end" in fetch(base + f"/run/rgold/tree/{Q_A.id}")[2]
+    assert "\ufffd" in fetch(base + "/run/rgold/questions")[2]
+
+
+def test_bad_numbers_long_searches_and_odd_hosts_are_400s(server):
+    base = server.url.rstrip("/")
+    for path in (
+        "/run/rgold/questions?start=%C2%B2",  # '²': str.isdigit() says yes, int() says no
+        "/run/rgold/questions?start=-1",
+        "/run/rgold/questions?start=" + "9" * 30,
+        "/run/rgold/pairs?role=refiner&from=%C2%B2",
+        "/run/rgold/pairs?role=refiner&theta=nan",
+        "/run/rgold/pairs?role=refiner&after=..%2F..",
+        "/run/rgold/questions?q=" + "a" * 50_000,
+    ):
+        status, _, body = fetch(base + path)
+        assert status == 400, (path[:80], status, body[:300])
+        assert "must be" in body or "at most" in body
+    status, _, body = fetch(base + "/", headers={"Host": "[::1"})
+    assert status == 400 and "unexpected Host" in body
+
+
+def test_a_nan_loss_in_a_training_manifest_is_a_gap_not_a_500(tmp_path, gold_db):
+    (tmp_path / "manifest.json").write_text(
+        '{"roles": {"refiner": {"sft": {"log": [{"step": 1, "loss": 2.0}, {"step": 2, '
+        '"loss": NaN}, {"step": 3, "loss": Infinity}, {"step": 4, "loss": 1.5}, '
+        '{"step": 1' + "0" * 400 + ', "loss": 1.0}]}}}}'
+    )
+    srv = ViewServer(gold_db, "127.0.0.1", 0, tmp_path)
+    srv.serve_in_thread()
+    try:
+        status, _, body = fetch(srv.url + "training")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert status == 200 and "<svg" in body
+    assert data.training(tmp_path)["curves"] == {"refiner": {"sft": [(1.0, 2.0), (4.0, 1.5)]}}
+
+
+# --------------------------------------------------------------------------- read-only media
+
+
+@pytest.fixture
+def read_only_copy(gold_db, tmp_path):
+    """The database, WAL mode, alone in a folder nobody can write (no -wal, no -shm)."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    src = sqlite3.connect(gold_db)
+    dst = sqlite3.connect(folder / "malt.db")
+    src.backup(dst)
+    src.close()
+    assert dst.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal"
+    dst.close()
+    for extra in ("malt.db-wal", "malt.db-shm"):
+        (folder / extra).unlink(missing_ok=True)
+    folder.chmod(0o555)
+    immutable = False
+    if os.geteuid() == 0:  # root writes through permissions: make the folder immutable
+        immutable = (
+            subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        )
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("cannot make a folder read-only here (root without chattr)")
+        yield folder / "malt.db"
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+def test_view_and_status_open_a_wal_database_on_read_only_media(read_only_copy):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "malt_local", "view", "--db", str(read_only_copy), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), proc.stderr.read() if proc.poll() is not None else url
+        status, _, body = fetch(url + "run/rgold")
+        assert status == 200 and "78/78 nodes" in body
+        status, _, body = fetch(url + f"run/rgold/tree/{Q_A.id}")
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    r = malt("status", "--db", str(read_only_copy), "--json")
+    assert r.returncode == 0, r.stderr
+    (run,) = json.loads(r.stdout)["runs"]
+    assert run["nodes"] == 78
+    r = malt("show", Q_A.id, "--db", str(read_only_copy))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in read_only_copy.parent.iterdir()) == ["malt.db"]

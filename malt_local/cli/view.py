@@ -30,7 +30,7 @@ def command(db_path: Path | None, host: str, port: int, open_: bool, train: Path
     """Browse runs, trees, DPO pairs, evaluations and training curves in the browser.
 
     \b
-    Read-only (the database is opened with SQLite's mode=ro), live while `malt run`
+    Read-only (SQLite's mode=ro; immutable on read-only media), live while `malt run`
     writes (reload a page, or leave a run page open: it reloads itself), offline (every
     asset ships with malt, and pages run no scripts). Prints the URL; Ctrl-C stops.
         malt view --db malt.db --open

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 from malt_local.db.store import Store
@@ -13,8 +14,27 @@ from malt_local.roles import ROLES, nodes_per_role, tree_size
 from malt_local.run.too_long import skipped_in_run
 
 
+def open_for_status(db_path: Path) -> Store:
+    """The database as `status` and `show` read it: opened normally (an older file is
+    migrated), or, where it cannot be written (read-only media, a folder without write
+    permission, a WAL file without its `-shm`), read-only as `malt view` opens it."""
+    try:
+        return Store(db_path, create=False)
+    except MaltError as exc:
+        from malt_local.view.storage import open_read_only
+
+        # Only SQLite failing to open or write the file; a refusal (a newer malt's schema)
+        # stands.
+        if not (db_path.is_file() and isinstance(exc.__cause__, sqlite3.OperationalError)):
+            raise
+        try:
+            return open_read_only(db_path)
+        except MaltError:
+            raise exc from None
+
+
 def status(db_path: Path, run_id: str | None = None) -> dict:
-    store = Store(db_path, create=False)
+    store = open_for_status(db_path)
     try:
         runs = store.runs()
         if run_id is not None:
@@ -106,7 +126,7 @@ def run_status(store: Store, run: dict) -> dict:
 
 
 def tree(db_path: Path, question_id: str, run_id: str | None = None) -> dict:
-    store = Store(db_path, create=False)
+    store = open_for_status(db_path)
     try:
         matches = store.find_question(question_id)
         if not matches:

@@ -6,6 +6,9 @@ Templates are rendered with autoescaping on, so questions and model outputs are 
 
 from __future__ import annotations
 
+import math
+import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,9 @@ from malt_local.roles import ROLES
 from malt_local.view import data, plots
 
 REFRESH_SECONDS = 5  # a run page reloads itself this often while its run is unfinished
-PAIRS_PER_PAGE = 100  # a big run has thousands of pairs: the page shows them 100 at a time
+PAIRS_PER_PAGE = 100  # a big run has thousands of pairs: a page shows whole trees, ~100 pairs
+QUESTIONS_PER_PAGE = 100  # and thousands of questions: a page shows 100
+MAX_START = 10**9  # an offset beyond any run; a bigger one is refused, not sent to SQLite
 TRISTATE = {"": None, "yes": True, "no": False}
 
 
@@ -34,13 +39,22 @@ def _one(params: dict[str, list[str]], name: str, default: str = "") -> str:
     return values[0]
 
 
-def index(store: Store, params: dict) -> Page:
+def _whole(params: dict[str, list[str]], name: str) -> int:
+    """A page offset: ASCII digits only (`str.isdigit` accepts '²', which `int` refuses), at
+    most MAX_START; anything else is the user's mistake (a 400), not the server's."""
+    text = _one(params, name, "0")
+    if not (text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_START):
+        raise MaltError(f"{name} must be a whole number up to {MAX_START} (got {text[:40]!r})")
+    return int(text)
+
+
+def index(store: Store, params: dict, figures: data.FiguresCache | None = None) -> Page:
     evals = "eval_runs" in store.db.table_names()
-    return Page("index.html", {"runs": data.runs(store), "has_evals": evals})
+    return Page("index.html", {"runs": data.runs(store, figures), "has_evals": evals})
 
 
-def run(store: Store, run_id: str, params: dict) -> Page:
-    page = data.run_page(store, run_id)
+def run(store: Store, run_id: str, params: dict, figures: data.FiguresCache | None = None) -> Page:
+    page = data.run_page(store, run_id, figures)
     status = page["run"]
     roles = status["roles"]
     bins = [f"{i / data.VALUE_BINS:.1f}" for i in range(data.VALUE_BINS)]
@@ -87,17 +101,29 @@ def questions(store: Store, run_id: str, params: dict) -> Page:
         )
     except KeyError as exc:
         raise MaltError(f"filter values are yes, no or empty (got {exc})") from exc
-    rows = data.questions(store, run_id, flt)
+    start = _whole(params, "start")
+    rows = data.questions(store, run_id, flt, start, QUESTIONS_PER_PAGE)
+    total = data.question_count(store, run_id, flt)
+    shown = {k: _one(params, k) for k in ("q", "task", "solved", "positives", "truncated")}
+    query = urllib.parse.urlencode({k: v for k, v in shown.items() if v})
+
+    def link(to: int) -> str:
+        return "?" + (query + "&" if query else "") + f"start={to}"
+
     return Page(
         "questions.html",
         {
             "run_id": run_id,
             "rows": rows,
             "filter": flt,
-            "params": {
-                k: _one(params, k) for k in ("q", "task", "solved", "positives", "truncated")
-            },
+            "params": shown,
             "tasks": data.tasks(store, run_id),
+            "start": start,
+            "total": total,
+            "next": link(start + QUESTIONS_PER_PAGE)
+            if start + QUESTIONS_PER_PAGE < total
+            else None,
+            "prev": link(max(0, start - QUESTIONS_PER_PAGE)) if start else None,
         },
     )
 
@@ -114,15 +140,31 @@ def pairs(store: Store, run_id: str, params: dict) -> Page:
     try:
         theta = float(theta_text) if theta_text else None
     except ValueError as exc:
-        raise MaltError(f"theta must be a number (got {theta_text!r})") from exc
-    start_text = _one(params, "start", "0")
-    if not start_text.isdigit():
-        raise MaltError(f"start must be a whole number (got {start_text!r})")
-    start = int(start_text)
-    result = data.pairs(store, run_id, role, theta, start, PAIRS_PER_PAGE)
-    result["next"] = start + PAIRS_PER_PAGE if start + PAIRS_PER_PAGE < result["total"] else None
-    result["prev"] = max(0, start - PAIRS_PER_PAGE) if start else None
-    return Page("pairs.html", {"run_id": run_id, "role": role, "roles": ROLES, **result})
+        raise MaltError(f"theta must be a number (got {theta_text[:40]!r})") from exc
+    if theta is not None and not math.isfinite(theta):
+        raise MaltError(f"theta must be a finite number (got {theta_text[:40]!r})")
+    after = _one(params, "after")
+    if after and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", after):
+        raise MaltError(f"after must be a question id (got {after[:40]!r})")
+    first = _whole(params, "from")  # pairs before this page: for the numbering only
+    result = data.pairs_page(store, run_id, role, theta, after, PAIRS_PER_PAGE)
+    keep = {"role": role, **({"theta": theta_text} if theta_text else {})}
+    nxt = result["next"]
+    return Page(
+        "pairs.html",
+        {
+            "run_id": run_id,
+            "role": role,
+            "roles": ROLES,
+            **result,
+            "first": first,
+            "next_link": "?"
+            + urllib.parse.urlencode({**keep, "after": nxt, "from": first + len(result["pairs"])})
+            if nxt
+            else None,
+            "first_link": "?" + urllib.parse.urlencode(keep) if after else None,
+        },
+    )
 
 
 def evaluations(store: Store, params: dict) -> Page:

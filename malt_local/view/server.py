@@ -8,10 +8,12 @@ sit next to them with their own scripts. This server needs nothing beyond the co
 completely: no JavaScript at all, so the Content-Security-Policy says `script-src 'none'`. Plain
 Datasette still works on the same file (`datasette "$(malt db path)"`).
 
-Safety: each request opens its own read-only connection (`Store.read_only`), so the view can
-never write, and reads a consistent WAL snapshot while `malt run` writes. Templates autoescape,
-so questions and model outputs are shown as text. When bound to a loopback address, requests
-whose Host header names another host are refused (a DNS-rebinding page cannot read the data).
+Safety: each request opens its own read-only connection (`storage.open_read_only`: SQLite's
+`mode=ro`, or `immutable=1` on read-only media), so the view can never write, and reads a
+consistent WAL snapshot while `malt run` writes. Templates autoescape, so questions and model
+outputs are shown as text (bytes that are not UTF-8 as U+FFFD). When bound to a loopback
+address, requests whose Host header names another host are refused (a DNS-rebinding page cannot
+read the data).
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from malt_local import __version__
-from malt_local.db.store import Store
 from malt_local.errors import MaltError
 from malt_local.roles import ROLES
-from malt_local.view import pages
+from malt_local.view import data, pages
+from malt_local.view.storage import open_read_only
 
 HERE = Path(__file__).resolve().parent
 STATIC = {"view.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
@@ -82,10 +84,13 @@ class ViewServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, db_path: Path, host: str, port: int, train: Path | None = None) -> None:
-        Store.read_only(db_path).close()  # a bad path or a non-malt file fails before binding
+        open_read_only(db_path).close()  # a bad path or a non-malt file fails before binding
         self.db_path = db_path
         self.train = train
         self.env = environment()
+        for name in self.env.list_templates():  # compiled now, not on each page's first request
+            self.env.get_template(name)
+        self.figures = data.FiguresCache()  # run figures, kept while the data is unchanged
         self.loopback = is_loopback(host)
         try:
             super().__init__((host, port), Handler)
@@ -169,19 +174,23 @@ class Handler(BaseHTTPRequestHandler):
             m = pattern.fullmatch(path)
             if not m:
                 continue
-            store = Store.read_only(self.server.db_path)
+            store = open_read_only(self.server.db_path)
             try:
                 args = m.groups()
                 if has_run and store.run(args[0]) is None:
                     raise pages.NotFound(f"no run '{args[0]}' in {store.path}")
-                return getattr(pages, name)(store, *args, params)
+                extra = {"figures": self.server.figures} if name in ("index", "run") else {}
+                return getattr(pages, name)(store, *args, params, **extra)
             finally:
                 store.close()
         return None
 
     def _host_is_loopback(self) -> bool:
         host = self.headers.get("Host", "")
-        name = urllib.parse.urlsplit("//" + host).hostname or ""
+        try:
+            name = urllib.parse.urlsplit("//" + host).hostname or ""
+        except ValueError:  # '[::1' and other Hosts no URL can hold: not a loopback name
+            return False
         return is_loopback(name)
 
     def _static(self, name: str) -> None:
