@@ -49,8 +49,11 @@ def chat(q: str) -> list[dict]:
     return [{"role": "system", "content": "Solve it."}, {"role": "user", "content": q}]
 
 
-def make_export(folder: Path, sft: dict, dpo: dict, sha: str = "0" * 64) -> Path:
-    """A small export folder in `malt export`'s layout, written by hand."""
+def make_export(
+    folder: Path, sft: dict, dpo: dict, sha: str | None = "0" * 64, sources: list | None = None
+) -> Path:
+    """A small export folder in `malt export`'s layout, written by hand (`sha` None: no model
+    named, so `--base` is not checked against one and says nothing about it)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for role in ROLES:
@@ -63,7 +66,8 @@ def make_export(folder: Path, sft: dict, dpo: dict, sha: str = "0" * 64) -> Path
         "tool": "malt",
         "roles": list(ROLES),
         "files": files,
-        "models": [{"file": "m.gguf", "sha256": sha, "alias": None}],
+        "models": [{"file": "m.gguf", "sha256": sha, "alias": None}] if sha else [],
+        "sources": sources or [],
     }
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
@@ -86,7 +90,7 @@ def small_export(tmp_path: Path, **kw) -> Path:
     dpo = {r: [dpo_row("2+2?")] for r in ROLES}
     sft.update(kw.get("sft", {}))
     dpo.update(kw.get("dpo", {}))
-    return make_export(tmp_path / "export", sft, dpo, kw.get("sha", "0" * 64))
+    return make_export(tmp_path / "export", sft, dpo, kw.get("sha", "0" * 64), kw.get("sources"))
 
 
 def cli_train(*args: str):
@@ -182,12 +186,71 @@ def test_not_an_export_and_missing_folder(tmp_path):
 def test_role_without_sft_lines_and_edited_file(tmp_path):
     export = small_export(tmp_path, sft={"verifier": []})
     out = tmp_path / "adapters"
-    one_line_exit_2(cli_train(str(export), "--out", str(out)), "verifier.sft.jsonl")
+    # Named explicitly, a role with no data is an error (--role all skips it, below).
+    one_line_exit_2(
+        cli_train(str(export), "--role", "verifier", "--out", str(out)), "verifier.sft.jsonl"
+    )
     assert not out.exists() and not (tmp_path / "adapters.partial").exists()
     (export / "generator.sft.jsonl").write_text(json.dumps(sft_row("1+1?", "3")) + "\n")
     one_line_exit_2(
         cli_train(str(export), "--role", "generator", "--out", str(out)), "changed after the export"
     )
+
+
+def hf_base(tmp_path: Path) -> Path:
+    """A Hugging Face model folder that passes `--base`'s checks (no weights: nothing may load)."""
+    hf = tmp_path / "hf"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152}))
+    return hf
+
+
+def test_role_all_trains_the_roles_with_data_and_names_the_skipped(tmp_path):
+    from malt_local.training.base_model import Base
+    from malt_local.training.pipeline import _base_identity, _manifest
+    from malt_local.training.settings import TrainSettings, fingerprint
+
+    export = small_export(tmp_path, sft={"verifier": []}, sha=None)
+    data = load_export(export, list(ROLES), ["sft", "dpo"], skip_empty=True)
+    assert list(data.skipped) == ["verifier"]
+    assert "no verifier positives" in data.skipped["verifier"]
+    assert "1 DPO pair(s)" in data.skipped["verifier"]
+    plan = plan_stages(data, ["generator", "refiner"], "all", None, False)
+    assert [s.name for s in plan.stages] == ["generator-sft", "refiner-sft", "refiner-dpo"]
+    # The manifest records the skipped role.
+    m = _manifest(None, "x", data, Base(export, "hf", None, "llama", None), TrainSettings(),
+                  "cpu", plan, {}, tmp_path, 0.0)  # fmt: skip
+    assert list(m["skipped_roles"]) == ["verifier"]
+    # Through the CLI: OUT already holds every stage the roles with data have, so nothing
+    # trains (nor loads); the skipped role is named in one line and the command succeeds.
+    base = hf_base(tmp_path)
+    ident = fingerprint(
+        data.manifest_sha256,
+        _base_identity(Base(base, "hf", None, "llama", None)),
+        TrainSettings().record(),
+    )
+    out = tmp_path / "adapters"
+    out.mkdir()
+    adapters = {n: {"role": n.split("-")[0], "gguf": f"{n}.gguf", "steps": 1, "loss": []}
+                for n in ("generator-sft", "refiner-sft", "refiner-dpo")}  # fmt: skip
+    (out / "manifest.json").write_text(
+        json.dumps({"tool": "malt-train", "fingerprint": ident, "adapters": adapters})
+    )
+    r = cli_train(str(export), "--base", str(base), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "malt train: skipped (no data): verifier" in r.stderr.splitlines()
+    assert "refiner-dpo: already trained" in r.stderr
+    # --stage dpo for all roles: the generator has no pairs, so it is left out, not an error.
+    empty_gen = small_export(tmp_path / "g", dpo={"generator": []}, sha=None)
+    d = load_export(empty_gen, list(ROLES), ["sft", "dpo"], skip_empty=True)
+    p = plan_stages(d, list(ROLES), "dpo", None, False, skip_empty=True)
+    assert [s.name for s in p.stages] == ["verifier-dpo", "refiner-dpo"]
+    assert "generator-dpo" in p.skipped
+    # Every role empty: one line, exit 2, nothing written.
+    none = small_export(tmp_path / "none", sft={r: [] for r in ROLES}, sha=None)
+    out2 = tmp_path / "adapters2"
+    one_line_exit_2(cli_train(str(none), "--out", str(out2)), "no role has SFT lines")
+    assert not out2.exists() and not (tmp_path / "adapters2.partial").exists()
 
 
 def test_role_without_dpo_pairs_trains_sft_and_says_why(tmp_path):

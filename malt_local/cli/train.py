@@ -107,6 +107,13 @@ def command(
             raise MaltError(f"--report-to {report_to}: pip install {module} first")
     roles = list(ROLES) if role == "all" else [role]
     with TrainingBar(show=on_terminal(json_)) as display:
+
+        def on_event(kind: str, info: dict) -> None:
+            if kind == "skip_roles":  # --role all: the roles with no data, in one line
+                click.echo(f"malt train: skipped (no data): {', '.join(info['roles'])}", err=True)
+            else:
+                display.event(kind, info)
+
         try:
             manifest = train(
                 export_dir,
@@ -118,7 +125,8 @@ def command(
                 device=device,
                 force=force,
                 report_to=report_to,
-                on_event=display.event,
+                on_event=on_event,
+                skip_empty_roles=role == "all",
             )
         except TrainingInterrupted as exc:
             display.close()
@@ -137,4 +145,6 @@ def command(
         click.echo(f"{name}: {out / info['gguf']} ({info['steps']} steps{span})")
     for name, why in manifest.get("skipped", {}).items():
         click.echo(f"{name}: skipped ({why})")
+    for name, why in manifest.get("skipped_roles", {}).items():
+        click.echo(f"{name}: skipped, no data ({why})")
     click.echo(f"malt eval QUESTIONS --adapters {out}")

@@ -64,11 +64,18 @@ def partial_dir(out: Path) -> Path:
 
 
 def plan_stages(
-    data: ExportData, roles: list[str], stage: str, existing: dict | None, force: bool
+    data: ExportData,
+    roles: list[str],
+    stage: str,
+    existing: dict | None,
+    force: bool,
+    *,
+    skip_empty: bool = False,
 ) -> Plan:
     """Which stages to train. The generator gets DPO only with `--stage dpo` (the paper trains
-    it with SFT only); a role without DPO pairs gets SFT and a note, or an error with
-    `--stage dpo`, where there would be nothing to train at all."""
+    it with SFT only); a role without DPO pairs gets SFT and a note, or with `--stage dpo`,
+    where there would be nothing to train for it, an error (a note with `skip_empty`: `--role
+    all` trains the roles that have data)."""
     stages: list[Stage] = []
     skipped: dict[str, str] = {}
     done: list[str] = []
@@ -81,7 +88,7 @@ def plan_stages(
             name = f"{role}-{s}"
             if s == "dpo" and not data.dpo.get(role):
                 why = f"{role}.dpo.jsonl has no pairs (no sibling with another label)"
-                if stage == "dpo":
+                if stage == "dpo" and not skip_empty:
                     raise MaltError(f"{why}: no DPO to train for the {role}")
                 skipped[name] = why
                 continue
@@ -159,8 +166,13 @@ def train(
     force: bool = False,
     report_to: str | None = None,
     on_event: Events | None = None,
+    skip_empty_roles: bool = False,
 ) -> dict:
-    """Train the planned stages and return the adapters' manifest (also written to OUT)."""
+    """Train the planned stages and return the adapters' manifest (also written to OUT).
+
+    `skip_empty_roles` (`--role all`): a role with no SFT lines is left out, told as one
+    "skip_roles" event and recorded in the manifest's `skipped_roles`, instead of stopping the
+    roles that have data; it is still an error when no role has any."""
     from malt_local.training import require_extra
 
     require_extra()
@@ -170,20 +182,25 @@ def train(
         if role not in ROLES:
             raise MaltError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
     stages_read = ["sft", "dpo"] if stage in ("all", "dpo") else ["sft"]
-    data = load_export(export_dir, roles, stages_read)
-    plan_stages(data, roles, stage, None, False)  # refuses DPO-only with no pairs, early
+    data = load_export(export_dir, roles, stages_read, skip_empty=skip_empty_roles)
+    roles = [r for r in roles if r not in data.skipped]
+    # Refuses DPO-only with no pairs, early.
+    plan_stages(data, roles, stage, None, False, skip_empty=skip_empty_roles)
     base = resolve_base(data, base_path)
     ident = fingerprint(data.manifest_sha256, _base_identity(base), settings.record())
     existing = _check_out(out, ident, force)
-    plan = plan_stages(data, roles, stage, existing, force)
+    plan = plan_stages(data, roles, stage, existing, force, skip_empty=skip_empty_roles)
     emit = on_event or (lambda event, info: None)
+    if data.skipped:
+        emit("skip_roles", {"roles": dict(data.skipped)})
     for name, why in plan.skipped.items():
         emit("skip", {"stage": name, "why": why})
     for name in plan.done:
         emit("done", {"stage": name})
     if not plan.stages:
         if existing is None:
-            raise MaltError("nothing to train")
+            why = "; ".join(plan.skipped.values())
+            raise MaltError(f"nothing to train ({why})" if why else "nothing to train")
         return existing
     run_device = pick_device(device)
     partial = partial_dir(out)
@@ -321,6 +338,12 @@ def _manifest(
     skipped = {k: v for k, v in ((existing or {}).get("skipped", {}) | plan.skipped).items()}
     for name in adapters:
         skipped.pop(name, None)
+    trained_roles = {info["role"] for info in adapters.values()}
+    skipped_roles = {
+        role: why
+        for role, why in ((existing or {}).get("skipped_roles", {}) | data.skipped).items()
+        if role not in trained_roles
+    }
     return {
         "tool": TOOL,
         "manifest_version": MANIFEST_VERSION,
@@ -338,6 +361,7 @@ def _manifest(
         "versions": _versions(),
         "adapters": dict(sorted(adapters.items())),
         "skipped": dict(sorted(skipped.items())),
+        "skipped_roles": dict(sorted(skipped_roles.items())),
         "apply": apply_order(adapters),
         "seconds": round(time.monotonic() - started, 3),
     }
