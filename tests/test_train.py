@@ -238,7 +238,7 @@ def test_role_all_trains_the_roles_with_data_and_names_the_skipped(tmp_path):
     )
     r = cli_train(str(export), "--base", str(base), "--out", str(out))
     assert r.exit_code == 0, r.output
-    assert "malt train: skipped (no data): verifier" in r.stderr.splitlines()
+    assert "roles skipped (no data): verifier" in r.stderr.splitlines()
     assert "refiner-dpo: already trained" in r.stderr
     # --stage dpo for all roles: the generator has no pairs, so it is left out, not an error.
     empty_gen = small_export(tmp_path / "g", dpo={"generator": []}, sha=None)
@@ -251,6 +251,63 @@ def test_role_all_trains_the_roles_with_data_and_names_the_skipped(tmp_path):
     out2 = tmp_path / "adapters2"
     one_line_exit_2(cli_train(str(none), "--out", str(out2)), "no role has SFT lines")
     assert not out2.exists() and not (tmp_path / "adapters2.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_base(tmp_path_factory, small_model) -> Path:
+    """A Hugging Face folder with the small model's tokenizer and chat template but no weights:
+    the rows can be measured, nothing can train (a test that reached training would fail)."""
+    from transformers import AutoTokenizer
+
+    folder = hf_base(tmp_path_factory.mktemp("tokenizer_base"))
+    tok = AutoTokenizer.from_pretrained(str(small_model.parent), gguf_file=small_model.name)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_rows_longer_than_max_length_are_counted_and_too_many_refused(tmp_path, tokenizer_base):
+    from transformers import AutoTokenizer
+    from trl.data_utils import _tokenize
+
+    from malt_local.training.lengths import measure, row_length
+
+    long_answer = " ".join(["7"] * 200)
+    sft = [sft_row(f"{i}+{i}?", str(2 * i)) for i in range(8)]
+    sft += [sft_row("9+9?", long_answer), sft_row("8+8?", long_answer)]
+    export = small_export(tmp_path, sft={"generator": sft}, sha=None)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_base))
+    rows = load_export(export, ["generator"], ["sft"]).sft["generator"]
+    # Counted as TRL tokenizes a conversational prompt/completion row.
+    expected = [len(_tokenize(tok, r["prompt"] + r["completion"])["input_ids"]) for r in rows]
+    assert [row_length(tok, "sft", r) for r in rows] == expected
+    longest, short = max(expected), sorted(expected)[-3]
+    assert short < 64 < longest
+    # 2 of 10 rows longer than 64 tokens: over the default share (10%), one line, exit 2,
+    # before anything loads or is written.
+    out = tmp_path / "adapters"
+    argv = [str(export), "--role", "generator", "--stage", "sft", "--base", str(tokenizer_base),
+            "--out", str(out)]  # fmt: skip
+    r = cli_train(*argv, "--max-length", "64")
+    one_line_exit_2(r, f"2 of 10 rows are longer than --max-length 64 tokens (the longest has "
+                       f"{longest})")  # fmt: skip
+    assert "--max-cut-share" in r.stderr
+    assert not out.exists() and not (tmp_path / "adapters.partial").exists()
+    one_line_exit_2(cli_train(*argv, "--max-cut-share", "1.5"), "--max-cut-share must be in")
+    # Allowed by a larger share: counted, not refused.
+    m = measure(tok, "generator-sft", "sft", rows, 64, 0.25)
+    assert (m.rows, m.cut, m.max_length, m.longest) == (10, 2, 64, longest)
+    assert m.record() == {"max_length": 64, "longest_row": longest, "rows_cut": 2}
+    # Without --max-length, the stage's longest row: nothing cut.
+    m = measure(tok, "generator-sft", "sft", rows, None)
+    assert (m.cut, m.max_length) == (0, longest)
+    # DPO: the longer of prompt + chosen and prompt + rejected.
+    pair = {"prompt": chat("2+2?"), "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": long_answer}]}  # fmt: skip
+    assert row_length(tok, "dpo", pair) == len(
+        _tokenize(tok, pair["prompt"] + pair["rejected"])["input_ids"]
+    )
+    with pytest.raises(MaltError, match="refiner-dpo: 1 of 1 rows"):
+        measure(tok, "refiner-dpo", "dpo", [pair], 64)
 
 
 def test_role_without_dpo_pairs_trains_sft_and_says_why(tmp_path):
@@ -437,6 +494,9 @@ def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, 
         assert (out / name / "adapter_model.safetensors").is_file()
         assert info["gguf_sha256"] == sha256_file(out / f"{name}.gguf")
         assert info["steps"] == 3 and len(info["loss"]) == 3 and info["resumed_from_step"] == 0
+        # Measured before training: QUICK's limit, and the sums' short rows all fit it.
+        assert info["max_length"] == 512 and info["rows_cut"] == 0
+        assert 0 < info["longest_row"] <= 512
         specs.setdefault(info["role"], []).append(AdapterSpec(info["role"], out / f"{name}.gguf"))
     # llama.cpp's own checks (names, shapes, architecture) accept every file.
     checked = check_adapters(specs, small_model)

@@ -14,6 +14,7 @@ when the new adapters are in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from malt_local.errors import MaltError
 from malt_local.roles import ROLES
 from malt_local.training.base_model import Base, load_base, pick_device, resolve_base
 from malt_local.training.data import ExportData, load_export
+from malt_local.training.lengths import MAX_CUT_SHARE, StageLengths, check_share, measure
 from malt_local.training.manifest import (
     MANIFEST_VERSION,
     TOOL,
@@ -167,17 +169,23 @@ def train(
     report_to: str | None = None,
     on_event: Events | None = None,
     skip_empty_roles: bool = False,
+    max_cut_share: float = MAX_CUT_SHARE,
 ) -> dict:
     """Train the planned stages and return the adapters' manifest (also written to OUT).
 
     `skip_empty_roles` (`--role all`): a role with no SFT lines is left out, told as one
     "skip_roles" event and recorded in the manifest's `skipped_roles`, instead of stopping the
-    roles that have data; it is still an error when no role has any."""
+    roles that have data; it is still an error when no role has any.
+
+    Every row of the stages to train is tokenized first: a stage where more than
+    `max_cut_share` of the rows are longer than `settings.max_length` is refused, and each
+    adapter records its limit, longest row and rows cut (lengths.py)."""
     from malt_local.training import require_extra
 
     require_extra()
     quiet_libraries()
     settings.validate()
+    check_share(max_cut_share)
     for role in roles:
         if role not in ROLES:
             raise MaltError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
@@ -202,6 +210,8 @@ def train(
             why = "; ".join(plan.skipped.values())
             raise MaltError(f"nothing to train ({why})" if why else "nothing to train")
         return existing
+    lengths = _measure(base, data, plan.stages, settings, max_cut_share)
+    emit("lengths", {name: m.record() for name, m in lengths.items()})
     run_device = pick_device(device)
     partial = partial_dir(out)
     if force and partial.exists():
@@ -230,6 +240,7 @@ def train(
             model,
             tokenizer,
             settings,
+            lengths[st.name],
             partial,
             run_device,
             sources,
@@ -253,12 +264,15 @@ def _train_one(
     model,
     tokenizer,
     settings: TrainSettings,
+    lengths: StageLengths,
     partial: Path,
     device: str,
     sources: dict[str, Path],
     report_to: str | None,
     emit: Events,
 ) -> dict:
+    # The limit the stage trains with: --max-length, or its longest row.
+    settings = dataclasses.replace(settings, max_length=lengths.max_length)
     from malt_local.training.base_model import hf_folder
     from malt_local.training.gguf_lora import BaseShape, convert
     from malt_local.training.trainer import merged_sft_model, train_stage
@@ -312,11 +326,32 @@ def _train_one(
         "seconds_per_step": round(result.seconds / new_steps, 3) if new_steps else None,
         "learning_rate": settings.lr if st.stage == "sft" else settings.dpo_lr,
         "reference": f"{st.role}-sft" if st.stage == "dpo" else None,
+        **lengths.record(),
     }
     (folder / "result.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     emit("trained", {"stage": st.name, **record})
     return record
+
+
+def _measure(
+    base: Base, data: ExportData, stages: list[Stage], settings: TrainSettings, share: float
+) -> dict[str, StageLengths]:
+    """Each stage's rows in tokens, before any weights load (refuses too many cut rows)."""
+    from malt_local.training.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    return {
+        st.name: measure(
+            tokenizer,
+            st.name,
+            st.stage,
+            data.sft[st.role] if st.stage == "sft" else data.dpo[st.role],
+            settings.max_length,
+            share,
+        )
+        for st in stages
+    }
 
 
 def _manifest(
