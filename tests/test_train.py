@@ -49,8 +49,11 @@ def chat(q: str) -> list[dict]:
     return [{"role": "system", "content": "Solve it."}, {"role": "user", "content": q}]
 
 
-def make_export(folder: Path, sft: dict, dpo: dict, sha: str = "0" * 64) -> Path:
-    """A small export folder in `malt export`'s layout, written by hand."""
+def make_export(
+    folder: Path, sft: dict, dpo: dict, sha: str | None = "0" * 64, sources: list | None = None
+) -> Path:
+    """A small export folder in `malt export`'s layout, written by hand (`sha` None: no model
+    named, so `--base` is not checked against one and says nothing about it)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for role in ROLES:
@@ -63,7 +66,8 @@ def make_export(folder: Path, sft: dict, dpo: dict, sha: str = "0" * 64) -> Path
         "tool": "malt",
         "roles": list(ROLES),
         "files": files,
-        "models": [{"file": "m.gguf", "sha256": sha, "alias": None}],
+        "models": [{"file": "m.gguf", "sha256": sha, "alias": None}] if sha else [],
+        "sources": sources or [],
     }
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
@@ -86,7 +90,7 @@ def small_export(tmp_path: Path, **kw) -> Path:
     dpo = {r: [dpo_row("2+2?")] for r in ROLES}
     sft.update(kw.get("sft", {}))
     dpo.update(kw.get("dpo", {}))
-    return make_export(tmp_path / "export", sft, dpo, kw.get("sha", "0" * 64))
+    return make_export(tmp_path / "export", sft, dpo, kw.get("sha", "0" * 64), kw.get("sources"))
 
 
 def cli_train(*args: str):
@@ -182,12 +186,128 @@ def test_not_an_export_and_missing_folder(tmp_path):
 def test_role_without_sft_lines_and_edited_file(tmp_path):
     export = small_export(tmp_path, sft={"verifier": []})
     out = tmp_path / "adapters"
-    one_line_exit_2(cli_train(str(export), "--out", str(out)), "verifier.sft.jsonl")
+    # Named explicitly, a role with no data is an error (--role all skips it, below).
+    one_line_exit_2(
+        cli_train(str(export), "--role", "verifier", "--out", str(out)), "verifier.sft.jsonl"
+    )
     assert not out.exists() and not (tmp_path / "adapters.partial").exists()
     (export / "generator.sft.jsonl").write_text(json.dumps(sft_row("1+1?", "3")) + "\n")
     one_line_exit_2(
         cli_train(str(export), "--role", "generator", "--out", str(out)), "changed after the export"
     )
+
+
+def hf_base(tmp_path: Path) -> Path:
+    """A Hugging Face model folder that passes `--base`'s checks (no weights: nothing may load)."""
+    hf = tmp_path / "hf"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 49152}))
+    return hf
+
+
+def test_role_all_trains_the_roles_with_data_and_names_the_skipped(tmp_path):
+    from malt_local.training.base_model import Base
+    from malt_local.training.pipeline import _base_identity, _manifest
+    from malt_local.training.settings import TrainSettings, fingerprint
+
+    export = small_export(tmp_path, sft={"verifier": []}, sha=None)
+    data = load_export(export, list(ROLES), ["sft", "dpo"], skip_empty=True)
+    assert list(data.skipped) == ["verifier"]
+    assert "no verifier positives" in data.skipped["verifier"]
+    assert "1 DPO pair(s)" in data.skipped["verifier"]
+    plan = plan_stages(data, ["generator", "refiner"], "all", None, False)
+    assert [s.name for s in plan.stages] == ["generator-sft", "refiner-sft", "refiner-dpo"]
+    # The manifest records the skipped role.
+    m = _manifest(None, "x", data, Base(export, "hf", None, "llama", None), TrainSettings(),
+                  "cpu", plan, {}, tmp_path, 0.0)  # fmt: skip
+    assert list(m["skipped_roles"]) == ["verifier"]
+    # Through the CLI: OUT already holds every stage the roles with data have, so nothing
+    # trains (nor loads); the skipped role is named in one line and the command succeeds.
+    base = hf_base(tmp_path)
+    ident = fingerprint(
+        data.manifest_sha256,
+        _base_identity(Base(base, "hf", None, "llama", None)),
+        TrainSettings().record(),
+    )
+    out = tmp_path / "adapters"
+    out.mkdir()
+    adapters = {n: {"role": n.split("-")[0], "gguf": f"{n}.gguf", "steps": 1, "loss": []}
+                for n in ("generator-sft", "refiner-sft", "refiner-dpo")}  # fmt: skip
+    (out / "manifest.json").write_text(
+        json.dumps({"tool": "malt-train", "fingerprint": ident, "adapters": adapters})
+    )
+    r = cli_train(str(export), "--base", str(base), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "roles skipped (no data): verifier" in r.stderr.splitlines()
+    assert "refiner-dpo: already trained" in r.stderr
+    # --stage dpo for all roles: the generator has no pairs, so it is left out, not an error.
+    empty_gen = small_export(tmp_path / "g", dpo={"generator": []}, sha=None)
+    d = load_export(empty_gen, list(ROLES), ["sft", "dpo"], skip_empty=True)
+    p = plan_stages(d, list(ROLES), "dpo", None, False, skip_empty=True)
+    assert [s.name for s in p.stages] == ["verifier-dpo", "refiner-dpo"]
+    assert "generator-dpo" in p.skipped
+    # Every role empty: one line, exit 2, nothing written.
+    none = small_export(tmp_path / "none", sft={r: [] for r in ROLES}, sha=None)
+    out2 = tmp_path / "adapters2"
+    one_line_exit_2(cli_train(str(none), "--out", str(out2)), "no role has SFT lines")
+    assert not out2.exists() and not (tmp_path / "adapters2.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_base(tmp_path_factory, small_model) -> Path:
+    """A Hugging Face folder with the small model's tokenizer and chat template but no weights:
+    the rows can be measured, nothing can train (a test that reached training would fail)."""
+    from transformers import AutoTokenizer
+
+    folder = hf_base(tmp_path_factory.mktemp("tokenizer_base"))
+    tok = AutoTokenizer.from_pretrained(str(small_model.parent), gguf_file=small_model.name)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_rows_longer_than_max_length_are_counted_and_too_many_refused(tmp_path, tokenizer_base):
+    from transformers import AutoTokenizer
+    from trl.data_utils import _tokenize
+
+    from malt_local.training.lengths import measure, row_length
+
+    long_answer = " ".join(["7"] * 200)
+    sft = [sft_row(f"{i}+{i}?", str(2 * i)) for i in range(8)]
+    sft += [sft_row("9+9?", long_answer), sft_row("8+8?", long_answer)]
+    export = small_export(tmp_path, sft={"generator": sft}, sha=None)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_base))
+    rows = load_export(export, ["generator"], ["sft"]).sft["generator"]
+    # Counted as TRL tokenizes a conversational prompt/completion row.
+    expected = [len(_tokenize(tok, r["prompt"] + r["completion"])["input_ids"]) for r in rows]
+    assert [row_length(tok, "sft", r) for r in rows] == expected
+    longest, short = max(expected), sorted(expected)[-3]
+    assert short < 64 < longest
+    # 2 of 10 rows longer than 64 tokens: over the default share (10%), one line, exit 2,
+    # before anything loads or is written.
+    out = tmp_path / "adapters"
+    argv = [str(export), "--role", "generator", "--stage", "sft", "--base", str(tokenizer_base),
+            "--out", str(out)]  # fmt: skip
+    r = cli_train(*argv, "--max-length", "64")
+    one_line_exit_2(r, f"2 of 10 rows are longer than --max-length 64 tokens (the longest has "
+                       f"{longest})")  # fmt: skip
+    assert "--max-cut-share" in r.stderr
+    assert not out.exists() and not (tmp_path / "adapters.partial").exists()
+    one_line_exit_2(cli_train(*argv, "--max-cut-share", "1.5"), "--max-cut-share must be in")
+    # Allowed by a larger share: counted, not refused.
+    m = measure(tok, "generator-sft", "sft", rows, 64, 0.25)
+    assert (m.rows, m.cut, m.max_length, m.longest) == (10, 2, 64, longest)
+    assert m.record() == {"max_length": 64, "longest_row": longest, "rows_cut": 2}
+    # Without --max-length, the stage's longest row: nothing cut.
+    m = measure(tok, "generator-sft", "sft", rows, None)
+    assert (m.cut, m.max_length) == (0, longest)
+    # DPO: the longer of prompt + chosen and prompt + rejected.
+    pair = {"prompt": chat("2+2?"), "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": long_answer}]}  # fmt: skip
+    assert row_length(tok, "dpo", pair) == len(
+        _tokenize(tok, pair["prompt"] + pair["rejected"])["input_ids"]
+    )
+    with pytest.raises(MaltError, match="refiner-dpo: 1 of 1 rows"):
+        measure(tok, "refiner-dpo", "dpo", [pair], 64)
 
 
 def test_role_without_dpo_pairs_trains_sft_and_says_why(tmp_path):
@@ -374,6 +494,9 @@ def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, 
         assert (out / name / "adapter_model.safetensors").is_file()
         assert info["gguf_sha256"] == sha256_file(out / f"{name}.gguf")
         assert info["steps"] == 3 and len(info["loss"]) == 3 and info["resumed_from_step"] == 0
+        # Measured before training: QUICK's limit, and the sums' short rows all fit it.
+        assert info["max_length"] == 512 and info["rows_cut"] == 0
+        assert 0 < info["longest_row"] <= 512
         specs.setdefault(info["role"], []).append(AdapterSpec(info["role"], out / f"{name}.gguf"))
     # llama.cpp's own checks (names, shapes, architecture) accept every file.
     checked = check_adapters(specs, small_model)

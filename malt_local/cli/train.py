@@ -13,6 +13,7 @@ import click
 from malt_local.cli._options import json_option, setting
 from malt_local.cli._progress import TrainingBar, on_terminal
 from malt_local.roles import ROLES
+from malt_local.training.lengths import MAX_CUT_SHARE
 from malt_local.training.settings import DEVICES, REPORTERS, TrainSettings
 
 
@@ -55,7 +56,20 @@ from malt_local.training.settings import DEVICES, REPORTERS, TrainSettings
 @setting(TrainSettings, "lora_r", type=int, help="LoRA rank.")
 @setting(TrainSettings, "lora_alpha", type=int, help="LoRA alpha.")
 @setting(TrainSettings, "lora_dropout", type=float, help="LoRA dropout.")
-@setting(TrainSettings, "max_length", type=int, help="Tokens a row (longer rows are truncated).")
+@setting(
+    TrainSettings,
+    "max_length",
+    type=int,
+    show_default=False,
+    help="Tokens a row; a longer row loses its end [each stage's longest row: none is cut].",
+)
+@click.option(
+    "--max-cut-share",
+    type=float,
+    default=MAX_CUT_SHARE,
+    show_default=True,
+    help="Refuse a stage when more than this share of its rows is longer than --max-length.",
+)
 @setting(TrainSettings, "beta", type=float, help="DPO beta.")
 @click.option(
     "--device",
@@ -84,6 +98,7 @@ def command(
     device: str,
     force: bool,
     report_to: str | None,
+    max_cut_share: float,
     json_: bool,
     **hyperparameters: Any,
 ) -> None:
@@ -107,6 +122,13 @@ def command(
             raise MaltError(f"--report-to {report_to}: pip install {module} first")
     roles = list(ROLES) if role == "all" else [role]
     with TrainingBar(show=on_terminal(json_)) as display:
+
+        def on_event(kind: str, info: dict) -> None:
+            if kind == "skip_roles":  # --role all: the roles with no data, in one line
+                click.echo(f"roles skipped (no data): {', '.join(info['roles'])}", err=True)
+            else:
+                display.event(kind, info)
+
         try:
             manifest = train(
                 export_dir,
@@ -118,7 +140,9 @@ def command(
                 device=device,
                 force=force,
                 report_to=report_to,
-                on_event=display.event,
+                on_event=on_event,
+                skip_empty_roles=role == "all",
+                max_cut_share=max_cut_share,
             )
         except TrainingInterrupted as exc:
             display.close()
@@ -134,7 +158,14 @@ def command(
     for name, info in manifest["adapters"].items():
         loss = info["loss"]
         span = f", loss {loss[0][1]:.3f} -> {loss[-1][1]:.3f}" if loss else ""
+        if info.get("max_length") is not None:
+            span += (
+                f", {info['rows_cut']} of {info['rows']} rows cut at {info['max_length']} "
+                f"tokens (longest {info['longest_row']})"
+            )
         click.echo(f"{name}: {out / info['gguf']} ({info['steps']} steps{span})")
     for name, why in manifest.get("skipped", {}).items():
         click.echo(f"{name}: skipped ({why})")
+    for name, why in manifest.get("skipped_roles", {}).items():
+        click.echo(f"{name}: skipped, no data ({why})")
     click.echo(f"malt eval QUESTIONS --adapters {out}")

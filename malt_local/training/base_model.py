@@ -238,6 +238,22 @@ def _drop_quantization_config(model) -> None:
         del model.config.quantization_config
 
 
+def load_tokenizer(base: Base):
+    """The base's tokenizer alone (no weights), to measure the rows before training: from the
+    folder, the GGUF's cached copy, or else the GGUF itself (a few seconds, no dequantising)."""
+    from transformers import AutoTokenizer
+
+    if base.kind == "hf":
+        tokenizer = AutoTokenizer.from_pretrained(str(base.path))
+    elif base.sha256 and (cache_root() / base.sha256 / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(cache_root() / base.sha256))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(base.path.parent), gguf_file=base.path.name)
+    if tokenizer.chat_template is None:
+        raise MaltError(f"{base.path}: the tokenizer has no chat template")
+    return tokenizer
+
+
 def load_base(base: Base, device: str):
     """(model, tokenizer) on `device`, in the device's training dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -42,6 +42,8 @@ class ExportData:
     sft: dict[str, list[dict]] = field(default_factory=dict)
     dpo: dict[str, list[dict]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256, the files read
+    # Roles left out because they have nothing to train on (role -> why); only with skip_empty.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def model(self) -> DataModel | None:
@@ -106,8 +108,15 @@ def _check_row(row: object, kind: str, where: str) -> dict:
     return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
-def load_export(folder: Path, roles: list[str], stages: list[str]) -> ExportData:
-    """Read and check the files `roles` x `stages` need; DPO files are read for SFT+DPO."""
+def load_export(
+    folder: Path, roles: list[str], stages: list[str], *, skip_empty: bool = False
+) -> ExportData:
+    """Read and check the files `roles` x `stages` need; DPO files are read for SFT+DPO.
+
+    A role with no SFT lines has nothing to train (DPO starts from the role's SFT model): an
+    error when the user named that role, but with `skip_empty` (`--role all`) it goes to
+    `skipped`, so that one role without positives does not stop the others; an error again
+    when every role is empty."""
     manifest = _read_manifest(folder)
     exported = manifest.get("roles") or []
     models = [
@@ -135,8 +144,19 @@ def load_export(folder: Path, roles: list[str], stages: list[str]) -> ExportData
             data.files[name] = digest
             (data.sft if stage == "sft" else data.dpo)[role] = _rows(path, stage)
         if not data.sft[role]:
-            raise MaltError(
-                f"{role}.sft.jsonl in {folder} has no lines (no {role} positives): nothing to "
-                "train for that role"
-            )
+            if not skip_empty:
+                raise MaltError(
+                    f"{role}.sft.jsonl in {folder} has no lines (no {role} positives): nothing "
+                    "to train for that role"
+                )
+            why = f"{role}.sft.jsonl has no lines (no {role} positives)"
+            pairs = len(data.dpo.get(role) or [])
+            if pairs:
+                why += f"; its {pairs} DPO pair(s) need an SFT model to start from"
+            data.skipped[role] = why
+    if roles and len(data.skipped) == len(roles):
+        raise MaltError(
+            f"{folder}: no role has SFT lines (no positives in {', '.join(roles)}): nothing to "
+            "train"
+        )
     return data

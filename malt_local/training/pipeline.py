@@ -14,6 +14,7 @@ when the new adapters are in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from malt_local.errors import MaltError
 from malt_local.roles import ROLES
 from malt_local.training.base_model import Base, load_base, pick_device, resolve_base
 from malt_local.training.data import ExportData, load_export
+from malt_local.training.lengths import MAX_CUT_SHARE, StageLengths, check_share, measure
 from malt_local.training.manifest import (
     MANIFEST_VERSION,
     TOOL,
@@ -64,11 +66,18 @@ def partial_dir(out: Path) -> Path:
 
 
 def plan_stages(
-    data: ExportData, roles: list[str], stage: str, existing: dict | None, force: bool
+    data: ExportData,
+    roles: list[str],
+    stage: str,
+    existing: dict | None,
+    force: bool,
+    *,
+    skip_empty: bool = False,
 ) -> Plan:
     """Which stages to train. The generator gets DPO only with `--stage dpo` (the paper trains
-    it with SFT only); a role without DPO pairs gets SFT and a note, or an error with
-    `--stage dpo`, where there would be nothing to train at all."""
+    it with SFT only); a role without DPO pairs gets SFT and a note, or with `--stage dpo`,
+    where there would be nothing to train for it, an error (a note with `skip_empty`: `--role
+    all` trains the roles that have data)."""
     stages: list[Stage] = []
     skipped: dict[str, str] = {}
     done: list[str] = []
@@ -81,7 +90,7 @@ def plan_stages(
             name = f"{role}-{s}"
             if s == "dpo" and not data.dpo.get(role):
                 why = f"{role}.dpo.jsonl has no pairs (no sibling with another label)"
-                if stage == "dpo":
+                if stage == "dpo" and not skip_empty:
                     raise MaltError(f"{why}: no DPO to train for the {role}")
                 skipped[name] = why
                 continue
@@ -159,32 +168,50 @@ def train(
     force: bool = False,
     report_to: str | None = None,
     on_event: Events | None = None,
+    skip_empty_roles: bool = False,
+    max_cut_share: float = MAX_CUT_SHARE,
 ) -> dict:
-    """Train the planned stages and return the adapters' manifest (also written to OUT)."""
+    """Train the planned stages and return the adapters' manifest (also written to OUT).
+
+    `skip_empty_roles` (`--role all`): a role with no SFT lines is left out, told as one
+    "skip_roles" event and recorded in the manifest's `skipped_roles`, instead of stopping the
+    roles that have data; it is still an error when no role has any.
+
+    Every row of the stages to train is tokenized first: a stage where more than
+    `max_cut_share` of the rows are longer than `settings.max_length` is refused, and each
+    adapter records its limit, longest row and rows cut (lengths.py)."""
     from malt_local.training import require_extra
 
     require_extra()
     quiet_libraries()
     settings.validate()
+    check_share(max_cut_share)
     for role in roles:
         if role not in ROLES:
             raise MaltError(f"unknown role '{role}' (roles: {', '.join(ROLES)})")
     stages_read = ["sft", "dpo"] if stage in ("all", "dpo") else ["sft"]
-    data = load_export(export_dir, roles, stages_read)
-    plan_stages(data, roles, stage, None, False)  # refuses DPO-only with no pairs, early
+    data = load_export(export_dir, roles, stages_read, skip_empty=skip_empty_roles)
+    roles = [r for r in roles if r not in data.skipped]
+    # Refuses DPO-only with no pairs, early.
+    plan_stages(data, roles, stage, None, False, skip_empty=skip_empty_roles)
     base = resolve_base(data, base_path)
     ident = fingerprint(data.manifest_sha256, _base_identity(base), settings.record())
     existing = _check_out(out, ident, force)
-    plan = plan_stages(data, roles, stage, existing, force)
+    plan = plan_stages(data, roles, stage, existing, force, skip_empty=skip_empty_roles)
     emit = on_event or (lambda event, info: None)
+    if data.skipped:
+        emit("skip_roles", {"roles": dict(data.skipped)})
     for name, why in plan.skipped.items():
         emit("skip", {"stage": name, "why": why})
     for name in plan.done:
         emit("done", {"stage": name})
     if not plan.stages:
         if existing is None:
-            raise MaltError("nothing to train")
+            why = "; ".join(plan.skipped.values())
+            raise MaltError(f"nothing to train ({why})" if why else "nothing to train")
         return existing
+    lengths = _measure(base, data, plan.stages, settings, max_cut_share)
+    emit("lengths", {name: m.record() for name, m in lengths.items()})
     run_device = pick_device(device)
     partial = partial_dir(out)
     if force and partial.exists():
@@ -213,6 +240,7 @@ def train(
             model,
             tokenizer,
             settings,
+            lengths[st.name],
             partial,
             run_device,
             sources,
@@ -236,12 +264,15 @@ def _train_one(
     model,
     tokenizer,
     settings: TrainSettings,
+    lengths: StageLengths,
     partial: Path,
     device: str,
     sources: dict[str, Path],
     report_to: str | None,
     emit: Events,
 ) -> dict:
+    # The limit the stage trains with: --max-length, or its longest row.
+    settings = dataclasses.replace(settings, max_length=lengths.max_length)
     from malt_local.training.base_model import hf_folder
     from malt_local.training.gguf_lora import BaseShape, convert
     from malt_local.training.trainer import merged_sft_model, train_stage
@@ -295,11 +326,32 @@ def _train_one(
         "seconds_per_step": round(result.seconds / new_steps, 3) if new_steps else None,
         "learning_rate": settings.lr if st.stage == "sft" else settings.dpo_lr,
         "reference": f"{st.role}-sft" if st.stage == "dpo" else None,
+        **lengths.record(),
     }
     (folder / "result.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     emit("trained", {"stage": st.name, **record})
     return record
+
+
+def _measure(
+    base: Base, data: ExportData, stages: list[Stage], settings: TrainSettings, share: float
+) -> dict[str, StageLengths]:
+    """Each stage's rows in tokens, before any weights load (refuses too many cut rows)."""
+    from malt_local.training.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    return {
+        st.name: measure(
+            tokenizer,
+            st.name,
+            st.stage,
+            data.sft[st.role] if st.stage == "sft" else data.dpo[st.role],
+            settings.max_length,
+            share,
+        )
+        for st in stages
+    }
 
 
 def _manifest(
@@ -321,6 +373,12 @@ def _manifest(
     skipped = {k: v for k, v in ((existing or {}).get("skipped", {}) | plan.skipped).items()}
     for name in adapters:
         skipped.pop(name, None)
+    trained_roles = {info["role"] for info in adapters.values()}
+    skipped_roles = {
+        role: why
+        for role, why in ((existing or {}).get("skipped_roles", {}) | data.skipped).items()
+        if role not in trained_roles
+    }
     return {
         "tool": TOOL,
         "manifest_version": MANIFEST_VERSION,
@@ -338,6 +396,7 @@ def _manifest(
         "versions": _versions(),
         "adapters": dict(sorted(adapters.items())),
         "skipped": dict(sorted(skipped.items())),
+        "skipped_roles": dict(sorted(skipped_roles.items())),
         "apply": apply_order(adapters),
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -32,7 +32,9 @@ class TrainSettings:
     lora_r: int = 16  # not reported; 16 is the usual middle
     lora_alpha: int = 32  # not reported; 2 x r, the usual pairing
     lora_dropout: float = 0.05  # not reported; the PEFT examples' value
-    max_length: int = 2048  # not reported; fits a generator + critique + refinement chain
+    # Tokens a row; longer rows lose their end. None: each stage's longest row, so nothing is
+    # cut (TRL pads a batch to its own longest row, so the limit costs no memory on short rows).
+    max_length: int | None = None
     beta: float = 0.2  # the paper's DPO beta
     seed: int = 0
     save_steps: int = 50  # checkpoint every N optimizer steps (Ctrl-C also saves one)
@@ -49,7 +51,7 @@ class TrainSettings:
             (self.lora_r >= 1, "--lora-r must be 1 or more"),
             (self.lora_alpha > 0, "--lora-alpha must be above 0"),
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-            (self.max_length >= 16, "--max-length must be 16 or more"),
+            (self.max_length is None or self.max_length >= 16, "--max-length must be 16 or more"),
             (self.beta > 0, "--beta must be above 0"),
             (self.save_steps >= 1, "--save-steps must be 1 or more"),
         ]
