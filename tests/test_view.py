@@ -539,7 +539,7 @@ def read_only_copy(gold_db, tmp_path):
             pass
         else:
             probe.unlink()
-            pytest.skip("cannot make a folder read-only here (root without chattr)")
+            pytest.fail("cannot make a folder read-only here (root without chattr +i)")
         yield folder / "malt.db"
     finally:
         if immutable:
