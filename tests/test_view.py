@@ -483,6 +483,7 @@ def test_bad_numbers_long_searches_and_odd_hosts_are_400s(server):
         "/run/rgold/pairs?role=refiner&from=%C2%B2",
         "/run/rgold/pairs?role=refiner&theta=nan",
         "/run/rgold/pairs?role=refiner&after=..%2F..",
+        "/run/rgold/pairs?role=refiner&keep_length_stopped=yes",
         "/run/rgold/questions?q=" + "a" * 50_000,
     ):
         status, _, body = fetch(base + path)

@@ -436,7 +436,8 @@ def pairs(
             incomplete += 1
             continue
         complete += 1
-        for chosen, rejected in tree_pairs(t, role):
+        pairs = tree_pairs(t, role, options.max_pairs_per_group, options.keep_length_stopped)
+        for chosen, rejected in pairs:
             if total >= start and (end is None or total < end):
                 record = dpo_record(chosen, rejected)
                 out.append(Pair(t.question.id, t.question.text, record["prompt"], chosen, rejected))
@@ -479,6 +480,7 @@ def pairs_page(
     after: str = "",
     limit: int = 100,
     max_trees: int = 500,
+    keep_length_stopped: bool = False,
 ) -> dict:
     """One page of the DPO pairs of `role` an export of this run writes, in file order: the
     pairs of the trees after question `after` ("" = from the first), whole trees, until at
@@ -492,7 +494,13 @@ def pairs_page(
     """
     if role not in ROLES:
         raise MaltError(f"unknown role '{role[:40]}': choose {', '.join(ROLES)}")
-    options = ExportOptions(roles=(role,), formats=("dpo",), theta=theta, run_ids=(run_id,))
+    options = ExportOptions(
+        roles=(role,),
+        formats=("dpo",),
+        theta=theta,
+        run_ids=(run_id,),
+        keep_length_stopped=keep_length_stopped,
+    )
     options.validate()
     (run,) = source_runs(store, options)
     # "0" sorts right after "/": "run/q0" is above every id of question q, below the next one's.
@@ -518,7 +526,8 @@ def pairs_page(
             return
         complete += 1
         t = Tree(run, _question_info(store, qid), nodes)
-        for chosen, rejected in tree_pairs(t, role):
+        pairs = tree_pairs(t, role, options.max_pairs_per_group, options.keep_length_stopped)
+        for chosen, rejected in pairs:
             record = dpo_record(chosen, rejected)
             out.append(Pair(qid, t.question.text, record["prompt"], chosen, rejected))
 

@@ -147,8 +147,16 @@ def pairs(store: Store, run_id: str, params: dict) -> Page:
     if after and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", after):
         raise MaltError(f"after must be a question id (got {after[:40]!r})")
     first = _whole(params, "from")  # pairs before this page: for the numbering only
-    result = data.pairs_page(store, run_id, role, theta, after, PAIRS_PER_PAGE)
+    # `malt export --keep-length-stopped`: length-stopped positives may be chosen sides.
+    keep_stopped = _one(params, "keep_length_stopped")
+    if keep_stopped not in ("", "0", "1"):
+        raise MaltError(f"keep_length_stopped must be 0 or 1 (got {keep_stopped[:40]!r})")
+    result = data.pairs_page(
+        store, run_id, role, theta, after, PAIRS_PER_PAGE, keep_length_stopped=keep_stopped == "1"
+    )
     keep = {"role": role, **({"theta": theta_text} if theta_text else {})}
+    if keep_stopped == "1":
+        keep["keep_length_stopped"] = "1"
     nxt = result["next"]
     return Page(
         "pairs.html",
@@ -158,6 +166,7 @@ def pairs(store: Store, run_id: str, params: dict) -> Page:
             "roles": ROLES,
             **result,
             "first": first,
+            "keep_length_stopped": keep_stopped == "1",
             "next_link": "?"
             + urllib.parse.urlencode({**keep, "after": nxt, "from": first + len(result["pairs"])})
             if nxt
