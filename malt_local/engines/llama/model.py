@@ -11,9 +11,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import jinja2
+
 from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
-from malt_local.gguf import check_gguf
+from malt_local.gguf import check_gguf, read_gguf_header
 
 
 @contextlib.contextmanager
@@ -68,6 +70,19 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
+def _template_where(path: Path, key: str) -> str:
+    return f"the chat template of {path.name} ({key})"
+
+
+def check_chat_templates(path: Path) -> None:
+    """Compile and probe every chat template in the GGUF's header (`ChatTemplate`), before
+    llama.cpp loads it: llama-cpp-python compiles them itself while loading, and a broken one
+    would end there in a traceback."""
+    for key, value in read_gguf_header(path).metadata.items():
+        if key.startswith("tokenizer.chat_template") and isinstance(value, str):
+            ChatTemplate(value, where=_template_where(path, key))
+
+
 class LocalModel:
     """A GGUF loaded once, with its tokenizer and chat template."""
 
@@ -87,6 +102,7 @@ class LocalModel:
         if n_gpu_layers is None:
             n_gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         self.n_threads = n_threads or default_threads()
+        check_chat_templates(self.path)
         try:
             with quiet_stderr():
                 self.llm = llama_cpp.Llama(
@@ -98,7 +114,7 @@ class LocalModel:
                     n_gpu_layers=n_gpu_layers,
                     verbose=False,
                 )
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, jinja2.TemplateError) as exc:
             raise MaltError(f"llama.cpp could not load {self.path}: {exc}") from exc
         self.n_gpu_layers = n_gpu_layers
         self.n_ctx = self.llm.n_ctx()
@@ -111,7 +127,16 @@ class LocalModel:
         ]
         bos = self._piece(self.bos_id)
         eos = self._piece(self.llm.token_eos())
-        self.chat = ChatTemplate(self.llm.metadata.get("tokenizer.chat_template"), bos, eos)
+        try:  # a broken or hostile template is refused here, before any row is written
+            self.chat = ChatTemplate(
+                self.llm.metadata.get("tokenizer.chat_template"),
+                bos,
+                eos,
+                where=_template_where(self.path, "tokenizer.chat_template"),
+            )
+        except MaltError:
+            self.llm.close()
+            raise
         self._lora_handles: list[object] = []
 
     def _piece(self, token: int) -> str:
