@@ -598,3 +598,49 @@ def test_real_model_eval_all_modes_recomputed_by_hand(tmp_path, small_model):
             (round(bench["accuracy"][c]["mean"], 2), round(bench["accuracy"][c]["std"], 2))
             for c in out["columns"]
         ]
+
+
+def _adapters_folder(folder: Path, base_sha: str, prompts: list[str]) -> Path:
+    """A malt train folder as `eval --adapters` reads it, whose one adapter file is no GGUF: a
+    refusal that names the model or the prompts shows the identity was checked first."""
+    folder.mkdir()
+    (folder / "generator-sft.gguf").write_bytes(b"not a gguf")
+    manifest = {
+        "tool": "malt-train",
+        "base": {"kind": "gguf", "sha256": base_sha},
+        "export": {"model": {"file": "m.gguf", "sha256": base_sha}, "prompts_sha256": prompts},
+        "adapters": {"generator-sft": {"role": "generator", "gguf": "generator-sft.gguf"}},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_eval_refuses_adapters_made_for_another_model_or_other_prompts(tmp_path, small_model):
+    from malt_local.hashing import sha256_file
+    from malt_local.run.settings import prompts_digest
+
+    sha = sha256_file(small_model)
+    ours = prompts_digest(PromptSet(None).hashes())
+    db = tmp_path / "eval.db"
+    argv = ["eval", str(TEST_DATA / "gsm8k/test.jsonl"), "--model", str(small_model),
+            "--db", str(db), "--samples", "1", "--seeds", "1"]  # fmt: skip
+
+    def refused(folder: Path, *extra: str) -> str:
+        r = malt(*argv, "--adapters", str(folder), *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+        assert not db.exists()
+        return lines[0]
+
+    other_model = _adapters_folder(tmp_path / "other-model", "0" * 64, [ours])
+    line = refused(other_model)
+    assert "trained on the model with sha256 000000000000" in line and "--allow-mismatch" in line
+    other_prompts = _adapters_folder(tmp_path / "other-prompts", sha, ["f" * 64])
+    line = refused(other_prompts)
+    assert "other prompts" in line and "ffffffffffff" in line
+    # The same model and prompts pass the identity check, and so does --allow-mismatch: what
+    # refuses them then is llama.cpp's check of the adapter file itself.
+    same = _adapters_folder(tmp_path / "same", sha, [ours])
+    for folder, extra in [(same, ()), (other_model, ("--allow-mismatch",))]:
+        line = refused(folder, *extra)
+        assert "sha256" not in line and "prompts" not in line and "generator-sft.gguf" in line

@@ -507,6 +507,9 @@ def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, 
     assert m["adapters"]["verifier-dpo"]["loss"][0][1] == pytest.approx(0.6931, abs=1e-3)
     assert m["base"]["kind"] == "gguf" and m["base"]["sha256"] == sha256_file(small_model)
     assert m["export"]["manifest_sha256"] == sha256_file(exported / "manifest.json")
+    # The prompts the trees were made with, as `malt eval --adapters` compares them.
+    sources = json.loads((exported / "manifest.json").read_text())["sources"]
+    assert m["export"]["prompts_sha256"] == sorted({s["prompts_sha256"] for s in sources})
     assert m["export"]["files"]["verifier.dpo.jsonl"] == sha256_file(
         exported / "verifier.dpo.jsonl"
     )

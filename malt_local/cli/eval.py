@@ -54,7 +54,13 @@ from malt_local.paths import default_db_path
     "--adapters",
     "adapters_dir",
     type=click.Path(path_type=Path),
-    help="A malt train folder: every role its adapters from manifest.json (SFT, then DPO).",
+    help="A malt train folder: every role its adapters from manifest.json (SFT, then DPO). "
+    "They must have been trained on --model and the run's prompts.",
+)
+@click.option(
+    "--allow-mismatch",
+    is_flag=True,
+    help="Evaluate --adapters trained on another model or other prompts anyway.",
 )
 @db_option
 @setting(
@@ -81,6 +87,7 @@ def command(
     model: str | None,
     adapters: tuple[str, ...],
     adapters_dir: Path | None,
+    allow_mismatch: bool,
     db_path: Path | None,
     prompts_dir: Path | None,
     json_: bool,
@@ -97,10 +104,6 @@ def command(
     engine_name, options = pop_engine_options(flags, flags["max_tokens"])
     settings = EvalSettings(**flags)
     settings.validate()
-    if adapters_dir is not None:
-        from malt_local.training.manifest import adapter_values
-
-        adapters = (*adapter_values(adapters_dir), *adapters)
     with CountBar(on_terminal(json_), "malt eval", "turns") as bar:
         result = run_eval(
             list(questions),
@@ -108,6 +111,8 @@ def command(
             db_path=db_path or default_db_path(),
             model_spec=model,
             adapter_values=adapters,
+            adapters_dir=adapters_dir,
+            allow_mismatch=allow_mismatch,
             prompts_dir=prompts_dir,
             options=options,
             engine_kind_name=engine_name,

@@ -42,6 +42,8 @@ def run_eval(
     db_path: Path,
     model_spec: str | None,
     adapter_values: Sequence[str] = (),
+    adapters_dir: Path | None = None,
+    allow_mismatch: bool = False,
     prompts_dir: Path | None = None,
     options: EngineOptions | None = None,
     engine_kind_name: str = "batched",
@@ -50,12 +52,18 @@ def run_eval(
     """Check everything a user can get wrong, load the model once, evaluate, report.
 
     Every check (settings, adapters, questions, templates, model, adapter files) happens before
-    the database is written, so a bad flag leaves nothing half-made.
+    the database is written, so a bad flag leaves nothing half-made. `adapters_dir` (a malt
+    train folder) adds its roles' adapters before `adapter_values`, and must have been trained
+    on this model and these prompts unless `allow_mismatch`.
     """
     from malt_local.engines.llama.adapters import check_adapters, parse_adapters
     from malt_local.run.settings import prompts_digest
+    from malt_local.training.manifest import adapter_values as folder_values
+    from malt_local.training.manifest import identity_problem, read_manifest
 
     settings.validate()
+    if adapters_dir is not None:
+        adapter_values = [*folder_values(adapters_dir), *adapter_values]
     specs = parse_adapters(list(adapter_values))
     if not paths:
         raise MaltError("no questions file given")
@@ -73,6 +81,11 @@ def run_eval(
             "adapter under its own model name and pass --role-model ROLE=NAME"
         )
     model = identify_model(kind.name, model_spec, base)
+    if adapters_dir is not None and not allow_mismatch:
+        manifest = read_manifest(adapters_dir) or {}
+        problem = identity_problem(adapters_dir, manifest, model.sha256, prompts_digest(hashes))
+        if problem:
+            raise MaltError(problem)
     infos = check_adapters(specs, Path(model.model)) if specs else {}
     engine_options = base.for_model(kind.local, model.served_model or model.model)
     model_sha = model.sha256

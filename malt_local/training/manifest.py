@@ -53,6 +53,46 @@ def apply_order(adapters: dict) -> dict[str, list[str]]:
     return out
 
 
+def trained_for(manifest: dict) -> tuple[str | None, list[str]]:
+    """(the sha256 of the GGUF the adapters fit, the prompt digests their data was made with).
+
+    A GGUF base is the model itself; a Hugging Face base is the same weights as the GGUF the
+    export was generated with, so that one's digest stands for it. Either is None / empty where
+    the manifest does not say (one written by an older malt).
+    """
+    base = manifest.get("base") if isinstance(manifest.get("base"), dict) else {}
+    export = manifest.get("export") if isinstance(manifest.get("export"), dict) else {}
+    model = export.get("model") if isinstance(export.get("model"), dict) else {}
+    sha = base.get("sha256") if base.get("kind") == "gguf" else model.get("sha256")
+    prompts = export.get("prompts_sha256")
+    prompts = [p for p in prompts if isinstance(p, str)] if isinstance(prompts, list) else []
+    return (sha if isinstance(sha, str) else None), prompts
+
+
+def identity_problem(
+    folder: Path, manifest: dict, model_sha256: str, prompts_sha256: str
+) -> str | None:
+    """Why the adapters in `folder` were not made for this model and these prompts, or None.
+
+    Adapters trained on other weights load whenever the shapes agree (any fine-tune of the same
+    base does), and roles trained under other prompts meet turns they never saw; either gives
+    figures that look like MALT's and are not. Only what the manifest records is compared.
+    """
+    sha, prompts = trained_for(manifest)
+    if sha is not None and sha != model_sha256:
+        return (
+            f"--adapters {folder} were trained on the model with sha256 {sha[:12]}…, not on "
+            f"--model (sha256 {model_sha256[:12]}…): pass that model, or --allow-mismatch"
+        )
+    if prompts and prompts_sha256 not in prompts:
+        return (
+            f"--adapters {folder} were trained on trees made with other prompts (sha256 "
+            f"{', '.join(p[:12] + '…' for p in prompts)}; these are {prompts_sha256[:12]}…): "
+            "pass the run's --prompts folder, or --allow-mismatch"
+        )
+    return None
+
+
 def adapter_values(folder: Path) -> list[str]:
     """`malt eval --adapters DIR` as the equivalent `--adapter ROLE=PATH` values."""
     if not folder.is_dir():

@@ -388,6 +388,14 @@ def _manifest(
             "manifest_sha256": data.manifest_sha256,
             "files": dict(sorted(data.files.items())),
             "model": data.model.__dict__ if data.model else None,
+            # The prompts the trees were made with: `malt eval --adapters` compares its own.
+            "prompts_sha256": sorted(
+                {
+                    src["prompts_sha256"]
+                    for src in data.manifest.get("sources") or []
+                    if isinstance(src, dict) and isinstance(src.get("prompts_sha256"), str)
+                }
+            ),
         },
         "base": base.record(),
         "settings": settings.record(),
