@@ -7,8 +7,9 @@ request (messages, seed, choice index), so a test can tell which request made wh
 Faults are scripted per chat request, in arrival order (`script`, a list consumed one entry a
 request; the rest answer normally): "429" (with `Retry-After: 1`), "503", "drop" (headers and a
 few bytes of the body, then the connection closes), "hang" (no answer for `hang_seconds`), or
-"kill" (the server stops: this request and every later one find nothing). Every chat request is
-recorded with its time, headers and body.
+"kill" (the server stops: this request and every later one find nothing), or bytes: a 200
+answer with exactly that body (an answer of the wrong shape). Every chat request is recorded
+with its time, headers and body.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ChatRequest:
     session: str | None
     authorization: str | None
     body: dict
-    fault: str | None
+    fault: str | bytes | None
 
 
 def reply_text(body: dict, index: int) -> str:
@@ -61,7 +62,7 @@ class FakeOpenAI:
         # False: refuse response_format "json_schema" as llama-cpp-python's server does (its
         # validation error, answered with 500).
         self.json_schema_format = json_schema_format
-        self.script: list[str | None] = []
+        self.script: list[str | bytes | None] = []
         self.chats: list[ChatRequest] = []
         self.killed = threading.Event()
         self._lock = threading.Lock()
@@ -156,6 +157,13 @@ class FakeOpenAI:
             h.close_connection = True
             with contextlib.suppress(OSError):
                 h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if isinstance(fault, bytes):
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(fault)))
+            h.end_headers()
+            h.wfile.write(fault)
             return
         if fault == "429":
             self._json(h, 429, {"error": {"message": "slow down"}}, Retry_After="1")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 
@@ -19,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from malt_local.cli import cli
+from malt_local.engines.openai.engine import MalformedAnswer, OpenAIEngine, parse_answer
 from malt_local.engines.openai.routing import Endpoint, pick
 from malt_local.engines.openai.settings import split_endpoints
 from malt_local.questions.loading import load_questions
@@ -370,3 +373,153 @@ def test_role_model_sends_one_roles_requests_to_another_served_name(tmp_path):
     with FakeOpenAI(models=("fake-model", "critic")) as server:
         r = run(db, server.url)
     assert r.exit_code == 2 and "role_models" in r.stderr
+
+
+# -- answers of the wrong shape: a server error, retried, never a traceback ----------------------
+
+
+def _answer(choices: object = None, usage: object = None, **fields) -> bytes:
+    if choices is None:
+        choices = [{"index": 0, "message": {"role": "assistant", "content": "Final Answer: 1"},
+                    "finish_reason": "stop"}]  # fmt: skip
+    data = {"choices": choices, **fields}
+    if usage is not None:
+        data["usage"] = usage
+    return json.dumps(data).encode()
+
+
+MALFORMED = {
+    "not JSON": b"<html>502 Bad Gateway</html>",
+    "not UTF-8": b'{"choices": "\xff\xfe"}',
+    "a list": b"[1, 2]",
+    "a string": b'"hello"',
+    "choices a string": _answer(choices="Final Answer: 1"),
+    "choices of strings": _answer(choices=["Final Answer: 1"]),
+    "no choices": _answer(choices=[]),
+    "message a string": _answer(choices=[{"index": 0, "message": "Final Answer: 1"}]),
+    "no message": _answer(choices=[{"index": 0, "finish_reason": "stop"}]),
+    "content missing": _answer(choices=[{"index": 0, "message": {"role": "assistant"}}]),
+    "content none": _answer(choices=[{"index": 0, "message": {"content": None}}]),
+    "content a number": _answer(choices=[{"index": 0, "message": {"content": 7}}]),
+    "index a string": _answer(choices=[{"index": "0", "message": {"content": "x"}}]),
+    "usage a list": _answer(usage=[1]),
+    "usage Infinity": b'{"choices": [{"message": {"content": "x"}}], '
+    b'"usage": {"prompt_tokens": Infinity, "completion_tokens": 3}}',
+    "usage NaN": b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": NaN}}',
+    "usage negative": _answer(usage={"prompt_tokens": 10, "completion_tokens": -1}),
+    "usage a float": _answer(usage={"prompt_tokens": 10.5, "completion_tokens": 1}),
+    "usage a string": _answer(usage={"prompt_tokens": "10", "completion_tokens": 1}),
+    "usage a bool": _answer(usage={"prompt_tokens": True, "completion_tokens": 1}),
+    "usage huge": _answer(usage={"prompt_tokens": 2**53, "completion_tokens": 1}),
+    "usage of 5000 digits": b'{"choices": [{"message": {"content": "x"}}], '
+    b'"usage": {"prompt_tokens": ' + b"9" * 5000 + b"}}",
+    "nested too deep": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+def test_an_answer_of_the_wrong_shape_is_malformed_never_a_traceback(body):
+    with pytest.raises(MalformedAnswer):
+        parse_answer(body)
+
+
+def test_a_well_formed_answer_is_read():
+    choices, prompt, completion = parse_answer(
+        _answer(usage={"prompt_tokens": 2**53 - 1, "completion_tokens": 0})
+    )
+    assert choices[0]["message"]["content"] == "Final Answer: 1"
+    assert (prompt, completion) == (2**53 - 1, 0)
+    # Usage absent or null counts nothing, as before.
+    assert parse_answer(_answer())[1:] == (0, 0)
+    assert parse_answer(b'{"choices": [{"message": {"content": ""}}], "usage": null}')[1:] == (
+        0, 0)  # fmt: skip
+
+
+def test_a_malformed_answer_is_retried_as_a_server_error(tmp_path):
+    db = tmp_path / "w.db"
+    with FakeOpenAI() as server:
+        server.script = [MALFORMED["choices of strings"], None, MALFORMED["usage Infinity"]]
+        r = run(db, server.url)
+        assert r.exit_code == 0, r.stderr
+    assert len(server.chats) == NODES + 2
+    rows = assert_complete_tree(db)
+    # Nothing of the malformed answers was stored: every node is a normal answer.
+    assert {r["output"] for r in rows} <= {reply_text(c.body, 0) for c in server.chats}
+    assert all(0 <= r["prompt_tokens"] < 2**53 for r in rows)
+
+
+def test_a_server_that_keeps_answering_malformed_ends_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(OpenAIEngine, "_delay", lambda self, attempt, retry_after: 0.0)
+    db = tmp_path / "m.db"
+    with FakeOpenAI() as server:
+        server.script = [MALFORMED["message a string"]] * 1000
+        r = run(db, server.url)
+    assert r.exit_code == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: every endpoint failed ({server.url}: unreadable answer")
+    assert line.endswith("what was stored is kept: re-run to continue")
+    assert "Traceback" not in r.stderr
+
+
+def test_a_lone_surrogate_in_the_text_is_stored_as_the_replacement_character(tmp_path):
+    db = tmp_path / "s.db"
+    with FakeOpenAI() as server:
+        server.script = [b'{"choices": [{"index": 0, "message": {"content": '
+                         b'"Working \\ud800 it out. Final Answer: 1"}}]}']  # fmt: skip
+        r = run(db, server.url)
+        assert r.exit_code == 0, r.stderr
+    outputs = [n["output"] for n in assert_complete_tree(db)]
+    assert "Working \ufffd it out. Final Answer: 1" in outputs
+
+
+class _Trickle:
+    """A server that answers every connection with one byte at a time, a byte every 0.5 s:
+    each read finishes well within any socket timeout, the answer never does."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 100:
+                if self.stop.wait(0.5):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_the_start_up_probe_is_bounded_by_the_request_timeout_as_a_whole(tmp_path):
+    db = tmp_path / "t.db"
+    server = _Trickle()
+    try:
+        url = f"http://malt:hunter2@127.0.0.1:{server.port}"
+        started = time.monotonic()
+        r = run(db, url, extra=["--request-timeout", "1"])
+        took = time.monotonic() - started
+    finally:
+        server.close()
+    assert r.exit_code == 2, r.stderr
+    assert took < 10
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert lines[0].startswith(f"Error: endpoint http://malt:***@127.0.0.1:{server.port} ")
+    assert "within 1 s" in lines[0] and "hunter2" not in lines[0]
+    assert not db.exists()

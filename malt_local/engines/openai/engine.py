@@ -23,8 +23,10 @@ import contextlib
 import email.utils
 import heapq
 import itertools
+import json
 import queue as queue_mod
 import random
+import re
 import sys
 import threading
 import time
@@ -65,9 +67,12 @@ def _auth(settings: OpenAISettings) -> dict[str, str]:
 def probe(url: str, settings: OpenAISettings) -> ServerInfo:
     """Ask one endpoint what it serves; one clear error for each thing a user can get wrong."""
     deadline = time.monotonic() + LOADING_WAIT
+    # --request-timeout bounds each probe as a whole (connect, headers, body): a server that
+    # trickles a byte every few seconds must not hold the start-up forever.
+    timeout = settings.timeout or PROBE_TIMEOUT
     while True:
         try:
-            r = http.get_sync(url + "/v1/models", _auth(settings), PROBE_TIMEOUT)
+            r = http.get_sync(url + "/v1/models", _auth(settings), timeout)
         except http.TransportError as exc:
             raise MaltError(f"endpoint {url} is not reachable: {exc}") from exc
         # 503: a server still loading its model (llama-server, vLLM); wait for it a while.
@@ -84,15 +89,15 @@ def probe(url: str, settings: OpenAISettings) -> ServerInfo:
     try:
         data = r.json()
         models = [str(m["id"]) for m in data["data"]]  # type: ignore[index]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise MaltError(f"endpoint {url}: /v1/models is not an OpenAI model list") from exc
     slots, llama_server = None, False
     try:
-        props = http.get_sync(url + "/props", _auth(settings), PROBE_TIMEOUT)
+        props = http.get_sync(url + "/props", _auth(settings), timeout)
         info = props.json() if props.status == 200 else None
         if isinstance(info, dict) and isinstance(info.get("total_slots"), int):
             slots, llama_server = int(info["total_slots"]), True
-    except (http.TransportError, ValueError):
+    except (http.TransportError, ValueError, RecursionError):
         pass
     return ServerInfo(url, models, slots, llama_server)
 
@@ -365,7 +370,9 @@ class OpenAIEngine:
                 if r.status == 200:
                     try:
                         out = self._completions(ep, unit, r, time.perf_counter() - t0)
-                    except (ValueError, KeyError, TypeError, IndexError) as exc:
+                    except MalformedAnswer as exc:
+                        # A 200 of the wrong shape is a server fault like a 5xx: retried, and
+                        # the endpoint taken out when it keeps answering so.
                         error = f"unreadable answer ({exc})"
                     else:
                         ep.failures = 0
@@ -420,16 +427,12 @@ class OpenAIEngine:
     def _completions(
         self, ep: Endpoint, unit: _Unit, r: http.Response, seconds: float
     ) -> list[Completion]:
-        data = r.json()
-        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))  # type: ignore[index]
+        choices, prompt_tokens, total = parse_answer(r.body)
         if len(choices) != unit.size:
             raise _Fatal(
                 f"endpoint {ep.url} answered {len(choices)} choice(s) to n = {unit.size}: it "
                 "does not honour n; pass --no-server-n"
             )
-        usage = data.get("usage") or {}  # type: ignore[union-attr]
-        prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        total = int(usage.get("completion_tokens") or 0)
         # With n the usage is the request's: each child counts its own logprobs entries (one a
         # token), or, from a server that sends none, gets an even share.
         shares = [total // unit.size + (i < total % unit.size) for i in range(unit.size)]
@@ -437,7 +440,7 @@ class OpenAIEngine:
             shares = [_token_count(c, s) for c, s in zip(choices, shares, strict=True)]
         out = []
         for i, (key, choice) in enumerate(zip(unit.keys, choices, strict=True)):
-            text = (choice.get("message") or {}).get("content") or ""
+            text = _clean_text(choice["message"]["content"])
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
             out.append(
                 Completion(
@@ -492,11 +495,85 @@ def _token_count(choice: dict, fallback: int) -> int:
     """One choice's completion tokens from its logprobs (one entry a token), else `fallback`.
 
     llama-server lists the end-of-turn token that stopped the choice too, as an empty string;
-    the local engines do not count it, so neither does this."""
-    content = (choice.get("logprobs") or {}).get("content")
-    if not isinstance(content, list):
+    the local engines do not count it, so neither does this. Logprobs of another shape are
+    ignored (the count is only bookkeeping), never a traceback."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or len(content) >= _MAX_COUNT:
         return fallback
+    last = content[-1] if content else None
     ends_on_eog = (
-        choice.get("finish_reason") == "stop" and content and content[-1].get("token") == ""
+        choice.get("finish_reason") == "stop" and isinstance(last, dict) and last.get("token") == ""
     )
     return len(content) - int(bool(ends_on_eog))
+
+
+# -- answers of the wrong shape -----------------------------------------------------------------
+
+# Token counts are stored as SQLite integers and summed in reports: only exact, finite ints a
+# JSON reader anywhere agrees on (below 2**53) are believed.
+_MAX_COUNT = 2**53
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+class MalformedAnswer(ValueError):
+    """A 200 answer that is not a chat completion: not JSON, or JSON of another shape.
+
+    A proxy's HTML error page, a truncated or rewritten body, a server bug: what the server
+    meant is unknown, so nothing of it is stored and the request is retried like a 5xx."""
+
+
+def _no_constant(name: str) -> object:
+    raise MalformedAnswer(f"{name} in the JSON")
+
+
+def _count(usage: dict, name: str) -> int:
+    value = usage.get(name)
+    if value is None:
+        return 0
+    # bool is an int to Python, and a float (1e300, 3.0) is not a count.
+    if type(value) is not int or not 0 <= value < _MAX_COUNT:
+        raise MalformedAnswer(f"usage.{name} is {value!r:.40}, not a token count")
+    return value
+
+
+def _clean_text(text: str) -> str:
+    """The text with every lone surrogate (JSON's `\\ud800` without its pair) as U+FFFD: such
+    a str cannot be encoded as UTF-8, so SQLite and every file malt writes would refuse it."""
+    return _SURROGATE_RE.sub("\ufffd", text)
+
+
+def parse_answer(body: bytes) -> tuple[list[dict], int, int]:
+    """A chat-completions body as (choices in index order, prompt tokens, completion tokens),
+    every field malt reads checked; `MalformedAnswer` for anything else."""
+    try:
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise MalformedAnswer("JSON nested too deep") from exc
+    except MalformedAnswer:
+        raise
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of thousands of digits
+        raise MalformedAnswer(f"not JSON: {str(exc)[:80]}") from exc
+    if not isinstance(data, dict):
+        raise MalformedAnswer(f"a JSON {type(data).__name__}, not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise MalformedAnswer("no list of choices")
+    for c in choices:
+        if not isinstance(c, dict):
+            raise MalformedAnswer(f"a choice is a JSON {type(c).__name__}, not an object")
+        index = c.get("index", 0)
+        if type(index) is not int:
+            raise MalformedAnswer("a choice's index is not an integer")
+        message = c.get("message")
+        if not isinstance(message, dict):
+            raise MalformedAnswer("a choice has no message object")
+        if not isinstance(message.get("content"), str):
+            raise MalformedAnswer("a choice's message has no text content")
+    usage = data.get("usage")
+    if usage is None:
+        usage = {}
+    if not isinstance(usage, dict):
+        raise MalformedAnswer("usage is not an object")
+    ordered = sorted(choices, key=lambda c: c.get("index", 0))
+    return ordered, _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")

@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import json
 import ssl
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
 
@@ -119,13 +117,9 @@ async def request(
 
 
 def get_sync(url: str, headers: dict[str, str], timeout: float) -> Response:
-    """A blocking GET for start-up checks (before any event loop runs)."""
-    req = urllib.request.Request(url, headers={"Accept": "application/json", **headers})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - user's endpoint
-            return Response(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
-    except urllib.error.HTTPError as exc:
-        return Response(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TransportError(str(reason)) from exc
+    """A blocking GET for start-up checks (before any event loop runs), `timeout` seconds for
+    the whole exchange: connect, headers and body together.
+
+    urllib's timeout is per socket operation, so a server that sends a byte every few seconds
+    held the start-up for ever; this is the engine's own client under one `wait_for`."""
+    return asyncio.run(request(url, "GET", None, headers, timeout=timeout, connect_timeout=timeout))
