@@ -1,5 +1,7 @@
 """The documented schema: users query these columns, so changing them is a breaking change."""
 
+import sqlite3
+
 from malt_local.db.store import Store
 
 NODES = {
@@ -77,3 +79,44 @@ def test_migrations_are_idempotent(tmp_path):
     store = Store(tmp_path / "s.db")
     names = [r["name"] for r in store.db.query("SELECT name FROM _sqlite_migrations")]
     assert names[0] == "m001_initial" and len(names) == len(set(names))
+
+
+def test_invalid_utf8_text_reads_as_the_replacement_character_in_every_command(tmp_path):
+    """A database written by another tool may hold TEXT that is not UTF-8: status, show and
+    export read it with U+FFFD in place of the bad bytes, never a traceback."""
+    from click.testing import CliRunner
+
+    from malt_local.cli import cli
+    from tests.test_export import GOLD_A, Q_A, Q_B, build
+
+    db = tmp_path / "bad.db"
+    build(db, [Q_A, Q_B], {Q_A.id: GOLD_A, Q_B.id: {"0.0.0"}}).close()
+    with sqlite3.connect(db) as conn:
+        for path in ("0", "0.0", "0.0.0"):  # a positive of every role, exported below
+            conn.execute(
+                "UPDATE nodes SET output = CAST(x'80ff' AS TEXT) || output WHERE id = ?",
+                [f"rgold/{Q_A.id}/{path}"],
+            )
+        conn.execute(
+            "UPDATE questions SET question = question || CAST(x'80ff' AS TEXT) WHERE id = ?",
+            [Q_A.id],
+        )
+    conn.close()
+    runner = CliRunner()
+    for argv in (["status"], ["status", "--json"], ["show", Q_A.id], ["show", "--json", Q_A.id]):
+        r = runner.invoke(cli, [*argv, "--db", str(db)])
+        assert r.exit_code == 0, (argv, r.output, r.exception)
+        if argv[0] == "show":
+            assert "\ufffd" in r.stdout or "\\ufffd" in r.stdout, argv
+    out = tmp_path / "out"
+    r = runner.invoke(cli, ["export", "--db", str(db), "--out", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    written = "".join(p.read_text(encoding="utf-8") for p in out.rglob("*.jsonl"))
+    assert "\ufffd" in written or "\\ufffd" in written
+    # What was stored is as it was: the replacement is only in what malt reads.
+    with sqlite3.connect(db) as conn:
+        raw = conn.execute(
+            "SELECT CAST(output AS BLOB) FROM nodes WHERE id = ?", [f"rgold/{Q_A.id}/0"]
+        ).fetchone()[0]
+    conn.close()
+    assert raw.startswith(b"\x80\xff")

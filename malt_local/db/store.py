@@ -7,6 +7,10 @@ nodes in flight and a resumed run cannot store one twice (the primary key refuse
 
 Several processes may share the file (one per GPU): each connection waits up to BUSY_TIMEOUT
 for another's write transaction, and who builds what is settled by claims (malt_local.db.claims).
+
+Text: a TEXT value that is not valid UTF-8 (written by another tool, or by a malt before it
+checked) must not end `malt status`, `show`, `export` or a `view` page in a traceback; every
+connection decodes it with U+FFFD in place of the bad bytes, as a browser would show it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from malt_local.errors import MaltError
 from malt_local.questions.loading import Question
 
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for another process's transaction
+
+
+def decode_text(value: bytes) -> str:
+    """SQLite TEXT as str; invalid UTF-8 becomes U+FFFD (the replacement character)."""
+    return value.decode("utf-8", errors="replace")
 
 
 def utcnow() -> str:
@@ -115,6 +124,7 @@ class Store:
             # The busy timeout lets several processes share the file (one per GPU): a writer
             # waits for another's short transaction instead of failing.
             conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT)
+            conn.text_factory = decode_text
             self.db = Database(conn)
             self.db.execute("PRAGMA foreign_keys = ON")
             if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -139,6 +149,7 @@ class Store:
             conn = sqlite3.connect(
                 p.resolve().as_uri() + "?mode=ro", uri=True, timeout=30, check_same_thread=False
             )
+            conn.text_factory = decode_text
             store.db = Database(conn)
             tables = set(store.db.table_names())
         except sqlite3.DatabaseError as exc:

@@ -8,9 +8,8 @@ with no locks and no `-shm`. That is right for a copy nobody writes (which is th
 read-only media can hold); a `-wal` file beside it, which such a copy should not have, would
 be ignored, so the immutable open is only the fallback.
 
-Text: a TEXT value that is not valid UTF-8 (written by another tool, or by a malt before it
-checked) must not end a page or a command in a traceback; it is decoded with U+FFFD in place of
-the bad bytes, as a browser would show it.
+Text that is not valid UTF-8 decodes with U+FFFD, as on every Store connection
+(`malt_local.db.store.decode_text`), the immutable one included.
 """
 
 from __future__ import annotations
@@ -20,13 +19,8 @@ from pathlib import Path
 
 from sqlite_utils import Database
 
-from malt_local.db.store import Store
+from malt_local.db.store import Store, decode_text
 from malt_local.errors import MaltError
-
-
-def decode_text(value: bytes) -> str:
-    """SQLite TEXT as str; invalid UTF-8 becomes U+FFFD (the replacement character)."""
-    return value.decode("utf-8", errors="replace")
 
 
 def open_read_only(path: str | Path) -> Store:
@@ -44,7 +38,6 @@ def open_read_only(path: str | Path) -> Store:
         ):
             raise
         store = _immutable(p, exc)
-    store.db.conn.text_factory = decode_text
     return store
 
 
@@ -56,6 +49,7 @@ def _immutable(p: Path, first: MaltError) -> Store:
             timeout=30,
             check_same_thread=False,
         )
+        conn.text_factory = decode_text
         db = Database(conn)
         tables = set(db.table_names())
     except sqlite3.DatabaseError:
