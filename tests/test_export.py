@@ -3,9 +3,13 @@ streaming, byte-identical re-export, and every way a user can get it wrong."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
+import tempfile
 import tracemalloc
 from collections import defaultdict
 from dataclasses import fields as dataclass_fields
@@ -18,7 +22,7 @@ from malt_local.cli import cli
 from malt_local.db.store import JudgedNode, NodeRecord, Store
 from malt_local.engines.llama.chat import ChatTemplate
 from malt_local.errors import MaltError
-from malt_local.export import pairing, pipeline
+from malt_local.export import pairing, pipeline, writer
 from malt_local.export.options import ExportOptions, parse_choice
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question
@@ -717,6 +721,99 @@ def test_library_validates_before_writing(golden, tmp_path):
     assert parse_choice("ALL", ROLES, "role") == ROLES
     assert parse_choice("Verifier", ROLES, "role") == ("verifier",)
     assert not (tmp_path / "x").exists()
+
+
+def tree_of(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_output_folder_under_a_regular_file_is_one_line_and_writes_nothing(golden, tmp_path, depth):
+    # Under a regular file: refused for root too (chmod does not stop root; this does).
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    out = blocker.joinpath(*["sub"] * (depth - 1), "out")
+    before = sorted(tmp_path.iterdir())
+    r = run_cli("--db", str(golden), "--out", str(out))
+    assert r.exit_code == 2, r.output
+    assert r.stderr == f"Error: output folder {out} is under {blocker}, which is not a folder\n"
+    assert blocker.read_text() == "mine" and sorted(tmp_path.iterdir()) == before
+
+
+def test_a_read_only_output_folder_is_one_line_and_writes_nothing(golden, tmp_path, monkeypatch):
+    """A folder malt may not write: as a user, a real chmod 555 folder; as root (which chmod
+    does not stop, and the test machines run as root) the EACCES the kernel gives a user,
+    raised where the export makes its first file."""
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    existing = tmp_path / "ro-existing"
+    existing.mkdir()
+    if os.geteuid() == 0:
+        real_mkdtemp = tempfile.mkdtemp
+
+        def refused(*args, dir=None, **kw):
+            if dir is not None and Path(dir) in (parent, existing):
+                raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+            return real_mkdtemp(*args, dir=dir, **kw)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    try:
+        for folder in (parent, existing):
+            folder.chmod(0o555)
+        for out, where in ((parent / "out", parent), (existing, existing)):
+            r = run_cli("--db", str(golden), "--out", str(out))
+            assert r.exit_code == 2, r.output
+            assert r.stderr == (
+                f"Error: cannot write the export into {out}: Permission denied ({where})\n"
+            )
+        assert not list(parent.iterdir()) and not list(existing.iterdir())
+    finally:
+        for folder in (parent, existing):
+            folder.chmod(0o755)
+
+
+def test_reexport_never_removes_or_writes_through_a_symlinked_subfolder(golden, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("--db", str(golden), "--out", str(out), "--format", "sft").exit_code == 0
+    # Another folder, holding files of the same names, linked in place of provenance/.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out / "provenance", elsewhere)
+    kept = tree_of(elsewhere)
+    assert kept and all(n.endswith(".sft.jsonl") for n in kept)
+    shutil.rmtree(out / "provenance")
+    (out / "provenance").symlink_to(elsewhere, target_is_directory=True)
+    # An export that writes into provenance/ is refused before anything moves.
+    before = tree_of(out)
+    r = run_cli("--db", str(golden), "--out", str(out), "--format", "dpo")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and "through a symbolic link" in r.stderr
+    assert tree_of(out) == before and tree_of(elsewhere) == kept
+    # One that does not (json only) replaces the old manifest's files, but never removes
+    # what the link points to: provenance/*.sft.jsonl of the old manifest are left alone.
+    r = run_cli("--db", str(golden), "--out", str(out), "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert tree_of(elsewhere) == kept
+    assert not list(out.glob("*.sft.jsonl"))  # the old files inside `out` itself are gone
+    assert json.loads((out / "manifest.json").read_text())["files"].keys() == {
+        f"{role}_training.json" for role in ROLES
+    }
+    assert not [p for p in tmp_path.iterdir() if "malt-export" in p.name]
+    assert not [p for p in out.iterdir() if "malt-export" in p.name]
+
+
+def test_old_files_under_a_link_or_a_file_are_not_old_files(tmp_path):
+    out = tmp_path / "out"
+    (out / "real").mkdir(parents=True)
+    (tmp_path / "target").mkdir()
+    (out / "linked").symlink_to(tmp_path / "target", target_is_directory=True)
+    (out / "plain").write_text("x")
+    names = ["a.jsonl", "real/b.jsonl", "linked/c.jsonl", "plain/d.jsonl", "../e", "/f", "."]
+    (out / "manifest.json").write_text(json.dumps({"files": dict.fromkeys(names, {})}))
+    assert writer._old_files(out) == {"a.jsonl", "real/b.jsonl"}
 
 
 # --------------------------------------------------------------------------- streaming

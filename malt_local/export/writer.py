@@ -6,6 +6,12 @@ of what an export of a role writes, by purpose. Files are written into a tempora
 (`temp_folder`) and renamed into place by `publish` only when all of them are complete, so a
 failed export leaves nothing half-written; files an earlier export listed in its manifest and
 this one did not are removed.
+
+Nothing is written or removed through a link: a folder inside `out` that is a symbolic link
+(or a file) where the export needs a folder is refused before anything moves, and an old
+manifest's file under such a link is left alone, since removing it would delete the file the
+link points to, outside `out`. A folder malt cannot write (read-only, or under a regular file)
+is one line before anything is written.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from malt_local.diskspace import disk_full_error, is_disk_full
+from malt_local.errors import MaltError
 from malt_local.export.manifest import MANIFEST
 
 
@@ -113,11 +122,56 @@ def file_names(role: str, formats: tuple[str, ...], split: bool) -> dict[str, st
 
 
 def temp_folder(out: Path) -> Path:
-    """A new folder beside (or inside) `out` on the same file system, so `publish` renames."""
-    if out.is_dir():
-        return Path(tempfile.mkdtemp(prefix=".malt-export.", dir=out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.malt-export.", dir=out.parent))
+    """A new folder beside (or inside) `out` on the same file system, so `publish` renames.
+
+    This is the export's first write: a folder that cannot be written (read-only, or a path
+    under a regular file) is a MaltError here, with nothing written."""
+    for above in out.parents:
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise MaltError(f"output folder {out} is under {above}, which is not a folder")
+            break
+    try:
+        if out.is_dir():
+            return Path(tempfile.mkdtemp(prefix=".malt-export.", dir=out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.malt-export.", dir=out.parent))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(exc, out) from None
+        where = out if out.is_dir() else out.parent
+        raise MaltError(
+            f"cannot write the export into {out}: {exc.strerror or exc} ({where})"
+        ) from exc
+
+
+def _real_folders(out: Path, name: str) -> bool:
+    """Whether every folder between `out` and `out/name` is a real folder or not there yet:
+    never a symbolic link (or a file), which would take a write or a removal outside `out`."""
+    folder = out
+    for part in Path(name).parts[:-1]:
+        folder = folder / part
+        try:
+            mode = folder.lstat().st_mode
+        except FileNotFoundError:
+            return True  # created by the export, inside `out`
+        if not stat.S_ISDIR(mode):
+            return False
+    return True
+
+
+def _check_targets(out: Path, names: list[str]) -> None:
+    """Refuse, before anything moves, a target under a link or a file, or one that is a
+    folder: a rename that failed halfway would leave `out` half old, half new."""
+    for name in names:
+        if not _real_folders(out, name):
+            raise MaltError(
+                f"output folder {out}: {name} would be written through a symbolic link or "
+                "under a file; remove it, or export into a new folder"
+            )
+        dest = out / name
+        if dest.is_dir() and not dest.is_symlink():
+            raise MaltError(f"output folder {out}: {name} is a folder; remove it")
 
 
 def publish(tmp: Path, out: Path, manifest: dict) -> None:
@@ -129,6 +183,7 @@ def publish(tmp: Path, out: Path, manifest: dict) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
+    _check_targets(out, [*manifest["files"], MANIFEST])
     old = _old_files(out)
     for name in manifest["files"]:
         dest = out / name
@@ -136,6 +191,9 @@ def publish(tmp: Path, out: Path, manifest: dict) -> None:
         os.replace(tmp / name, dest)
     os.replace(tmp / MANIFEST, out / MANIFEST)
     for name in sorted(old - set(manifest["files"])):
+        # Checked again just before the removal: a link is never followed.
+        if not _real_folders(out, name):
+            continue
         with contextlib.suppress(OSError):
             (out / name).unlink()
             parent = (out / name).parent
@@ -146,7 +204,8 @@ def publish(tmp: Path, out: Path, manifest: dict) -> None:
 
 
 def _old_files(out: Path) -> set[str]:
-    """The files the manifest already in `out` lists (safe relative names only)."""
+    """The files the manifest already in `out` lists (safe relative names only, none under a
+    symbolic link or a file inside `out`)."""
     try:
         data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         names = data.get("files", {}) if isinstance(data, dict) else {}
@@ -154,7 +213,9 @@ def _old_files(out: Path) -> set[str]:
         return set()
     safe = set()
     for name in names if isinstance(names, dict) else ():
+        if not isinstance(name, str):
+            continue
         p = Path(name)
-        if isinstance(name, str) and not p.is_absolute() and ".." not in p.parts:
+        if p.parts and not p.is_absolute() and ".." not in p.parts and _real_folders(out, name):
             safe.add(name)
     return safe
