@@ -722,3 +722,50 @@ def test_alias_pinned_to_a_commit(hub: FakeHub, env: dict[str, str]) -> None:
     assert offline.returncode == 0, offline.stderr
     assert hub.requests == []
     assert load_records()[f"{REPO}/{FILE}"].verified_against == "models.toml"
+
+
+def _record(**changes: object) -> dict:
+    good = {"repo": REPO, "file": FILE, "path": "/models/tiny.gguf", "sha256": PAYLOAD_SHA,
+            "size": len(PAYLOAD), "verified_against": "hub-etag", "source": "hub"}  # fmt: skip
+    good.update(changes)
+    return {k: v for k, v in good.items() if v is not ...}
+
+
+BAD_RECORDS = {
+    "a list": [{"records": {}}],
+    "a string": "records",
+    "a number": 1,
+    "records a list": {"version": 1, "records": [_record()]},
+    "a record a string": {"version": 1, "records": {f"{REPO}/{FILE}": "tiny.gguf"}},
+    "a record without its path": {"records": {f"{REPO}/{FILE}": _record(path=...)}},
+    "a record without its sha256": {"records": {f"{REPO}/{FILE}": _record(sha256=...)}},
+    "a size that is a string": {"records": {f"{REPO}/{FILE}": _record(size="12")}},
+    "a size that is a bool": {"records": {f"{REPO}/{FILE}": _record(size=True)}},
+    "a path that is a number": {"records": {f"{REPO}/{FILE}": _record(path=7)}},
+    "an mtime that is a string": {"records": {f"{REPO}/{FILE}": _record(mtime_ns="1")}},
+}
+
+
+@pytest.mark.parametrize("content", BAD_RECORDS.values(), ids=BAD_RECORDS.keys())
+def test_pulled_json_of_the_wrong_shape_is_one_line_naming_it(
+    hub: FakeHub, env: dict[str, str], tmp_path: Path, content: object
+) -> None:
+    path = records_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content), encoding="utf-8")
+    before = path.read_bytes()
+    db = tmp_path / "m.db"
+    questions = Path(__file__).parent.parent / "examples" / "gsm8k.jsonl"
+    for argv in (
+        ["models"],
+        ["models", "--json"],
+        ["run", "--model", "tiny", "--db", str(db), str(questions)],
+        ["pull", "tiny"],
+    ):
+        result = malt(*argv)
+        assert result.exit_code == 2, (argv, result.output, result.exception)
+        line = one_error_line(result.stderr)
+        assert line.startswith(f"Error: the model records {path} are not malt's ("), argv
+        assert line.endswith("move the file away and pull again")
+    assert path.read_bytes() == before  # not rewritten over by the pull
+    assert not db.exists() and not cache_folder(env).exists()

@@ -102,8 +102,49 @@ def load_records(home: Path | None = None) -> dict[str, Record]:
         raise MaltError(
             f"cannot read the model records {path} ({exc}); move it away and pull again"
         ) from None
-    items = raw.get("records", {}) if isinstance(raw, dict) else {}
-    return {key: Record.from_dict(value) for key, value in items.items()}
+    return _parse_records(raw, path)
+
+
+# The fields every record has, and the type of each; the others are optional (str or None,
+# `mtime_ns` an int or None).
+_REQUIRED = {"repo": str, "file": str, "path": str, "sha256": str, "size": int,
+             "verified_against": str, "source": str}  # fmt: skip
+_OPTIONAL = {"alias": str, "quant": str, "revision": str, "commit": str, "mtime_ns": int,
+             "recorded_at": str}  # fmt: skip
+
+
+def _is(value: object, kind: type) -> bool:
+    # bool is an int to Python, and a size of `true` is no size.
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _parse_records(raw: object, path: Path) -> dict[str, Record]:
+    """The records of a parsed pulled.json, every field checked: a file of another shape
+    (edited by hand, written by another tool) is one line naming it, not a traceback deep in
+    `malt models` or `malt run`, and is never rewritten over by the next pull."""
+
+    def bad(what: str) -> MaltError:
+        return MaltError(
+            f"the model records {path} are not malt's ({what}); move the file away and pull again"
+        )
+
+    if not isinstance(raw, dict):
+        raise bad(f"a JSON {type(raw).__name__}, not an object")
+    items = raw.get("records", {})
+    if not isinstance(items, dict):
+        raise bad('"records" is not an object')
+    out: dict[str, Record] = {}
+    for key, value in items.items():
+        if not isinstance(value, dict):
+            raise bad(f"the record {key!r:.80} is not an object")
+        for name, kind in _REQUIRED.items():
+            if not _is(value.get(name), kind):
+                raise bad(f"the record {key!r:.80} has no {name} ({kind.__name__})")
+        for name, kind in _OPTIONAL.items():
+            if value.get(name) is not None and not _is(value[name], kind):
+                raise bad(f"the record {key!r:.80} has a {name} that is not a {kind.__name__}")
+        out[key] = Record.from_dict(value)
+    return out
 
 
 def save_record(record: Record, home: Path | None = None) -> None:
