@@ -20,6 +20,10 @@ a file with the text each tool wrote. What "the text the tool wrote" means here:
   The delimiter is read from the header: `,`, `;` (Excel in locales with a decimal comma) or
   TAB; `.tsv` is always TAB.
 - `.parquet` (the Hugging Face Hub's format) is read with pyarrow, an optional dependency.
+- Memory is bounded: a file is read in chunks and refused past `MAX_FILE_BYTES` (so a link to
+  `/dev/zero` or an endless pipe is one line, never a MemoryError), and a field longer than
+  `MAX_FIELD_CHARS` is refused with its row before anything is written (no context holds it,
+  and tokenizing or storing it would take gigabytes).
 
 pandas' `to_json` writes one of several layouts (`orient`): records (a list), columns and index
 (an object of objects), split and table (an object holding `data`); all of them are read.
@@ -33,7 +37,9 @@ import codecs
 import csv
 import io
 import json
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +48,14 @@ from malt_local.errors import MaltError
 
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet")
 Row = tuple[int, dict]
+
+# A questions file larger than this is refused before it is read whole: the biggest benchmark
+# files are tens of megabytes, and decoding and parsing take a few times the file's size.
+MAX_FILE_BYTES = 1 << 30  # 1 GiB
+# One field (a question, an answer, an option) longer than this is refused with its row: no
+# model's context comes near it, and it would only cost memory on its way to the too-long check.
+MAX_FIELD_CHARS = 64 << 20  # 64 Mi characters
+_CHUNK_BYTES = 16 << 20  # what one read asks for: memory stays near the bytes accepted so far
 
 # Longest first: a UTF-32 LE mark starts with the UTF-16 LE one.
 _BOMS = (
@@ -63,14 +77,12 @@ def read_rows(path: Path) -> list[Row]:
             f"unsupported questions file type '{suffix}': use {', '.join(FORMATS[:-1])} "
             f"or {FORMATS[-1]}"
         )
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise MaltError(f"cannot read questions file {path}: {exc.strerror or exc}") from exc
+    data = read_bounded(path)
     if suffix == ".parquet":
-        rows = list(_rows_parquet(data, path))
+        found = _rows_parquet(data, path)
     else:
         raw = decode(data, path)
+        del data  # the text replaces the bytes: at most one copy of a large file at a time
         reader = {
             ".jsonl": _rows_jsonl,
             ".json": _rows_json,
@@ -78,10 +90,51 @@ def read_rows(path: Path) -> list[Row]:
             ".tsv": _rows_csv,
             ".txt": _rows_txt,
         }[suffix]
-        rows = list(reader(raw, path))
-    for n, row in rows:
+        found = reader(raw, path)
+    rows = []
+    for n, row in found:
+        _check_field_sizes(row, path, n)
         _check_characters(row, path, n)
+        rows.append((n, row))
     return rows
+
+
+def read_bounded(path: Path, limit: int | None = None) -> bytes:
+    """The file's bytes, read in chunks and refused once they pass `limit` (`MAX_FILE_BYTES`).
+
+    The size on disk is not trusted to say when to stop: `/dev/zero`, a link to it, a FIFO or a
+    file still growing report 0 or less than they hold. At most `limit` + one chunk is held
+    before the refusal, so an endless source is one line, never a MemoryError.
+    """
+    limit = MAX_FILE_BYTES if limit is None else limit
+    too_big = MaltError(
+        f"questions file {path} is larger than {_size(limit)}, the limit for one questions "
+        "file: split it into smaller files (or check that it is the file you meant)"
+    )
+    chunks: list[bytes] = []
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+                raise too_big
+            total = 0
+            while chunk := f.read(min(_CHUNK_BYTES, limit + 1 - total)):
+                total += len(chunk)
+                if total > limit:
+                    chunks.clear()
+                    raise too_big
+                chunks.append(chunk)
+    except OSError as exc:
+        raise MaltError(f"cannot read questions file {path}: {exc.strerror or exc}") from exc
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _size(n: int, unit: str = "bytes") -> str:
+    """A limit as people write it: "1 GiB", "64 Mi characters", else "1000 bytes"."""
+    for shift, prefix in ((30, "Gi"), (20, "Mi"), (10, "Ki")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {prefix}B" if unit == "bytes" else f"{n >> shift} {prefix} {unit}"
+    return f"{n} {unit}"
 
 
 def decode(data: bytes, path: Path) -> str:
@@ -251,6 +304,18 @@ def _parquet_value(value: object) -> object:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _check_field_sizes(row: dict, p: Path, n: int) -> None:
+    """A field past `MAX_FIELD_CHARS` is named with its row, before anything is written."""
+    for key, value in row.items():
+        for text in _strings(value):
+            if len(text) > MAX_FIELD_CHARS:
+                raise MaltError(
+                    f"{p}:{n}: field '{key}' holds {len(text)} characters, over the limit of "
+                    f"{_size(MAX_FIELD_CHARS, 'characters')} for one field: shorten it (no "
+                    "model's context holds it)"
+                )
 
 
 def _check_characters(row: dict, p: Path, n: int) -> None:

@@ -2,8 +2,8 @@
 
 Everything a user can get wrong is checked before the database is written: the questions were
 read by the caller, the model is identified by its engine (a GGUF path or alias resolved and its
-header checked; a server asked what it serves), the templates rendered once, and the engine
-made, all before the run row goes in.
+header checked; a server asked what it serves), the templates rendered once, the engine made and
+every question's length measured against its context, all before the run row goes in.
 """
 
 from __future__ import annotations
@@ -162,8 +162,15 @@ def run_tree(
     )
 
     engine = make_engine(kind.name, engine_options)
-    if isinstance(engine, HasLayout):
-        spec = dataclasses.replace(spec, layout=engine.layout())
+    try:
+        if isinstance(engine, HasLayout):
+            spec = dataclasses.replace(spec, layout=engine.layout())
+        # Measured before anything is written: a huge question costs its time here, not after
+        # a run row that a failure or Ctrl-C would leave behind.
+        measured = measure_fit(questions, prompts, engine, spec.max_tokens)
+    except BaseException:
+        engine.close()
+        raise
     with disk_guard(db_path):
         store = Store(db_path)
         try:
@@ -177,7 +184,7 @@ def run_tree(
             if judge_plan is not None:
                 check_judge_model(store, run["id"], judge_plan.name, judge_plan.model.sha256)
             store.add_questions(run["id"], questions)
-            skipped = check_fit(store, run["id"], questions, prompts, engine, spec.max_tokens)
+            skipped = record_fit(store, run["id"], questions, measured)
             too_long_ids = {s.question_id for s in skipped}
             fitting = [q for q in questions if q.id not in too_long_ids]
             runner = TreeRunner(store, Run(run["id"], spec), fitting, engine, prompts, on_progress)
@@ -227,25 +234,26 @@ def _judge_options(base: EngineOptions, local: bool, plan: JudgePlan) -> EngineO
     return options.for_model(local, plan.target)
 
 
-def check_fit(
-    store: Store,
-    run_id: str,
-    questions: list[Question],
-    prompts: PromptSet,
-    engine: Engine,
-    max_tokens: int,
+def measure_fit(
+    questions: list[Question], prompts: PromptSet, engine: Engine, max_tokens: int
 ) -> list[too_long.Skipped]:
-    """Record and return the questions too long for one node's context (`too_long`)."""
+    """The questions too long for one node's context (`too_long`), measured, nothing written."""
     if not isinstance(engine, MeasuresPrompts):  # a server enforces its own context
         return []
-    # A tree already started (under a larger --ctx) is continued, not dropped.
-    started = too_long.started_questions(store, run_id)
-    skipped = too_long.find_too_long(
-        [q for q in questions if q.id not in started],
-        prompts,
-        engine.prompt_length,
-        max_tokens=max_tokens,
-        limit=engine.node_context(),
+    return too_long.find_too_long(
+        questions, prompts, engine.prompt_length, max_tokens=max_tokens, limit=engine.node_context()
     )
+
+
+def record_fit(
+    store: Store, run_id: str, questions: list[Question], measured: list[too_long.Skipped]
+) -> list[too_long.Skipped]:
+    """Record and return the measured questions that get no tree in the run.
+
+    A tree already started (under a larger --ctx) is continued, not dropped: which ones are
+    started is read now, in the run's own database, rather than when they were measured.
+    """
+    started = too_long.started_questions(store, run_id)
+    skipped = [s for s in measured if s.question_id not in started]
     too_long.record_skipped(store, run_id, [q.id for q in questions], skipped)
     return skipped

@@ -10,12 +10,19 @@ in `skipped_questions` with the numbers, reported by `malt run` and `malt status
 of the run goes on. A later `malt run` with a larger `--ctx` or smaller `--max-tokens` checks
 again and builds its tree.
 
+A question's length is bounded before it is tokenized whole: the prompt is measured on a prefix
+of the question (`FIRST_PREFIX_CHARS`, doubling), and as soon as a prefix's prompt alone needs
+more than the context holds, the question is too long, recorded with that count as a lower bound
+(`exact` False, "at least N tokens"). A 60 MB question costs a few small tokenizations, not
+gigabytes; a question that fits is measured whole, as before.
+
 The rows are written here rather than in `store.py` so this check stays one self-contained
 piece: the table is this module's alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,6 +32,9 @@ from malt_local.questions.loading import Question
 
 TOO_LONG = "too_long"
 ANSWERS_PER_PATH = 3  # generator, verifier and refiner each answer once along a path
+# The first prefix measured: longer than nearly every real question (so those are measured
+# whole, in one tokenization), short enough to tokenize in milliseconds.
+FIRST_PREFIX_CHARS = 16_384
 
 
 @dataclass(frozen=True)
@@ -38,14 +48,18 @@ class Skipped:
     needed_tokens: int  # prompt_tokens plus max_tokens for each of the three answers
     limit_tokens: int  # the context one node may use
     reason: str = TOO_LONG
+    # False: the question was measured on a prefix only, so the counts are lower bounds (its
+    # whole text was never tokenized). Not stored: the table's rows keep their columns.
+    exact: bool = True
 
     def describe(self) -> str:
         """One line: which question, how long, what to change."""
         where = f" ({self.source}:{self.line})" if self.source else ""
+        at_least = "" if self.exact else "at least "
         return (
             f"question {self.question_id}{where} skipped, too long: its prompts need "
-            f"{self.needed_tokens} tokens with room to answer ({self.prompt_tokens} of prompt "
-            f"+ 3 x max-tokens) but a node's context holds {self.limit_tokens}; raise --ctx "
+            f"{at_least}{self.needed_tokens} tokens with room to answer ({self.prompt_tokens} of "
+            f"prompt + 3 x max-tokens) but a node's context holds {self.limit_tokens}; raise --ctx "
             "or lower --max-tokens"
         )
 
@@ -59,14 +73,46 @@ def find_too_long(
     limit: int,
 ) -> list[Skipped]:
     """The questions whose longest path cannot fit `limit` tokens, in the given order."""
+    budget = limit - ANSWERS_PER_PATH * max_tokens  # the most tokens the prompt may have
     out = []
     for q in questions:
-        messages = prompts.messages("refiner", TreeContext(q, generation="", critique=""))
-        prompt = count_tokens(messages)
+        prompt, exact = measure_prompt(q, prompts, count_tokens, budget)
         needed = prompt + ANSWERS_PER_PATH * max_tokens
         if needed > limit:
-            out.append(Skipped(q.id, q.source, q.line, prompt, needed, limit))
+            out.append(Skipped(q.id, q.source, q.line, prompt, needed, limit, exact=exact))
     return out
+
+
+def measure_prompt(
+    question: Question,
+    prompts: PromptSet,
+    count_tokens: Callable[[list[dict[str, str]]], int],
+    budget: int,
+) -> tuple[int, bool]:
+    """Tokens of the refiner's prompt (answers empty) and whether the count is exact.
+
+    The question (and each option) is cut to a prefix of `FIRST_PREFIX_CHARS`, doubled until it
+    is the whole text or its prompt already has more than `budget` tokens; then the question
+    cannot fit and the prefix's count is a lower bound. Tokenizing the whole of a huge question
+    only to learn it is too long took gigabytes; this takes a few prefixes at most.
+    """
+    size = FIRST_PREFIX_CHARS
+    while True:
+        whole = len(question.text) <= size and all(len(t) <= size for _, t in question.options)
+        shown = question if whole else _prefix(question, size)
+        messages = prompts.messages("refiner", TreeContext(shown, generation="", critique=""))
+        tokens = count_tokens(messages)
+        if whole:
+            return tokens, True
+        if tokens > budget:
+            return tokens, False
+        size *= 2
+
+
+def _prefix(question: Question, size: int) -> Question:
+    """The question with its text and options cut to `size` characters each."""
+    options = tuple((letter, text[:size]) for letter, text in question.options)
+    return dataclasses.replace(question, text=question.text[:size], options=options)
 
 
 def record_skipped(store: Store, run_id: str, checked: Iterable[str], skipped: list[Skipped]):
