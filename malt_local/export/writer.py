@@ -117,7 +117,8 @@ def temp_folder(out: Path) -> Path:
     if out.is_dir():
         return Path(tempfile.mkdtemp(prefix=".malt-export.", dir=out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.malt-export.", dir=out.parent))
+    # The name cut short: a long --out that the file system takes must not fail as the prefix.
+    return Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.malt-export.", dir=out.parent))
 
 
 def publish(tmp: Path, out: Path, manifest: dict) -> None:

@@ -13,7 +13,9 @@ from malt_local.roles import ROLES
 
 ROLE_NAMES = (*ROLES, "judge")  # the judge can have its own served model
 # Upper bounds that keep a typo from meaning "forever" or "unbounded memory": a week for one
-# answer, and more sequences in flight per endpoint than any server has slots.
+# answer, and more sequences in flight per endpoint than any server has slots; under a second
+# no server answers (5e-324 would fail every request as "no response within 0 s").
+MIN_TIMEOUT = 1.0
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_IN_FLIGHT = 4096
 
@@ -62,9 +64,9 @@ class OpenAISettings:
             )
         if self.model_sha256 is not None and not is_sha256(self.model_sha256):
             raise MaltError("--model-sha256 must be 64 lower-case hex digits")
-        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:  # NaN fails it
+        if self.timeout is not None and not MIN_TIMEOUT <= self.timeout <= MAX_TIMEOUT:  # NaN
             raise MaltError(
-                f"--request-timeout must be in (0, {MAX_TIMEOUT:.0f}] seconds "
+                f"--request-timeout must be in [{MIN_TIMEOUT:.0f}, {MAX_TIMEOUT:.0f}] seconds "
                 f"(got {self.timeout!r})"
             )
 
