@@ -7,16 +7,61 @@ written: the library raises `MaltError` (it imports no click), and the CLI's gro
 
 from __future__ import annotations
 
+import base64
 import re
+import urllib.parse
 
 # The password of a URL (`http://user:pass@host`): --endpoint and HF_ENDPOINT may carry one,
 # and every message that names the URL must not.
 _URL_PASSWORD_RE = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s]*@")
 
 
+# Every key, token and URL password this process read (`clean_secret`, `split_url_credentials`):
+# a server that echoes the key it refused ("invalid key sk-...") into the body malt quotes
+# must not put it on the user's screen or in a log. Short values are left out, so a one-letter
+# password cannot turn every message into asterisks.
+_KNOWN_SECRETS: set[str] = set()
+_MIN_SECRET = 6
+
+
+def remember_secret(value: str | None) -> None:
+    """Have `redact` hide `value` from every later message."""
+    if value and len(value) >= _MIN_SECRET:
+        _KNOWN_SECRETS.add(value)
+
+
 def redact(text: str) -> str:
-    """`text` with the password of every URL in it replaced by ``***`` (``user:***@host``)."""
-    return _URL_PASSWORD_RE.sub(r"\1***@", text)
+    """`text` with the password of every URL in it replaced by ``***`` (``user:***@host``), and
+    every secret this process read (`remember_secret`) by ``***``."""
+    text = _URL_PASSWORD_RE.sub(r"\1***@", text)
+    for secret in sorted(_KNOWN_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def split_url_credentials(url: str) -> tuple[str, str | None]:
+    """`url` without its ``user:password@`` and the HTTP Basic ``Authorization`` value they
+    stand for (None when the URL carries none).
+
+    Why: a URL with credentials is what a user pastes for a server behind a proxy, but the URL
+    is printed in messages, kept in settings and compared as an endpoint's name; with the
+    credentials moved into a header at parse time, no later message or row can hold them. A
+    URL that does not parse comes back whole, for its caller's own check to refuse.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url, None
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    password = urllib.parse.unquote(password)
+    pair = f"{urllib.parse.unquote(user)}:{password}"
+    token = base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    remember_secret(password)
+    remember_secret(token)
+    return urllib.parse.urlunsplit(parts._replace(netloc=hostport)), f"Basic {token}"
 
 
 def clean_secret(value: str | None, name: str) -> str | None:
@@ -32,6 +77,7 @@ def clean_secret(value: str | None, name: str) -> str | None:
             f"{name} holds a control character (a newline?) inside the key: set it to the key "
             "alone, on one line"
         )
+    remember_secret(value)
     return value or None
 
 

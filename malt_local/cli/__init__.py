@@ -8,6 +8,7 @@ every progress bar. No logic lives here: the library decides, this package parse
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -17,6 +18,17 @@ from malt_local.cli import interrupts
 from malt_local.errors import EXIT_TERMINATED, MaltError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+# Every character `str.splitlines` breaks a line at, and the other control characters: a value
+# quoted into a message (a --task with a newline in it) must not make the error two lines.
+_LINE_BREAKING = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
+def one_line(message: str) -> str:
+    """`message` with each line break or control character written as its escape (``\\n``),
+    so the error is the one line on stderr a script reads, whatever value it quotes."""
+    return _LINE_BREAKING.sub(lambda m: ascii(m.group())[1:-1], message)
 
 
 class MaltGroup(click.Group):
@@ -34,7 +46,7 @@ class MaltGroup(click.Group):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except (click.ClickException, MaltError) as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
+            click.echo(f"Error: {one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except (KeyboardInterrupt, click.Abort):
             code = interrupts.exit_code()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,11 @@ def _pop_server_settings(kind: str, flags: dict) -> object | None:
     names = ("endpoints", "api_key_env", "role_models", "max_in_flight", "server_n",
              "model_revision", "model_sha256", "request_timeout")  # fmt: skip
     given = {name: flags.pop(name) for name in names}
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", given["api_key_env"] or ""):
+        # os.environ.get would raise on a NUL, and no shell can set such a name anyway.
+        raise MaltError(
+            f"--api-key-env {given['api_key_env']!r} is not an environment variable name"
+        )
     if engine_kind(kind).local:
         extra = [k for k, v in given.items() if v not in (None, (), "OPENAI_API_KEY")]
         if extra:

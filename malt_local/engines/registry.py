@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from malt_local.engines.base import Engine, ModelIdentity
+from malt_local.engines.base import INT32_MAX, Engine, ModelIdentity
 from malt_local.errors import MaltError
+
+# More CPU threads than any machine malt runs on has cores; -1 gpu layers is llama.cpp's "all".
+MAX_THREADS = 512
 
 
 @runtime_checkable
@@ -58,7 +61,15 @@ class EngineOptions:
             for flag, value in local_only.items():
                 if value is not None:
                     raise MaltError(f"{flag} is for the llama.cpp engines, not --engine openai")
-        if self.ctx is not None:  # before any model is loaded or row written
+        # Ranges llama.cpp's C ints take (a 10**22 would be an OverflowError deep in ctypes),
+        # checked before any model is loaded or row written.
+        limits = {"--threads": (self.threads, 1, MAX_THREADS),
+                  "--gpu-layers": (self.gpu_layers, -1, INT32_MAX),
+                  "--parallel": (self.parallel, 1, INT32_MAX)}  # fmt: skip
+        for flag, (value, least, most) in limits.items():
+            if value is not None and not least <= value <= most:
+                raise MaltError(f"{flag} must be in [{least}, {most}] (got {value!r})")
+        if self.ctx is not None:
             from malt_local.engines.llama.sizing import check_ctx
 
             check_ctx(self.ctx)

@@ -18,6 +18,11 @@ from malt_local.grading import TASKS
 from malt_local.roles import ROLES
 
 MODES = ("sa", "ma", "all")
+# Upper bounds: each is a loop over passes, seeds or questions, so a typo (--votes 10**22)
+# would otherwise run for ever instead of being one line; far above any published protocol.
+MAX_VOTES = 1000
+MAX_SEEDS = 1000
+MAX_SAMPLES = 1_000_000
 BASE = "base"
 
 
@@ -43,18 +48,17 @@ class EvalSettings:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise MaltError(f"--mode must be one of {', '.join(MODES)} (got {self.mode!r})")
-        if self.votes < 1:
-            raise MaltError(f"--votes must be at least 1 (got {self.votes})")
-        if self.samples < 1:
-            raise MaltError(f"--samples must be at least 1 (got {self.samples})")
-        if self.seeds < 1:
-            raise MaltError(f"--seeds must be at least 1 (got {self.seeds})")
+        for flag, value, most in (("--votes", self.votes, MAX_VOTES),
+                                  ("--samples", self.samples, MAX_SAMPLES),
+                                  ("--seeds", self.seeds, MAX_SEEDS)):  # fmt: skip
+            if not 1 <= value <= most:
+                raise MaltError(f"{flag} must be in [1, {most}] (got {value!r})")
         check_sampling(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             max_tokens=self.max_tokens, seed=self.seed,
         )  # fmt: skip
         if self.task is not None and self.task not in TASKS:
-            raise MaltError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")
+            raise MaltError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
 
     @property
     def roles(self) -> tuple[str, ...]:

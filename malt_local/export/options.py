@@ -29,10 +29,10 @@ class ExportOptions:
     def validate(self) -> None:
         for role in self.roles:
             if role not in ROLES:
-                raise MaltError(f"unknown role '{role}': choose {', '.join(ROLES)} or all")
+                raise MaltError(f"unknown role {role!r}: choose {', '.join(ROLES)} or all")
         for fmt in self.formats:
             if fmt not in FORMATS:
-                raise MaltError(f"unknown format '{fmt}': choose {', '.join(FORMATS)} or all")
+                raise MaltError(f"unknown format {fmt!r}: choose {', '.join(FORMATS)} or all")
         if not self.roles or not self.formats:
             raise MaltError("nothing to export: no role or no format chosen")
         if self.theta is not None and not 0 <= self.theta <= 1:
@@ -54,5 +54,5 @@ def parse_choice(value: str, choices: tuple[str, ...], what: str) -> tuple[str, 
     if v == "all":
         return choices
     if v not in choices:
-        raise MaltError(f"unknown {what} '{value}': choose {', '.join(choices)} or all")
+        raise MaltError(f"unknown {what} {value!r}: choose {', '.join(choices)} or all")
     return (v,)

@@ -46,7 +46,11 @@ def export(db_path: Path, out: Path, options: ExportOptions) -> dict:
     written; if anything fails later, the temporary folder is removed and `out` is untouched.
     """
     options.validate()
-    if out.exists() and not out.is_dir():
+    try:
+        is_file = out.exists() and not out.is_dir()
+    except OSError as exc:  # a name longer than the file system takes, a folder not readable
+        raise MaltError(f"--out {str(out)!r} cannot be used: {exc.strerror}") from None
+    if is_file:
         raise MaltError(f"output folder {out} is a file")
     if not db_path.exists():
         raise MaltError(f"no database at {db_path} (run `malt run` first, or pass --db)")
@@ -62,7 +66,10 @@ def export(db_path: Path, out: Path, options: ExportOptions) -> dict:
                     (q for run in runs for q in complete_questions(store, run)),
                     options.roles,
                 )
-            tmp = temp_folder(out)
+            try:
+                tmp = temp_folder(out)
+            except OSError as exc:  # not writable, or the name too long once prefixed
+                raise MaltError(f"--out {str(out)!r} cannot be written: {exc.strerror}") from None
             try:
                 with disk_guard(out):
                     manifest = _write_all(store, runs, options, splitter, tmp)

@@ -135,7 +135,7 @@ def temp_folder(out: Path) -> Path:
         if out.is_dir():
             return Path(tempfile.mkdtemp(prefix=".malt-export.", dir=out))
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.malt-export.", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.malt-export.", dir=out.parent))
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full_error(exc, out) from None

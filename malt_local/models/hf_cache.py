@@ -16,10 +16,10 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from malt_local.errors import MaltError, clean_secret
+from malt_local.errors import MaltError, clean_secret, split_url_credentials
 from malt_local.models.filelock import LockHeld, exclusive_lock
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -86,12 +86,15 @@ class HubConfig:
 
     endpoint: str = DEFAULT_ENDPOINT
     cache_dir: Path = Path("~/.cache/huggingface/hub")
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     offline: bool = False
     etag_timeout: float = 10.0
     download_timeout: float = 10.0
     retries: int = 3  # in-process retries after a dropped connection (each resumes)
     retry_wait: float = 1.0  # seconds before the first retry; doubles each time
+    # HTTP Basic `Authorization` from HF_ENDPOINT's ``user:password@`` (a mirror behind a
+    # proxy); `endpoint` no longer holds them, so no message or record can show them.
+    endpoint_auth: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> HubConfig:
@@ -100,8 +103,10 @@ class HubConfig:
             retries = max(0, int(env.get("MALT_PULL_RETRIES") or 3))
         except ValueError:
             raise MaltError("MALT_PULL_RETRIES must be a whole number") from None
+        endpoint, endpoint_auth = split_url_credentials(env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
         return cls(
-            endpoint=(env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+            endpoint=endpoint.rstrip("/"),
+            endpoint_auth=endpoint_auth,
             cache_dir=hub_cache_dir(env),
             token=_token(env),
             offline=_is_true(env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE")),

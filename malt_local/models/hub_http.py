@@ -59,8 +59,12 @@ def _headers(cfg: HubConfig, url: str, extra: dict[str, str] | None = None) -> d
         "User-Agent": f"malt/{__version__}; python/{sys.version_info[0]}.{sys.version_info[1]}",
         "Accept-Encoding": "identity",
     }
-    if cfg.token and _host(url) == _host(cfg.endpoint):
-        headers["Authorization"] = f"Bearer {cfg.token}"
+    if _host(url) == _host(cfg.endpoint):
+        # HF_ENDPOINT's own user:password (Basic) is the more specific credential of the two.
+        if cfg.endpoint_auth:
+            headers["Authorization"] = cfg.endpoint_auth
+        elif cfg.token:
+            headers["Authorization"] = f"Bearer {cfg.token}"
     headers.update(extra or {})
     return headers
 

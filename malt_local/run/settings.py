@@ -77,7 +77,7 @@ class RunSettings:
         if self.theta is not None and not 0 <= self.theta <= 1:  # NaN fails it too
             raise MaltError(f"--theta must be in [0, 1] (got {self.theta})")
         if self.task is not None and self.task not in TASKS:
-            raise MaltError(f"unknown task '{self.task}': choose one of {', '.join(TASKS)}")
+            raise MaltError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
 
 
 @dataclass

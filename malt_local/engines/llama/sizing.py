@@ -260,10 +260,13 @@ def context_size(max_tokens: int, requested: int | None) -> int:
 
 
 MIN_CTX = 256
+MAX_CTX = 2**31 - 1
 
 
 def check_ctx(ctx: int | None) -> int | None:
     """A `--ctx` too small for any template and answer, refused before a model is loaded."""
     if ctx is not None and ctx < MIN_CTX:
         raise MaltError(f"--ctx {ctx} is too small (at least {MIN_CTX})")
+    if ctx is not None and ctx > MAX_CTX:  # llama.cpp's n_ctx is a uint32
+        raise MaltError(f"--ctx must be at most {MAX_CTX} (got {ctx!r})")
     return ctx

@@ -60,7 +60,11 @@ class ServerInfo:
     llama_server: bool
 
 
-def _auth(settings: OpenAISettings) -> dict[str, str]:
+def _auth(settings: OpenAISettings, url: str) -> dict[str, str]:
+    """The endpoint's own credentials (its URL's ``user:password@``, as Basic auth), else the
+    API key: both are the `Authorization` header, and the URL's are the more specific."""
+    if url in settings.endpoint_auth:
+        return {"Authorization": settings.endpoint_auth[url]}
     return {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
 
 
@@ -72,7 +76,7 @@ def probe(url: str, settings: OpenAISettings) -> ServerInfo:
     timeout = settings.timeout or PROBE_TIMEOUT
     while True:
         try:
-            r = http.get_sync(url + "/v1/models", _auth(settings), timeout)
+            r = http.get_sync(url + "/v1/models", _auth(settings, url), timeout)
         except http.TransportError as exc:
             raise MaltError(f"endpoint {url} is not reachable: {exc}") from exc
         # 503: a server still loading its model (llama-server, vLLM); wait for it a while.
@@ -93,7 +97,7 @@ def probe(url: str, settings: OpenAISettings) -> ServerInfo:
         raise MaltError(f"endpoint {url}: /v1/models is not an OpenAI model list") from exc
     slots, llama_server = None, False
     try:
-        props = http.get_sync(url + "/props", _auth(settings), timeout)
+        props = http.get_sync(url + "/props", _auth(settings, url), timeout)
         info = props.json() if props.status == 200 else None
         if isinstance(info, dict) and isinstance(info.get("total_slots"), int):
             slots, llama_server = int(info["total_slots"]), True
@@ -343,7 +347,7 @@ class OpenAIEngine:
 
     async def _attempts(self, ep: Endpoint, unit: _Unit) -> list[Completion] | None:
         """The unit's completions, or None when `ep` was taken out (the unit moves)."""
-        headers = {**_auth(self.settings)}
+        headers = {**_auth(self.settings, ep.url)}
         if unit.request.group:
             headers["X-Session-ID"] = unit.request.group
         timeout = self.settings.read_timeout(unit.request.params.max_tokens, unit.size)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import urllib.parse
 from dataclasses import dataclass, field
 
-from malt_local.errors import MaltError
+from malt_local.errors import MaltError, split_url_credentials
 from malt_local.hashing import is_sha256
 from malt_local.roles import ROLES
 
 ROLE_NAMES = (*ROLES, "judge")  # the judge can have its own served model
+# Upper bounds that keep a typo from meaning "forever" or "unbounded memory": a week for one
+# answer, and more sequences in flight per endpoint than any server has slots; under a second
+# no server answers (5e-324 would fail every request as "no response within 0 s").
+MIN_TIMEOUT = 1.0
+MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_IN_FLIGHT = 4096
 
 
 @dataclass(frozen=True)
@@ -38,14 +43,32 @@ class OpenAISettings:
     fail_limit: int = 3  # failures in a row that take an endpoint out of the run
     backoff: float = 0.5  # first retry delay in seconds, doubled each time, with jitter
     backoff_max: float = 8.0
+    # `Authorization` per endpoint from a URL's ``user:password@`` (HTTP Basic), which takes
+    # the place of the API key for that endpoint; the URLs in `endpoints` no longer hold them.
+    endpoint_auth: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.max_in_flight is not None and self.max_in_flight < 1:
-            raise MaltError(f"--max-in-flight must be at least 1 (got {self.max_in_flight})")
+        clean: list[str] = []
+        auth = dict(self.endpoint_auth)
+        for url in self.endpoints:
+            bare, basic = split_url_credentials(url)
+            if basic is not None:
+                auth[bare] = basic
+            if bare not in clean:
+                clean.append(bare)
+        object.__setattr__(self, "endpoints", tuple(clean))
+        object.__setattr__(self, "endpoint_auth", auth)
+        if self.max_in_flight is not None and not 1 <= self.max_in_flight <= MAX_IN_FLIGHT:
+            raise MaltError(
+                f"--max-in-flight must be in [1, {MAX_IN_FLIGHT}] (got {self.max_in_flight!r})"
+            )
         if self.model_sha256 is not None and not is_sha256(self.model_sha256):
             raise MaltError("--model-sha256 must be 64 lower-case hex digits")
-        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
-            raise MaltError(f"--request-timeout must be a positive number (got {self.timeout})")
+        if self.timeout is not None and not MIN_TIMEOUT <= self.timeout <= MAX_TIMEOUT:  # NaN
+            raise MaltError(
+                f"--request-timeout must be in [{MIN_TIMEOUT:.0f}, {MAX_TIMEOUT:.0f}] seconds "
+                f"(got {self.timeout!r})"
+            )
 
     def with_model(self, name: str) -> OpenAISettings:
         return dataclasses.replace(self, model=name)
