@@ -15,7 +15,7 @@ import pytest
 def table_rows(md: str) -> dict[str, list[str]]:
     rows = {}
     for line in md.splitlines():
-        m = re.match(r"\| \((a|b|c|d)\) ", line)
+        m = re.match(r"\| \((a|b|c|d|e)\) ", line)
         if m:
             rows[m.group(1)] = [cell.strip() for cell in line.strip("|").split("|")]
     return rows
@@ -36,10 +36,10 @@ def test_bench_runs_both_paths_on_the_same_tree_and_reports_consistent_ratios(
     assert r.returncode == 0, r.stderr[-3000:]
     md = out.read_text()
     rows = table_rows(md)
-    assert set(rows) == {"a", "b", "c", "d"}
+    assert set(rows) == {"a", "b", "c", "d", "e"}
     # One question at n = 2 is 2 + 4 + 8 nodes of exactly 8 tokens on every tree path,
-    # llama-server's included.
-    assert rows["a"][1] == rows["b"][1] == rows["d"][1] == str(14 * 8)
+    # llama-server's and the adapters' included.
+    assert rows["a"][1] == rows["b"][1] == rows["d"][1] == rows["e"][1] == str(14 * 8)
     assert rows["a"][4] != "—" and rows["d"][4] != "—" and rows["c"][4] == "—"
     tps = {k: float(v[3]) for k, v in rows.items()}
     ba = float(re.search(r"b/a = ([\d.]+)×", md).group(1))
@@ -48,6 +48,10 @@ def test_bench_runs_both_paths_on_the_same_tree_and_reports_consistent_ratios(
     assert bc == pytest.approx(100 * tps["b"] / tps["c"], abs=1.5)
     bd = float(re.search(r"b/d = ([\d.]+)×", md).group(1))
     assert bd == pytest.approx(tps["b"] / tps["d"], abs=0.02)
+    eb = float(re.search(r"e/b = ([\d.]+)×", md).group(1))
+    assert eb == pytest.approx(tps["e"] / tps["b"], abs=0.02)
+    # Role by role, no child reuses a parent's cache under another role's adapters.
+    assert re.search(r"\(0 prompt tokens reused, against [1-9]\d* in \(b\)\)", md)
     # The server had at least one of its slots busy on every step it decoded.
     busy = float(re.search(r"\*\*([\d.]+) requests in flight per step\*\*", md).group(1))
     assert 1.0 <= busy <= int(re.search(r"\(d\) .* (\d+) slots", md).group(1))

@@ -577,6 +577,54 @@ def test_eval_applies_the_adapters_and_the_verifiers_changes_only_the_verifier(
     )
 
 
+def test_run_with_the_trained_adapters_builds_trees_a_new_round_can_train_on(
+    loop, small_model, tmp_path
+):
+    """`malt run --adapters` (the next MALT round's data) and `--adapter` with the trained
+    files: a full tree, the generator's nodes the base model's where it has no adapter."""
+    out = loop["out"]
+
+    def run(db: Path, *extra: str) -> dict:
+        r = malt(
+            "run", "--n", "2", "--max-tokens", "24", "--model", str(small_model), "--db",
+            str(db), "--limit", "2", "--seed", "1", "--json", *extra, str(SUMS), timeout=1800,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    summary = run(tmp_path / "round2.db", "--adapters", str(out))
+    assert summary["nodes_total"] == summary["nodes_expected"] == 2 * 14
+    stacks = summary["config"]["adapters"]
+    assert {role: len(stack) for role, stack in stacks.items()} == {
+        "generator": 1, "verifier": 2, "refiner": 2,
+    }  # fmt: skip
+    files = loop["manifest"]["adapters"]
+    assert stacks["verifier"][0][0] == files["verifier-sft"]["gguf_sha256"]
+
+    # Three steps move the weights little: the verifier's and refiner's files at scale 8 (as in
+    # the eval test above) against the base built the same way (scale 0 is the base exactly).
+    def flags(scale: int) -> list[str]:
+        return [
+            x
+            for role in ("verifier", "refiner")
+            for stage in ("sft", "dpo")
+            for x in ("--adapter", f"{role}={out / f'{role}-{stage}.gguf'}:{scale}")
+        ]
+
+    texts = {}
+    for scale in (0, 8):
+        db = tmp_path / f"scale{scale}.db"
+        run(db, *flags(scale))
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT question_id, path, role, output FROM nodes").fetchall()
+        texts[scale] = {(q, p): (role, o) for q, p, role, o in rows}
+    assert texts[0].keys() == texts[8].keys() and len(texts[8]) == 2 * 14
+    changed = {"generator": 0, "verifier": 0, "refiner": 0}
+    for key, (role, output) in texts[8].items():
+        changed[role] += output != texts[0][key][1]
+    assert changed["generator"] == 0 and changed["verifier"] and changed["refiner"], changed
+
+
 def test_sft_training_lowers_the_loss_of_its_own_rows(memorised, exported, home, monkeypatch):
     """Learning, measured on fixed data: the completion loss of every generator SFT row under the
     base model and under the trained adapter, in one process. The per-step losses in the manifest

@@ -13,7 +13,9 @@ context sized exactly like the engine's, where B is the engine's mean decode bat
 questions, n, seeds and a fixed length (end-of-sequence ignored), so (a), (b) and (d) generate
 the same number of tokens. Each part runs in its own process, so each peak RSS is its
 own. A last part times sampling one step's logits with llama.cpp's sampler chains (one call per
-sequence, as the high-level path samples) against the engine's vectorised sampler.
+sequence, as the high-level path samples) against the engine's vectorised sampler. (e) is (b)
+with a LoRA adapter on every role (`malt run --adapters`): random rank-8 adapters on the
+attention's q and v, built role by role in waves, so e/b is what the adapters cost.
 
 It prints a table with generated tokens/s, nodes/s, the ratios b/a, b/c and b/d, the requests
 llama-server had in flight per step, and peak memory, and
@@ -64,7 +66,7 @@ def questions_file(k: int) -> Path:
 # -- the parts, each run in a child process ------------------------------------------------------
 
 
-def execute_tree(args: argparse.Namespace, engine) -> dict:
+def execute_tree(args: argparse.Namespace, engine, role_adapters: dict | None = None) -> dict:
     """The bench's trees through TreeRunner and `engine` on a temporary database: the same
     questions, n, seeds and fixed node length whichever engine generates."""
     from malt_local.db.store import Store
@@ -83,7 +85,14 @@ def execute_tree(args: argparse.Namespace, engine) -> dict:
         )  # fmt: skip
         store.insert_run(spec.row("bench"))
         store.add_questions("bench", questions)
-        runner = TreeRunner(store, Run("bench", spec), questions, engine, PromptSet(args.prompts))
+        runner = TreeRunner(
+            store,
+            Run("bench", spec),
+            questions,
+            engine,
+            PromptSet(args.prompts),
+            role_adapters=role_adapters,
+        )
         started = time.perf_counter()
         progress = runner.execute()
         seconds = time.perf_counter() - started
@@ -97,10 +106,39 @@ def execute_tree(args: argparse.Namespace, engine) -> dict:
     }
 
 
-def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
-    """(a) or (b): the trees through TreeRunner on a temporary database."""
-    from malt_local.engines import EngineOptions, make_engine
+def write_random_lora(path: Path, model: Path, *, seed: int, rank: int = 8) -> Path:
+    """A LoRA adapter GGUF for `model` on every block's attn_q and attn_v, random values: what an
+    adapter costs does not depend on what it learnt."""
+    import gguf
+    import numpy as np
 
+    reader = gguf.GGUFReader(model)
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    rng = np.random.default_rng(seed)
+    for t in reader.tensors:
+        if t.name.endswith((".attn_q.weight", ".attn_v.weight")):
+            n_in, n_out = (int(x) for x in t.shape[:2])
+            a = rng.standard_normal((rank, n_in)) * 0.01  # numpy order is GGUF's reversed
+            writer.add_tensor(t.name + ".lora_a", a.astype(np.float32))
+            writer.add_tensor(t.name + ".lora_b", np.zeros((n_out, rank), np.float32) + 0.01)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
+    """(a), (b) or (e): the trees through TreeRunner on a temporary database."""
+    from malt_local.engines import EngineOptions, make_engine
+    from malt_local.roles import ROLES
+
+    adapters = kind == "adapters"
+    kind = "batched" if adapters else kind
     batched = kind == "batched"
     engine = make_engine(
         kind,
@@ -115,7 +153,15 @@ def run_tree_part(args: argparse.Namespace, kind: str) -> dict:
             kv_unified=KV[args.kv] if batched else None,
         ),
     )
-    out = {"kind": kind, **execute_tree(args, engine)}
+    role_adapters = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if adapters:
+            role_adapters = {}
+            for i, role in enumerate(ROLES):
+                path = write_random_lora(Path(tmp) / f"{role}.gguf", Path(args.model), seed=i)
+                role_adapters[role] = [(engine.load_adapter(path), 1.0)]  # type: ignore[attr-defined]
+        out = {"kind": "adapters" if adapters else kind}
+        out.update(execute_tree(args, engine, role_adapters))
     if kind == "batched":
         out["stats"] = asdict(engine.stats)  # type: ignore[attr-defined]
         out["mean_batch"] = engine.stats.mean_batch  # type: ignore[attr-defined]
@@ -260,10 +306,15 @@ def machine() -> dict:
     }
 
 
-def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, info: dict) -> str:
+def report(
+    args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, e: dict, info: dict
+) -> str:
     """The markdown written to BENCHMARKS.md (also what the terminal table shows)."""
-    tps = {k: r["tokens"] / r["seconds"] for k, r in (("a", a), ("b", b), ("c", c), ("d", d))}
+    tps = {
+        k: r["tokens"] / r["seconds"] for k, r in (("a", a), ("b", b), ("c", c), ("d", d), ("e", e))
+    }
     ba, bc, bd = tps["b"] / tps["a"], tps["b"] / tps["c"], tps["b"] / tps["d"]
+    eb = tps["e"] / tps["b"]
     plan, stats = b["plan"], b["stats"]
     row_rate = (b["tokens"] + stats["prefill_tokens"]) / b["seconds"]
     model = Path(args.model)
@@ -302,6 +353,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, info: d
         ("(b) batched tree engine", b, b["nodes"]),
         (f"(c) raw `llama_decode` ceiling, B = {c['batch']}, depth {c['depth']}+", c, None),
         (f"(d) `--engine openai` → llama-server, {d['slots']} slots", d, d["nodes"]),
+        ("(e) batched, a LoRA adapter on every role (role by role)", e, e["nodes"]),
     )
     for name, r, nodes in rows:
         nps = f"{nodes / r['seconds']:.2f}" if nodes else "—"
@@ -313,7 +365,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, info: d
     ok_a = "met" if ba >= TARGET_VS_SIMPLE else "NOT met"
     ok_c = "met" if bc >= TARGET_VS_CEILING else "NOT met"
     ok_d = "met" if bd >= TARGET_VS_SERVER else "NOT met"
-    busiest = max((r.get("other_load") or 0.0) for r in (a, b, c, d))
+    busiest = max((r.get("other_load") or 0.0) for r in (a, b, c, d, e))
     if busiest > 0.1 * info["cores"]:
         lines += [
             "",
@@ -326,6 +378,11 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, info: d
         f"- **b/c = {bc:.0%}** of the raw ceiling (target ≥ {TARGET_VS_CEILING:.0%}: {ok_c})",
         f"- **b/d = {bd:.2f}×** llama-server on the same tree (goal on a CPU ≥ "
         f"{TARGET_VS_SERVER}×: {ok_d})",
+        f"- **e/b = {eb:.2f}×**: the same tree with a LoRA adapter on every role (rank 8 on q and "
+        "v, `malt run --adapters`): built role by role in waves, so no child reuses its parent's "
+        f"cache ({e['stats']['reused_tokens']} prompt tokens reused, against "
+        f"{stats['reused_tokens']} in (b)) and each step also computes the adapters' low-rank "
+        "products",
         f"- (c) decodes B sequences, no sampling, on a context built like the engine's, at the "
         f"engine's mean batch and at its mean depth (a {c['depth']}-token context, then "
         f"{args.max_tokens} steps: the average generated token of (b) sat at position "
@@ -413,7 +470,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", type=Path, default=None, help="templates folder [the default]")
     p.add_argument("--ceiling-seconds", type=float, default=10.0)
     p.add_argument(
-        "--part", choices=("simple", "batched", "ceiling", "server"), help=argparse.SUPPRESS
+        "--part",
+        choices=("simple", "batched", "ceiling", "server", "adapters"),
+        help=argparse.SUPPRESS,
     )
     p.add_argument("--batch", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--position", type=float, default=0, help=argparse.SUPPRESS)
@@ -454,7 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if [p for p, _ in d["shape"]] != [p for p, _ in b["shape"]] or d["tokens"] != b["tokens"]:
         raise SystemExit("bench: llama-server built a different tree")
-    md = report(args, a, b, c, d, machine())
+    e = child(args, "adapters")
+    if [p for p, _ in e["shape"]] != [p for p, _ in b["shape"]] or e["tokens"] != b["tokens"]:
+        raise SystemExit("bench: the adapters' tree has another shape")
+    md = report(args, a, b, c, d, e, machine())
     print_table(md)
     args.out.write_text(md + kept_notes(args.out))
     print(f"bench: wrote {args.out}", file=sys.stderr)

@@ -62,6 +62,34 @@ prompts_option = click.option(
     "--prompts", "prompts_dir", type=click.Path(path_type=Path), help="Folder of role templates."
 )
 
+_adapter_options = [
+    click.option(
+        "--adapter",
+        "adapters",
+        multiple=True,
+        metavar="ROLE=PATH[:SCALE]",
+        help="LoRA adapter GGUF for generator|verifier|refiner, scale 1.0 unless "
+        ":SCALE. Repeatable; several for one role are applied together.",
+    ),
+    click.option(
+        "--adapters",
+        "adapters_dir",
+        type=click.Path(path_type=Path),
+        help="A malt train folder: every role its adapters from manifest.json (SFT, then "
+        "DPO). They must have been trained on --model and these prompts.",
+    ),
+    click.option(
+        "--allow-mismatch",
+        is_flag=True,
+        help="Use --adapters trained on another model or other prompts anyway.",
+    ),
+]
+
+
+def adapter_flags(func: Callable) -> Callable:
+    """--adapter, --adapters and --allow-mismatch, the same for run and eval."""
+    return _apply(_adapter_options, func)
+
 
 def engine_option(default: str = "batched") -> Callable:
     return click.option(

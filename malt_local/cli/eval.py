@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from malt_local.cli._options import (
+    adapter_flags,
     db_option,
     engine_flags,
     json_option,
@@ -42,26 +43,7 @@ from malt_local.paths import default_db_path
 @setting(EvalSettings, "samples", type=int, help="Random questions per seed from each file.")
 @setting(EvalSettings, "seeds", type=int, help="Seeds; accuracy is mean ± std over them.")
 @model_option
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    metavar="ROLE=PATH[:SCALE]",
-    help="LoRA adapter GGUF for generator|verifier|refiner, scale 1.0 unless "
-    ":SCALE. Repeatable; several for one role are applied together.",
-)
-@click.option(
-    "--adapters",
-    "adapters_dir",
-    type=click.Path(path_type=Path),
-    help="A malt train folder: every role its adapters from manifest.json (SFT, then DPO). "
-    "They must have been trained on --model and the run's prompts.",
-)
-@click.option(
-    "--allow-mismatch",
-    is_flag=True,
-    help="Evaluate --adapters trained on another model or other prompts anyway.",
-)
+@adapter_flags
 @db_option
 @setting(
     EvalSettings,

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from malt_local.cli._options import (
+    adapter_flags,
     db_option,
     engine_flags,
     json_option,
@@ -34,6 +35,7 @@ from malt_local.run.settings import RunSettings
     help="Samples per node: n generators, n² verifiers, n³ refiners.",
 )
 @model_option
+@adapter_flags
 @db_option
 @setting(RunSettings, "temperature", type=float, help="Sampling temperature (the paper's).")
 @setting(RunSettings, "top_p", type=float, help="Nucleus sampling (1.0: off).")
@@ -61,6 +63,9 @@ def command(
     run_id: str | None,
     new_run: bool,
     model: str | None,
+    adapters: tuple[str, ...],
+    adapters_dir: Path | None,
+    allow_mismatch: bool,
     judge: bool,
     judge_model: str | None,
     json_: bool,
@@ -70,7 +75,8 @@ def command(
 
     QUESTIONS is a .jsonl, .json, .csv, .tsv, .txt or .parquet file (GSM8K, MATH, CSQA or
     question/answer rows), UTF-8 or with a byte-order mark.
-    Re-running the same command continues where it stopped.
+    Re-running the same command continues where it stopped. With --adapters (a malt train
+    folder) or --adapter each role's nodes are made with its trained LoRA adapters.
     """
     from malt_local.run.pipeline import run_tree
 
@@ -92,6 +98,9 @@ def command(
             on_progress=bar,
             judge=judge,
             judge_model=judge_model,
+            adapter_values=adapters,
+            adapters_dir=adapters_dir,
+            allow_mismatch=allow_mismatch,
         )
     if json_:
         click.echo(json.dumps(result.as_dict(), indent=2))
@@ -103,6 +112,8 @@ def command(
         + (f"{len(result.too_long)} skipped as too long, " if result.too_long else "")
         + f"{result.tokens_per_second:.1f} tok/s -> {result.db}"
     )
+    for role, files in result.config.get("adapter_files", {}).items():
+        click.echo(f"{role} adapters: {', '.join(files)}")
     for skipped in result.too_long:
         click.echo(skipped.describe(), err=True)
     if result.layout_changed:

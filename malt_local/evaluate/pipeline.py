@@ -19,7 +19,6 @@ from pathlib import Path
 from malt_local import __version__
 from malt_local.db.store import Store, utcnow
 from malt_local.diskspace import disk_guard
-from malt_local.engines.base import AdapterEngine
 from malt_local.engines.registry import EngineOptions, engine_kind, identify_model, make_engine
 from malt_local.errors import MaltError
 from malt_local.evaluate.benchmarks import (
@@ -56,15 +55,10 @@ def run_eval(
     train folder) adds its roles' adapters before `adapter_values`, and must have been trained
     on this model and these prompts unless `allow_mismatch`.
     """
-    from malt_local.engines.llama.adapters import check_adapters, parse_adapters
+    from malt_local.role_adapters import check_engine, load_adapters, resolve_adapters
     from malt_local.run.settings import prompts_digest
-    from malt_local.training.manifest import adapter_values as folder_values
-    from malt_local.training.manifest import identity_problem, read_manifest
 
     settings.validate()
-    if adapters_dir is not None:
-        adapter_values = [*folder_values(adapters_dir), *adapter_values]
-    specs = parse_adapters(list(adapter_values))
     if not paths:
         raise MaltError("no questions file given")
     benchmarks = load_benchmarks(paths, settings.task)
@@ -75,18 +69,17 @@ def run_eval(
         options or EngineOptions(max_tokens=settings.max_tokens), max_tokens=settings.max_tokens
     )
     kind = engine_kind(engine_kind_name)
-    if specs and not kind.local:
-        raise MaltError(
-            f"--adapter needs a llama.cpp engine; with --engine {kind.name} serve each role's "
-            "adapter under its own model name and pass --role-model ROLE=NAME"
-        )
+    check_engine(adapter_values, adapters_dir, local=kind.local, engine_name=kind.name)
     model = identify_model(kind.name, model_spec, base)
-    if adapters_dir is not None and not allow_mismatch:
-        manifest = read_manifest(adapters_dir) or {}
-        problem = identity_problem(adapters_dir, manifest, model.sha256, prompts_digest(hashes))
-        if problem:
-            raise MaltError(problem)
-    infos = check_adapters(specs, Path(model.model)) if specs else {}
+    infos = resolve_adapters(
+        adapter_values,
+        adapters_dir,
+        local=kind.local,
+        engine_name=kind.name,
+        model=model,
+        prompts_sha256=prompts_digest(hashes),
+        allow_mismatch=allow_mismatch,
+    )
     engine_options = base.for_model(kind.local, model.served_model or model.model)
     model_sha = model.sha256
     remote = engine_options.remote
@@ -100,13 +93,7 @@ def run_eval(
     engine = make_engine(kind.name, engine_options)
     try:
         records = {role: [i.record() for i in role_infos] for role, role_infos in infos.items()}
-        handles = {}
-        if records:
-            assert isinstance(engine, AdapterEngine)
-            handles = {
-                role: [(engine.load_adapter(i.path), i.scale) for i in role_infos]
-                for role, role_infos in infos.items()
-            }
+        handles = load_adapters(engine, infos)
         adapter_sets = [AdapterSet(BASE)]
         if records:
             adapter_sets.append(AdapterSet(adapter_set_id(records), records, handles))

@@ -161,8 +161,24 @@ def build_manifest(
                 "questions_exported": per_run[r.id]["complete"],
                 "questions_incomplete": per_run[r.id]["incomplete"],
                 "config": json.loads(r.row["config"]),
+                # The LoRA adapters each role's nodes were made with ({}: the base model).
+                "adapters": run_adapters(json.loads(r.row["config"])),
             }
             for r in runs
         ],
         "files": files,
     }
+
+
+def run_adapters(config: dict) -> dict[str, list[dict]]:
+    """A run's per-role adapters from its stored config, as {role: [{path, sha256, scale}]}."""
+    stacks = config.get("adapters") or {}
+    files = config.get("adapter_files") or {}
+    out: dict[str, list[dict]] = {}
+    for role, stack in stacks.items():
+        paths = files.get(role) or []
+        out[role] = [
+            {"path": paths[i] if i < len(paths) else None, "sha256": sha, "scale": scale}
+            for i, (sha, scale) in enumerate(stack)
+        ]
+    return out

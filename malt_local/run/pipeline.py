@@ -29,6 +29,7 @@ from malt_local.errors import MaltError
 from malt_local.progress import OnProgress
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question, load_questions
+from malt_local.role_adapters import check_engine, identity_of, load_adapters, resolve_adapters
 from malt_local.run import too_long
 from malt_local.run.judge import (
     JudgeModel,
@@ -93,9 +94,16 @@ def run_tree(
     on_progress: OnProgress | None = None,
     judge: bool = False,
     judge_model: str | None = None,
+    adapter_values: tuple[str, ...] | list[str] = (),
+    adapters_dir: Path | None = None,
+    allow_mismatch: bool = False,
 ) -> RunSummary:
     """Build (or continue) the run's trees, then judge them if asked, and say what was done.
-    `on_progress` hears every stored node, then every verdict."""
+    `on_progress` hears every stored node, then every verdict.
+
+    With adapters (`adapters_dir`, a malt train folder, and `adapter_values`, `--adapter`
+    ROLE=PATH[:SCALE]) each role's nodes are made under that role's LoRA stack, and the stack is
+    part of the run's identity: a resume under other adapters is refused."""
     if limit is not None and limit < 1:
         raise MaltError(f"--limit must be at least 1 (got {limit})")
     kind = engine_kind(engine_kind_name)
@@ -122,9 +130,19 @@ def run_tree(
     base = dataclasses.replace(base, max_tokens=settings.max_tokens)
     if run is not None and previous.engine == kind.name and previous.layout:
         base = dataclasses.replace(base, layout=previous.layout)  # the resume keeps it
+    check_engine(adapter_values, adapters_dir, local=kind.local, engine_name=kind.name)
     identity = identify_model(kind.name, model_spec, base)
     engine_options = base.for_model(kind.local, identity.served_model or identity.model)
     remote = engine_options.remote
+    adapters = resolve_adapters(
+        adapter_values,
+        adapters_dir,
+        local=kind.local,
+        engine_name=kind.name,
+        model=identity,
+        prompts_sha256=prompts_digest(hashes),
+        allow_mismatch=allow_mismatch,
+    )
     spec = RunSpec(
         model=identity.model,
         model_sha256=identity.sha256,
@@ -143,6 +161,8 @@ def run_tree(
         served_model=identity.served_model,
         role_models=dict(remote.role_models) if remote is not None else {},
         model_revision=identity.revision,
+        adapters=identity_of(adapters),
+        adapter_files={r: [str(i.path) for i in infos] for r, infos in adapters.items()},
     )
     if run is not None:
         check_same(run, spec, str(db_path))
@@ -163,6 +183,7 @@ def run_tree(
 
     engine = make_engine(kind.name, engine_options)
     try:
+        handles = load_adapters(engine, adapters)
         if isinstance(engine, HasLayout):
             spec = dataclasses.replace(spec, layout=engine.layout())
         # Measured before anything is written: a huge question costs its time here, not after
@@ -187,7 +208,15 @@ def run_tree(
             skipped = record_fit(store, run["id"], questions, measured)
             too_long_ids = {s.question_id for s in skipped}
             fitting = [q for q in questions if q.id not in too_long_ids]
-            runner = TreeRunner(store, Run(run["id"], spec), fitting, engine, prompts, on_progress)
+            runner = TreeRunner(
+                store,
+                Run(run["id"], spec),
+                fitting,
+                engine,
+                prompts,
+                on_progress,
+                role_adapters=handles or None,
+            )
             started = time.monotonic()
             final = runner.execute()
             elapsed = time.monotonic() - started

@@ -34,6 +34,7 @@ IDENTITY = (
     "prompts_sha256",
     "ignore_eos",
     "role_models",
+    "adapters",
 )
 
 
@@ -107,6 +108,12 @@ class RunSpec:
     # The engine's memory layout when the run began (`HasLayout`; the batched engine's KV
     # plan): not identity, but the texts follow it, so a resume on the same engine keeps it.
     layout: dict = field(default_factory=dict)
+    # Per-role LoRA adapters (`--adapters`, `--adapter`): role -> [[sha256, scale], ...] in the
+    # order applied. Identity: other adapters make other nodes. {} is the base model (and every
+    # run made before malt run took adapters).
+    adapters: dict = field(default_factory=dict)
+    # Where those files were (not identity), for the export's record.
+    adapter_files: dict = field(default_factory=dict)
 
     def row(self, run_id: str) -> dict:
         cfg = asdict(self)
@@ -184,8 +191,20 @@ def differences(old: RunSpec, new: RunSpec) -> list[str]:
                 a, b = _model_label(old), _model_label(new)
             elif name == "prompts_sha256":
                 a, b = "templates " + a[:8], "templates " + b[:8]
+            elif name == "adapters":
+                a, b = _adapters_label(a), _adapters_label(b)
             out.append(f"{label} {a} (now {b})")
     return out
+
+
+def _adapters_label(adapters: dict) -> str:
+    """`{generator: [[sha, 1.0]]}` as "generator 1a2b3c4d"; "none" for the base model."""
+    if not adapters:
+        return "none"
+    return ", ".join(
+        f"{role} " + "+".join(sha[:8] + ("" if scale == 1 else f":{scale}") for sha, scale in stack)
+        for role, stack in adapters.items()
+    )
 
 
 def _model_label(spec: RunSpec) -> str:

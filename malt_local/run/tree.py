@@ -6,6 +6,13 @@ completion the moment it arrives, grades the leaves, and assigns credit to a que
 tree once its last leaf is in. Everything it does is idempotent: a killed run re-planned from
 the database continues where it stopped.
 
+With per-role LoRA adapters (`malt run --adapters`) llama.cpp applies one adapter stack per
+context, so the tree is built role by role over a wave of questions: every missing generator node
+of the wave under the generator's stack, then every critique under the verifier's, then every
+refinement under the refiner's. A role's n siblings still share their prompt's prefill (one
+request, n seeds); what is lost is the reuse of a parent's KV cache by its children, which was
+computed under another role's adapters and is not valid under these.
+
 Several processes may build one run together (one per GPU): a question's tree is built by the
 process that holds its claim (malt_local.db.claims). A process claims the next question only when
 its engine has room for more work and nothing else queued, plans the question from what is
@@ -27,7 +34,7 @@ from malt_local.grading import extract_answer, grade
 from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions.loading import Question
-from malt_local.roles import NodePath, role_at, tree_size
+from malt_local.roles import ROLES, NodePath, role_at, tree_size
 from malt_local.run import credit
 from malt_local.run.settings import Run
 
@@ -68,6 +75,34 @@ def assign_question_credit(
     return True
 
 
+# Questions claimed and built together when roles have their own adapters: each role's turn of a
+# wave is one `generate` call, so the wave is what one adapter switch is amortised over.
+WAVE = 64
+
+
+class _ByRole(RequestQueue):
+    """Requests held per role until that role's turn of the wave (adapters mode).
+
+    It stands where the claiming queue stands otherwise: the planner and `_on_completion` push
+    into it, and `take` hands one role's requests to the engine as a queue of their own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: dict[str, RequestQueue] = {role: RequestQueue() for role in ROLES}
+
+    def push(self, request: GenRequest, priority: tuple = ()) -> None:
+        assert request.role is not None
+        self._held[request.role].push(request, priority)
+
+    def take(self, role: str) -> RequestQueue:
+        queue, self._held[role] = self._held[role], RequestQueue()
+        return queue
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._held.values())
+
+
 @dataclass
 class _Pending:
     question: Question
@@ -88,7 +123,13 @@ class TreeRunner:
         engine: Engine,
         prompts: PromptSet,
         on_progress: Callable[[Progress], None] | None = None,
+        *,
+        role_adapters: dict[str, list[tuple[object, float]]] | None = None,
+        wave: int = WAVE,
     ) -> None:
+        """`role_adapters` (role -> loaded (handle, scale) stack; a role left out uses the base
+        weights) builds the trees role by role in waves of `wave` questions; the engine must
+        then be an `AdapterEngine`."""
         spec = run.spec
         self.store = store
         self.run_id = run.id
@@ -110,7 +151,12 @@ class TreeRunner:
         self._pending: dict[str, _Pending] = {}
         self._leaves: dict[str, int] = {}
         self.claims = Claims(store, "tree", self.run_id)
-        self.queue: RequestQueue = ClaimingQueue(self._claim_next)
+        self.role_adapters = role_adapters
+        self.wave = max(1, wave)
+        self._by_role = _ByRole() if role_adapters is not None else None
+        self.queue: RequestQueue = (
+            ClaimingQueue(self._claim_next) if self._by_role is None else self._by_role
+        )
         self._cursor: ClaimCursor | None = None
         self._next_try = 0.0
 
@@ -201,8 +247,9 @@ class TreeRunner:
                 keys=keys,
                 seeds=seeds,
                 params=self.params,
-                parent_key=parent.id if parent else None,
-                expects_children=depth < 3,
+                # By role, a parent's cache was made under another role's adapters.
+                parent_key=parent.id if parent and self._by_role is None else None,
+                expects_children=depth < 3 and self._by_role is None,
                 group=q.id,
                 role=role,
             ),
@@ -222,6 +269,9 @@ class TreeRunner:
             self.on_progress(progress)
         assert self._cursor is not None
         with self.claims:
+            if self._by_role is not None:
+                self._execute_by_role(progress)
+                return self._recount(progress)
             while True:
                 for completion in self.engine.generate(self.queue):
                     self._on_completion(completion, progress)
@@ -232,6 +282,29 @@ class TreeRunner:
                     break
                 self._cursor.pause()
         return self._recount(progress)
+
+    def _execute_by_role(self, progress: Progress) -> None:
+        """Claim a wave of questions, then build it one role at a time under its adapters."""
+        assert self._by_role is not None and self.role_adapters is not None
+        assert self._cursor is not None
+        use_adapters = self.engine.use_adapters  # type: ignore[attr-defined]
+        while True:
+            self._next_try = 0.0
+            claimed = 0
+            while claimed < self.wave and self._claim_next():
+                claimed += 1
+            if not claimed:
+                if not self._cursor.waiting:
+                    return
+                self._cursor.pause()
+                continue
+            for role in ROLES:  # a role's requests come from the one before it
+                queue = self._by_role.take(role)
+                if not len(queue):
+                    continue
+                use_adapters(self.role_adapters.get(role, []))
+                for completion in self.engine.generate(queue):
+                    self._on_completion(completion, progress)
 
     def _on_completion(self, completion: Completion, progress: Progress) -> None:
         record = self._store(completion)
