@@ -333,8 +333,10 @@ def test_settings_that_cannot_fit_are_clear_errors(model, monkeypatch):
         plan_batch(model, max_tokens=16, seq_limit=2048, parallel=10_000)
     with pytest.raises(MaltError, match="--ctx"):
         plan_batch(model, max_tokens=16, seq_limit=2048, ctx=100)
-    with pytest.raises(MaltError, match="lower --parallel or --ctx"):
+    with pytest.raises(MaltError, match="--ctx must be at most"):
         plan_batch(model, max_tokens=16, seq_limit=2048, ctx=2**40)
+    with pytest.raises(MaltError, match="lower --parallel or --ctx"):
+        plan_batch(model, max_tokens=16, seq_limit=2048, ctx=2**31 - 1)
     # On a CPU: one stream of seq_limit cells per sequence id, half the ids spare for kept
     # parents, as many as STREAMS_BYTES holds; the free memory never changes the plan (the
     # layout changes the texts), it only refuses one that cannot fit.
