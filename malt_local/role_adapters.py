@@ -24,12 +24,14 @@ RoleHandles = dict[str, list[tuple[object, float]]]
 def check_engine(
     values: Sequence[str], adapters_dir: Path | None, *, local: bool, engine_name: str
 ) -> None:
-    """Refuse adapters on a server engine before the server is even asked what it serves."""
+    """Refuse adapters on a server engine before the server is even asked what it serves, and
+    a malformed `--adapter` value before the model is looked for (a typo is the cheaper news)."""
     if (values or adapters_dir is not None) and not local:
         raise MaltError(
             f"--adapter needs a llama.cpp engine; with --engine {engine_name} serve each role's "
             "adapter under its own model name and pass --role-model ROLE=NAME"
         )
+    parse_adapters(list(values))
 
 
 def resolve_adapters(

@@ -405,9 +405,9 @@ def test_benchmark_labels_name_the_folder_and_stay_distinct(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--votes", "0"], "--votes must be at least 1"),
-        (["--samples", "0"], "--samples must be at least 1"),
-        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--votes", "0"], "--votes must be in [1, 1000] (got 0)"),
+        (["--samples", "0"], "--samples must be in [1, 1000000] (got 0)"),
+        (["--seeds", "0"], "--seeds must be in [1, 1000] (got 0)"),
         (["--adapter", "critic=x.gguf"], "unknown role 'critic'"),
         (["--adapter", "generator"], "expected ROLE=PATH"),
         (["--task", "poetry"], "unknown task 'poetry'"),

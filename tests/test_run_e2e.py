@@ -232,7 +232,7 @@ ONE = '{"question": "a", "answer": "1"}\n'  # one good question
                 "nan",
                 "q.jsonl",
             ],
-            "--request-timeout must be a positive",
+            "--request-timeout must be in [1, 604800] seconds",
         ),
         (
             '{"question": "a", "answer": "1"}\n',
