@@ -50,8 +50,10 @@ def greedy_trees(tmp_path_factory, small_model, llama_server):
     env = {"MALT_HOME": str(d / "home")}
     common = ("--seed", "1", "--temperature", "0", "--json")
     local, remote = d / "local.db", d / "server.db"
-    r = malt(*run_argv(local, small_model, *common, n=N, max_tokens=MAX_TOKENS, limit=LIMIT),
-             env=env)  # fmt: skip
+    # Like with like: the embedded engine under the server's layout (four sequences of 2,048).
+    pinned = ("--parallel", "4", "--ctx", "2048")
+    r = malt(*run_argv(local, small_model, *common, *pinned, n=N, max_tokens=MAX_TOKENS,
+                       limit=LIMIT), env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     argv = run_argv(remote, small_model, *common, n=N, max_tokens=MAX_TOKENS, limit=LIMIT)
     at = argv.index("--model")
@@ -99,23 +101,29 @@ def test_server_tree_has_the_local_engines_shape_and_bookkeeping(greedy_trees, l
 def test_server_tree_at_temperature_0_equals_the_local_engines_text(greedy_trees):
     """The server is sent exactly the local engine's prompts; the generators' greedy texts are
     the same. Deeper, a greedy text may differ where two tokens are nearly tied: llama-server
-    decodes its slots' sequences in other batches than the engine does, and batched sums round
-    differently (seen once in four runs here, at one verifier). Where the texts above a node
-    are equal its prompt must be too, and every text is compared up to there."""
+    decodes its slots' sequences in other batches than the engine does, batched sums round
+    differently, and how often that flips a token depends on the CPU's kernels (on an AVX2 EPYC
+    once in four runs, at one verifier; on an AVX-512 EPYC 18 of 28 texts, and the embedded
+    engine alone agrees with itself on 16 of 28 between `--parallel 4` and its default). So the
+    local tree is made under the server's layout (four sequences of 2,048 cells), and what is
+    compared is what follows from the prompts, not how often a near-tie falls the same way:
+    where the texts above a node are equal its prompt is too, and the server counts the same
+    prompt in the same number of tokens (it renders the GGUF's template as malt does)."""
     local, remote, _ = greedy_trees
     a, b = by_place(local), by_place(remote)
-    same = [c for c in SAME if c != "completion_tokens"]  # its own test, below
+    # A node's own columns: its value and label follow from descendants that may differ.
+    own = [c for c in SAME if c not in ("completion_tokens", "reward", "value", "label")]
     for key in a:  # a prompt may differ only below a text that differed
         if a[key]["messages"] != b[key]["messages"]:
             assert a[key]["depth"] > 1, key
             parent = (key[0], a[key]["parent_path"])
             assert a[parent]["output"] != b[parent]["output"], key
+        else:
+            assert a[key]["prompt_tokens"] == b[key]["prompt_tokens"], key
     generators = [k for k in a if a[k]["depth"] == 1]
-    different = [k for k in generators if any(a[k][c] != b[k][c] for c in same)]
-    assert not different, [(k, {c: (a[k][c], b[k][c]) for c in same if a[k][c] != b[k][c]})
+    different = [k for k in generators if any(a[k][c] != b[k][c] for c in own)]
+    assert not different, [(k, {c: (a[k][c], b[k][c]) for c in own if a[k][c] != b[k][c]})
                            for k in different[:2]]  # fmt: skip
-    agree = sum(a[k]["output"] == b[k]["output"] for k in a)
-    assert agree >= len(a) // 2, f"only {agree} of {len(a)} greedy texts agree"
     # The first child of every node has the seed the local engine gave it; greedy decoding
     # makes the seeds irrelevant to the text, so this is bookkeeping, not sampling.
     for key, node in b.items():
@@ -123,16 +131,33 @@ def test_server_tree_at_temperature_0_equals_the_local_engines_text(greedy_trees
             assert node["seed"] == a[key]["seed"]
 
 
-def test_each_node_books_its_own_completion_tokens_when_children_go_with_n(greedy_trees):
+def test_each_node_books_its_own_completion_tokens_when_children_go_with_n(
+    greedy_trees, small_model
+):
     # llama-server answers a request with n choices with the *first* child's usage only
     # (tools/server/server-context.cpp merges the choices and keeps arr[0]'s usage), so the
     # usage cannot be split into per-child shares; each choice's own token count is needed
     # (e.g. `logprobs`: one entry per generated token).
     local, remote, _ = greedy_trees
     a, b = by_place(local), by_place(remote)
+    # Each count is its own text's: a length-stopped node made exactly --max-tokens, and a
+    # stopped one at least as many tokens as its text re-tokenizes to (a sampled text may be
+    # spelled in more tokens than the tokenizer's own) and no more than the limit. A first
+    # child's usage given to its siblings, or one request's usage shared among its n choices,
+    # breaks one of these wherever the texts differ in length.
+    from llama_cpp import Llama
+
+    vocab = Llama(str(small_model), vocab_only=True, verbose=False)
+    for key, node in b.items():
+        made = node["completion_tokens"]
+        if node["finish_reason"] == "length":
+            assert made == MAX_TOKENS, key
+        else:
+            spelled = len(vocab.tokenize(node["output"].encode(), add_bos=False, special=False))
+            assert spelled <= made <= MAX_TOKENS, (key, spelled, made, node["output"])
     # Where the greedy texts agree (see above for where they need not), so do the counts.
     agree = [k for k in a if a[k]["output"] == b[k]["output"]]
-    assert len(agree) >= len(a) // 2
+    assert agree  # the generators, at least
     wrong = {k: (a[k]["completion_tokens"], b[k]["completion_tokens"]) for k in agree
              if a[k]["completion_tokens"] != b[k]["completion_tokens"]}  # fmt: skip
     assert not wrong, list(wrong.items())[:4]
