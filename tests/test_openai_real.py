@@ -122,8 +122,11 @@ def test_tree_through_the_server_has_the_local_engines_shape_and_bookkeeping(
     for i in range(2):
         with python_server(small_model, tmp_path / f"fresh-{i}.log") as url:
             db = tmp_path / f"again-{i}.db"
+            # One request at a time, so both servers see the same requests in the same order
+            # (with several in flight the order follows timing, and so does prefix reuse).
             r = malt("run", "--engine", "openai", "--endpoint", url, "--model", SERVED,
-                     "--db", str(db), *common, str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
+                     "--max-in-flight", "1", "--db", str(db), *common,
+                     str(EXAMPLES / "gsm8k.jsonl"), env=env)  # fmt: skip
             assert r.returncode == 0, r.stderr
             outputs.append([x["output"] for x in rows(db, sql)])
     assert len(outputs[0]) == 14 and outputs[0] == outputs[1]
