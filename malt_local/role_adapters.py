@@ -3,9 +3,12 @@ checked against the model before anything is written, and loaded onto the engine
 
 Both commands take the same flags, `--adapter ROLE=PATH[:SCALE]` (repeatable) and `--adapters
 DIR` (a `malt train` folder, every role its SFT then DPO adapter), and refuse the same things in
-one line: a server engine (llama.cpp applies adapters per context; a server serves them under
-model names of its own), a file that does not fit the model (`engines.llama.adapters`), and a
-train folder made for another model or under other prompts unless `allow_mismatch`.
+one line: a file that does not fit the model (`engines.llama.adapters`; for a server's model only
+the file itself is checked, and the server must list it), and a train folder made for another
+model or under other prompts unless `allow_mismatch`.
+
+The llama.cpp engines apply a role's stack on their own context; `--engine openai` sends it with
+each request to a llama-server started with the same files (`engines.openai.lora`).
 """
 
 from __future__ import annotations
@@ -14,23 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from malt_local.engines.base import AdapterEngine, Engine, ModelIdentity
-from malt_local.engines.llama.adapters import AdapterInfo, check_adapters, parse_adapters
+from malt_local.engines.llama.adapters import (
+    AdapterInfo,
+    check_adapter_files,
+    check_adapters,
+    parse_adapters,
+)
 from malt_local.errors import MaltError
+from malt_local.hashing import is_sha256
 
 # Per role, the loaded (llama.cpp handle, scale) pairs to set on the context for its turns.
 RoleHandles = dict[str, list[tuple[object, float]]]
 
 
-def check_engine(
-    values: Sequence[str], adapters_dir: Path | None, *, local: bool, engine_name: str
-) -> None:
-    """Refuse adapters on a server engine before the server is even asked what it serves, and
-    a malformed `--adapter` value before the model is looked for (a typo is the cheaper news)."""
-    if (values or adapters_dir is not None) and not local:
-        raise MaltError(
-            f"--adapter needs a llama.cpp engine; with --engine {engine_name} serve each role's "
-            "adapter under its own model name and pass --role-model ROLE=NAME"
-        )
+def check_values(values: Sequence[str]) -> None:
+    """Refuse a malformed `--adapter` value before the model is looked for (a typo is the
+    cheaper news, and a server need not be asked)."""
     parse_adapters(list(values))
 
 
@@ -49,19 +51,26 @@ def resolve_adapters(
     `adapters_dir` comes first, then `values`, so a `--adapter` adds to a trained folder's stack.
     """
     from malt_local.training.manifest import adapter_values as folder_values
-    from malt_local.training.manifest import identity_problem, read_manifest
+    from malt_local.training.manifest import identity_problem, read_manifest, trained_for
 
     if adapters_dir is not None:
         values = [*folder_values(adapters_dir), *values]
     specs = parse_adapters(list(values))
     if not specs:
         return {}
-    check_engine(values, adapters_dir, local=local, engine_name=engine_name)
     if adapters_dir is not None and not allow_mismatch:
         manifest = read_manifest(adapters_dir) or {}
+        if not is_sha256(model.sha256) and trained_for(manifest)[0] is not None:
+            raise MaltError(
+                f"--adapters {adapters_dir}: the digest of the model --engine {engine_name} "
+                "serves is not known, so the adapters cannot be checked against it: pass "
+                "--model-sha256 (of the GGUF the server runs), or --allow-mismatch"
+            )
         problem = identity_problem(adapters_dir, manifest, model.sha256, prompts_sha256)
         if problem:
             raise MaltError(problem)
+    if not local:
+        return check_adapter_files(specs)
     return check_adapters(specs, Path(model.model))
 
 

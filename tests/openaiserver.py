@@ -64,6 +64,7 @@ class FakeOpenAI:
         delay: float = 0.0,
         hang_seconds: float = 30.0,
         json_schema_format: bool = True,
+        loras: tuple[str, ...] | None = None,
     ) -> None:
         self.models = models
         self.api_key = api_key
@@ -73,6 +74,8 @@ class FakeOpenAI:
         # False: refuse response_format "json_schema" as llama-cpp-python's server does (its
         # validation error, answered with 500).
         self.json_schema_format = json_schema_format
+        # Paths listed at GET /lora-adapters, as llama-server lists its --lora files (None: 404).
+        self.loras = loras
         self.script: list[str | bytes | None] = []
         self.chats: list[ChatRequest] = []
         self.killed = threading.Event()
@@ -141,6 +144,9 @@ class FakeOpenAI:
             self._json(h, 200, {"object": "list", "data": [{"id": m} for m in self.models]})
         elif h.path == "/props" and self.slots is not None:
             self._json(h, 200, {"total_slots": self.slots})
+        elif h.path == "/lora-adapters" and self.loras is not None:
+            listing = [{"id": i, "path": p, "scale": 1.0} for i, p in enumerate(self.loras)]
+            self._json(h, 200, listing)
         else:
             self._json(h, 404, {"error": {"message": "not found"}})
 

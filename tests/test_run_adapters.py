@@ -146,10 +146,12 @@ def test_bad_adapter_flags_write_nothing(tmp_path, small_model, loras, questions
         (("--adapter", f"verifier={tmp_path / 'nope.gguf'}"), "file not found"),
         (("--adapter", f"verifier={small_model}"), "is a model, not a LoRA adapter"),
         (("--adapters", str(tmp_path)), "no manifest.json"),
+        # A typo is refused before any server is asked (adapters through a server:
+        # tests/test_served_adapters.py).
         (
-            ("--adapter", f"verifier={loras['a']}", "--engine", "openai", "--endpoint",
+            ("--adapter", f"critic={loras['a']}", "--engine", "openai", "--endpoint",
              "http://127.0.0.1:9"),
-            "needs a llama.cpp engine",
+            "unknown role 'critic'",
         ),
     ):  # fmt: skip
         line = one_line_error(run(db, small_model, questions, *extra))

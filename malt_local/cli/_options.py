@@ -69,7 +69,8 @@ _adapter_options = [
         multiple=True,
         metavar="ROLE=PATH[:SCALE]",
         help="LoRA adapter GGUF for generator|verifier|refiner, scale 1.0 unless "
-        ":SCALE. Repeatable; several for one role are applied together.",
+        ":SCALE. Repeatable; several for one role are applied together. With --engine "
+        "openai: a file the llama-server serves (--lora).",
     ),
     click.option(
         "--adapters",

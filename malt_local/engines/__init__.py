@@ -13,6 +13,7 @@ from malt_local.engines.base import (
     HasLayout,
     MeasuresPrompts,
     ModelIdentity,
+    PerRequestAdapters,
     RequestQueue,
     SamplingParams,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "HasLayout",
     "MeasuresPrompts",
     "ModelIdentity",
+    "PerRequestAdapters",
     "RequestQueue",
     "SamplingParams",
     "engine_kind",

@@ -183,6 +183,17 @@ class AdapterEngine(Protocol):
 
 
 @runtime_checkable
+class PerRequestAdapters(Protocol):
+    """An adapter engine whose server applies a stack per request (llama-server's `lora`
+    field): a run gives each role its stack once, and the roles' requests then interleave as
+    without adapters instead of being built role by role in waves."""
+
+    def adapters_by_role(self, stacks: dict[str, list[tuple[object, float]]]) -> None:
+        """Each request from now on carries its role's (handle, scale) stack; none: the base."""
+        ...
+
+
+@runtime_checkable
 class HasLayout(Protocol):
     """An engine whose texts follow a memory layout of its own choosing (the batched engine's
     KV cache): a run records it when it starts and is continued only under the same one."""

@@ -55,7 +55,7 @@ def run_eval(
     train folder) adds its roles' adapters before `adapter_values`, and must have been trained
     on this model and these prompts unless `allow_mismatch`.
     """
-    from malt_local.role_adapters import check_engine, load_adapters, resolve_adapters
+    from malt_local.role_adapters import check_values, load_adapters, resolve_adapters
     from malt_local.run.settings import prompts_digest
 
     settings.validate()
@@ -69,7 +69,7 @@ def run_eval(
         options or EngineOptions(max_tokens=settings.max_tokens), max_tokens=settings.max_tokens
     )
     kind = engine_kind(engine_kind_name)
-    check_engine(adapter_values, adapters_dir, local=kind.local, engine_name=kind.name)
+    check_values(adapter_values)
     model = identify_model(kind.name, model_spec, base)
     infos = resolve_adapters(
         adapter_values,

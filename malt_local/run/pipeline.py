@@ -21,6 +21,7 @@ from malt_local.engines import (
     HasLayout,
     MeasuresPrompts,
     ModelIdentity,
+    PerRequestAdapters,
     engine_kind,
     identify_model,
     make_engine,
@@ -29,7 +30,7 @@ from malt_local.errors import MaltError
 from malt_local.progress import OnProgress
 from malt_local.prompts import PromptSet
 from malt_local.questions.loading import Question, load_questions
-from malt_local.role_adapters import check_engine, identity_of, load_adapters, resolve_adapters
+from malt_local.role_adapters import check_values, identity_of, load_adapters, resolve_adapters
 from malt_local.run import too_long
 from malt_local.run.judge import (
     JudgeModel,
@@ -130,7 +131,7 @@ def run_tree(
     base = dataclasses.replace(base, max_tokens=settings.max_tokens)
     if run is not None and previous.engine == kind.name and previous.layout:
         base = dataclasses.replace(base, layout=previous.layout)  # the resume keeps it
-    check_engine(adapter_values, adapters_dir, local=kind.local, engine_name=kind.name)
+    check_values(adapter_values)
     identity = identify_model(kind.name, model_spec, base)
     engine_options = base.for_model(kind.local, identity.served_model or identity.model)
     remote = engine_options.remote
@@ -184,6 +185,9 @@ def run_tree(
     engine = make_engine(kind.name, engine_options)
     try:
         handles = load_adapters(engine, adapters)
+        if handles and isinstance(engine, PerRequestAdapters):
+            engine.adapters_by_role(handles)  # the server applies them: no waves needed
+            handles = {}
         if isinstance(engine, HasLayout):
             spec = dataclasses.replace(spec, layout=engine.layout())
         # Measured before anything is written: a huge question costs its time here, not after

@@ -109,8 +109,11 @@ class AdapterInfo:
         }
 
 
-def check_adapter(spec: AdapterSpec, model: GGUFHeader, model_name: str) -> AdapterInfo:
-    """Check that `spec.path` is a LoRA GGUF that llama.cpp can apply to `model`."""
+def check_adapter(spec: AdapterSpec, model: GGUFHeader | None, model_name: str) -> AdapterInfo:
+    """Check that `spec.path` is a LoRA GGUF that llama.cpp can apply to `model`.
+
+    With `model` None (a server's model, whose file malt does not read) only the file itself is
+    checked: a LoRA GGUF of complete A/B pairs; the server checks the fit when it loads it."""
     from malt_local.hashing import cached_sha256
 
     where = f"--adapter {spec.role}: {spec.path}"
@@ -130,7 +133,8 @@ def check_adapter(spec: AdapterSpec, model: GGUFHeader, model_name: str) -> Adap
     atype = header.string("adapter.type")
     if atype != "lora":
         raise MaltError(f"{where} is a '{atype}' adapter, not a LoRA adapter")
-    arch, model_arch = header.string("general.architecture"), model.string("general.architecture")
+    arch = header.string("general.architecture")
+    model_arch = model.string("general.architecture") if model is not None else arch
     if arch != model_arch:
         raise MaltError(f"{where} is for architecture '{arch}', but {model_name} is '{model_arch}'")
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -147,13 +151,18 @@ def check_adapter(spec: AdapterSpec, model: GGUFHeader, model_name: str) -> Adap
     for base, ab in sorted(pairs.items()):
         if set(ab) != {"a", "b"}:
             raise MaltError(f"{where}: tensor '{base}' has lora_a or lora_b but not both")
+        a, b = ab["a"], ab["b"]
+        if model is None:
+            if len(a) != 2 or len(b) != 2:
+                raise MaltError(f"{where}: tensor '{base}' has unexpected dimensions")
+            ranks.add(a[0] if base.endswith("token_embd.weight") else a[1])
+            continue
         target = model.tensors.get(base)
         if target is None:
             raise MaltError(
                 f"{where}: tensor '{base}' does not exist in {model_name} (an adapter for "
                 "another model?)"
             )
-        a, b = ab["a"], ab["b"]
         if len(a) != 2 or len(b) != 2 or len(target) < 2:
             raise MaltError(f"{where}: tensor '{base}' has unexpected dimensions")
         if base.endswith("token_embd.weight"):
@@ -190,5 +199,13 @@ def check_adapters(
     model = read_gguf_header(model_path)
     return {
         role: [check_adapter(spec, model, model_path.name) for spec in role_specs]
+        for role, role_specs in specs.items()
+    }
+
+
+def check_adapter_files(specs: dict[str, list[AdapterSpec]]) -> dict[str, list[AdapterInfo]]:
+    """Check every adapter file on its own, for a server's model (see `check_adapter`)."""
+    return {
+        role: [check_adapter(spec, None, "the served model") for spec in role_specs]
         for role, role_specs in specs.items()
     }

@@ -14,6 +14,10 @@ than its slots. Failures are retried with jittered exponential backoff (honourin
 `Retry-After`); an endpoint that keeps failing is taken out and its questions move to the
 others. A completion is yielded once per key, so a node is never stored twice, and whatever
 was stored stays: a killed run resumes from the database as with the local engines.
+
+LoRA adapters go with each request to a llama-server that serves the files (`lora.py`): the
+engine is an `AdapterEngine` (a stack for every request from now on, as eval switches sets) and
+`PerRequestAdapters` (each request its role's stack, so a run needs no waves).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from malt_local.engines.base import Completion, GenRequest, ModelIdentity, RequestQueue
 from malt_local.engines.openai import http
+from malt_local.engines.openai.lora import ServedLora, lora_field, match, parse_listing
 from malt_local.engines.openai.routing import Endpoint, pick
 from malt_local.engines.openai.settings import OpenAISettings
 from malt_local.engines.registry import EngineOptions
@@ -58,6 +64,7 @@ class ServerInfo:
     models: list[str]
     slots: int | None  # llama-server's total_slots
     llama_server: bool
+    loras: list[tuple[int, str]] | None = None  # llama-server's /lora-adapters
 
 
 def _auth(settings: OpenAISettings, url: str) -> dict[str, str]:
@@ -103,7 +110,15 @@ def probe(url: str, settings: OpenAISettings) -> ServerInfo:
             slots, llama_server = int(info["total_slots"]), True
     except (http.TransportError, ValueError, RecursionError):
         pass
-    return ServerInfo(url, models, slots, llama_server)
+    loras = None
+    if llama_server:
+        try:
+            listing = http.get_sync(url + "/lora-adapters", _auth(settings, url), timeout)
+            if listing.status == 200:
+                loras = parse_listing(url, listing.json())
+        except (http.TransportError, ValueError, RecursionError):
+            pass
+    return ServerInfo(url, models, slots, llama_server, loras)
 
 
 def _settings(options: EngineOptions) -> OpenAISettings:
@@ -149,7 +164,7 @@ def make_openai(options: EngineOptions) -> OpenAIEngine:
         info = probe(url, settings)
         slots = settings.max_in_flight or info.slots or DEFAULT_IN_FLIGHT
         server_n = info.llama_server if settings.server_n is None else settings.server_n
-        endpoints.append(Endpoint(url, max(1, slots), server_n))
+        endpoints.append(Endpoint(url, max(1, slots), server_n, loras=info.loras))
     return OpenAIEngine(settings, endpoints)
 
 
@@ -166,6 +181,7 @@ class _Unit:
     with_n: bool
     priority: tuple = ()
     tries: int = 0
+    adapters: list[tuple[object, float]] = field(default_factory=list)  # (ServedLora, scale)
 
     @property
     def size(self) -> int:
@@ -202,6 +218,29 @@ class OpenAIEngine:
         self._in_flight = 0
         # What each endpoint was sent, by question: the tests check that a tree stays on one.
         self.sent: dict[str, set[str]] = {e.url: set() for e in endpoints}
+        # LoRA stacks: the one set by `use_adapters`, or one per role (`adapters_by_role`).
+        self._stack: list[tuple[object, float]] = []
+        self._role_stacks: dict[str, list[tuple[object, float]]] | None = None
+
+    # -- adapters: llama-server applies them per request (engines.openai.lora) -------------------
+
+    def load_adapter(self, path: str | Path) -> ServedLora:
+        """The file's id on every endpoint; one line where an endpoint does not serve it."""
+        local = Path(path)
+        return ServedLora(local, {e.url: match(e.url, local, e.loras) for e in self.endpoints})
+
+    def use_adapters(self, adapters: list[tuple[object, float]]) -> None:
+        """Requests handed out from now on carry this stack ([]: the base model)."""
+        self._stack = list(adapters)
+
+    def adapters_by_role(self, stacks: dict[str, list[tuple[object, float]]]) -> None:
+        """Each request carries its own role's stack, so a run's roles need no waves."""
+        self._role_stacks = {role: list(stack) for role, stack in stacks.items()}
+
+    def _stack_for(self, role: str | None) -> list[tuple[object, float]]:
+        if self._role_stacks is not None:
+            return self._role_stacks.get(role or "", [])
+        return self._stack
 
     # -- the synchronous side: routing and hand-out ----------------------------------------------
 
@@ -267,6 +306,7 @@ class OpenAIEngine:
                 if w.start >= len(w.request.keys):
                     heapq.heappop(heap)
                 unit = _Unit(w.request, keys, seeds, ep.server_n and take > 1, w.priority)
+                unit.adapters = self._stack_for(w.request.role)
                 self._submit(ep, unit)
 
     def _submit(self, ep: Endpoint, unit: _Unit) -> None:
@@ -359,6 +399,11 @@ class OpenAIEngine:
             retry_after: float | None = None
             style = ep.schema_style
             body = self.payload(unit, style)
+            # Every adapter the server serves, at this unit's scale or 0: a request without
+            # the field would get the server's own scales (see engines.openai.lora).
+            lora = lora_field(ep.url, ep.loras, unit.adapters)
+            if lora is not None:
+                body["lora"] = lora
             try:
                 r = await http.request(
                     ep.url + "/v1/chat/completions",

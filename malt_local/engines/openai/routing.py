@@ -27,6 +27,8 @@ class Endpoint:
     # "json_object" with a "schema" (llama-cpp-python's server, which refuses the former).
     schema_style: str = "json_schema"
     reported: bool = False  # its removal was announced
+    # llama-server's `GET /lora-adapters` as (id, path); None where the server has no such list.
+    loras: list[tuple[int, str]] | None = None
 
 
 def score(url: str, key: str) -> int:
