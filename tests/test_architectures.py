@@ -3,7 +3,7 @@
 For each architecture (tests/tinymodels.py): a Hugging Face folder with random weights, its GGUF
 from llama.cpp's own converter, `malt pull --file`, `malt run`, `malt export`, `malt train --base
 FOLDER`, the GGUF LoRA loaded by llama.cpp, and llama.cpp's greedy text with the adapter equal
-to transformers + PEFT's on the prompt malt renders for the question.
+to transformers + PEFT's on the prompt malt renders (and tokenizes) for a question.
 
 A random model answers nothing right, so the run is made twice: greedy (temperature 0) texts do
 not depend on the question's answer, so the first run's refiner answer becomes the question's
@@ -22,8 +22,11 @@ from tests.conftest import malt
 from tests.tinymodels import ARCHS, build, convert
 
 QUESTION = "What is 2 + 2?"
+# The generator's positive is the base model's own greedy text, so SFT on it cannot change the
+# greedy text of its own prompt: the adapter is compared on another question's prompt.
+OTHER = "What is 3 + 5?"
 RUN = ["--n", "1", "--max-tokens", "16", "--temperature", "0", "--task", "exact"]
-TRAIN = ["--role", "generator", "--stage", "sft", "--max-steps", "6", "--lr", "5e-3",
+TRAIN = ["--role", "generator", "--stage", "sft", "--max-steps", "6", "--lr", "1e-2",
          "--batch-size", "1", "--lora-dropout", "0", "--max-length", "512"]  # fmt: skip
 
 
@@ -88,7 +91,7 @@ def test_run_export_train_and_llama_cpp_greedy_equals_peft(arch, tmp_path, small
     assert checked["generator"][0].tensors == 2 * 7 * 2
 
     # The prompt as malt renders and tokenizes it.
-    question = Question(text=QUESTION, ground_truth=answer, task="exact")
+    question = Question(text=OTHER, ground_truth="8", task="exact")
     messages = PromptSet().messages("generator", TreeContext(question))
     local = LocalModel(gguf, n_ctx=1024)
     text = local.render(messages)

@@ -39,7 +39,7 @@ ARCHS = {
     # Qwen2's real vocabulary (llama.cpp's test vocab).
     "qwen2.5": ("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6}, "qwen2"),
     "qwen3": ("qwen3", {"head_dim": 16, "tie_word_embeddings": True}, "smollm"),
-    "mistral": ("mistral", {"sliding_window": None, "rope_theta": 1e6}, "smollm"),
+    "mistral": ("mistral", {"sliding_window": None}, "smollm"),  # Mistral 7B v0.1: theta 1e4
     "gemma3": (
         "gemma3_text",
         {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512},
