@@ -37,6 +37,8 @@ ARCHITECTURES = {
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
+    # Gemma 3's text model (Gemma3ForCausalLM); llama.cpp's converter permutes no q/k for it.
+    "gemma3_text": ("gemma3", False),
 }
 
 # Hugging Face module name -> GGUF tensor name inside a block.
