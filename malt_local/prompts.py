@@ -28,6 +28,7 @@ from malt_local.errors import MaltError
 from malt_local.paths import data_path
 from malt_local.questions.loading import Question
 from malt_local.roles import ROLES
+from malt_local.tasks import get_task
 
 Message = dict[str, str]
 
@@ -119,7 +120,7 @@ class PromptSet:
         }
 
     def template(self, role: str, task: str) -> jinja2.Template:
-        name = f"{role}.{task}.j2"
+        name = f"{role}.{get_task(task).variant}.j2"
         if not (self.folder / name).is_file():
             name = f"{role}.j2"
         if name not in self._cache:

@@ -27,6 +27,7 @@ NODES = {
     "duration_ms": "INTEGER",
     "created_at": "TEXT",
     "builder": "TEXT",
+    "grade_reason": "TEXT",
 }
 RUNS = {
     "id",

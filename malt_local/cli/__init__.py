@@ -78,10 +78,11 @@ from malt_local.cli import (  # noqa: E402 - the group must exist before its com
     run,
     show,
     status,
+    tasks,
     train,
     view,
 )
 from malt_local.cli import eval as eval_  # noqa: E402 - `eval` would shadow the builtin
 
-for _module in (pull, models, run, status, show, export, db, eval_, train, view):
+for _module in (pull, models, tasks, run, status, show, export, db, eval_, train, view):
     cli.add_command(_module.command)

@@ -22,7 +22,6 @@ from malt_local.cli._options import (
 )
 from malt_local.cli._progress import CountBar, on_terminal
 from malt_local.evaluate.settings import MODES, EvalSettings
-from malt_local.grading import TASKS
 from malt_local.paths import default_db_path
 
 
@@ -60,7 +59,12 @@ from malt_local.paths import default_db_path
     type=int,
     help="Base seed: question samples and turn seeds derive from it.",
 )
-@setting(EvalSettings, "task", help=f"Grader: {'|'.join(TASKS)} [detected from each file].")
+@setting(
+    EvalSettings,
+    "task",
+    help="Task (grader): a name from `malt tasks` or package.module:NAME "
+    "[detected from each file].",
+)
 @prompts_option
 @engine_flags
 @json_option

@@ -20,7 +20,6 @@ from malt_local.cli._options import (
     setting,
 )
 from malt_local.cli._progress import CountBar, on_terminal
-from malt_local.grading import TASKS
 from malt_local.paths import default_db_path
 from malt_local.run.settings import RunSettings
 
@@ -42,7 +41,11 @@ from malt_local.run.settings import RunSettings
 @setting(RunSettings, "top_k", type=int, help="Top-k sampling (0: off).")
 @setting(RunSettings, "max_tokens", type=int, help="Most tokens per node.")
 @setting(RunSettings, "seed", type=int, help="Run seed; each node's seed derives from it.")
-@setting(RunSettings, "task", help=f"Grader: {'|'.join(TASKS)} [detected from the file].")
+@setting(
+    RunSettings,
+    "task",
+    help="Task (grader): a name from `malt tasks` or package.module:NAME [detected from the file].",
+)
 @setting(RunSettings, "theta", type=float, help="A node is positive when its value is > θ.")
 @click.option("--limit", type=int, help="Only the first K questions of the file.")
 @prompts_option

@@ -290,3 +290,16 @@ def m006_view_indexes(db: Database) -> None:
         "CREATE INDEX IF NOT EXISTS nodes_truncated ON nodes(run_id, question_id) "
         "WHERE finish_reason = 'length'"
     )
+
+
+@migrations()
+def m007_grade_reason(db: Database) -> None:
+    """Why a node got its grade, for tasks that say ("passed", "timed out after 10 s").
+
+    The code task runs each answer against its tests, in a pool beside generation
+    (`malt_local.tasks.SlowGrading`): its nodes are stored first and graded when the program has
+    run. `grade_reason` NULL on such a node means "not graded yet", which is how a resumed run
+    finds the grading a killed one left undone. Other tasks grade while storing and leave it NULL.
+    """
+    db.execute("ALTER TABLE nodes ADD COLUMN grade_reason TEXT")
+    db.execute("ALTER TABLE eval_generations ADD COLUMN grade_reason TEXT")

@@ -69,6 +69,8 @@ class NodeRecord:
     created_at: str
     # The process that generated it (host:pid:token; see malt_local.db.claims), None before claims.
     builder: str | None = None
+    # Why it got its grade, where the task says (the code task); NULL on a code node = not yet.
+    grade_reason: str | None = None
 
     @property
     def branches(self) -> tuple[int, ...]:
@@ -317,6 +319,31 @@ class Store:
         while batch := cur.fetchmany(chunk):
             for row in batch:
                 yield JudgedNode(**dict(zip(names, row, strict=True)))
+
+    def set_grade(
+        self, nid: str, answer: str | None, correct: int | None, reward: float | None, reason: str
+    ) -> None:
+        """A node's grade, given after it was stored (a `SlowGrading` task's pool)."""
+        with self.db.atomic():
+            self.db.conn.execute(
+                "UPDATE nodes SET answer = ?, correct = ?, reward = ?, value = ?, "
+                "grade_reason = ? WHERE id = ?",
+                (answer, correct, reward, reward, reason, nid),
+            )
+
+    def ungraded_nodes(self, run_id: str, question_ids: list[str]) -> list[NodeRecord]:
+        """Nodes of these questions still waiting for a slow grader (`grade_reason` NULL)."""
+        out: list[NodeRecord] = []
+        for i in range(0, len(question_ids), 500):
+            chunk = question_ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.query(
+                f"SELECT * FROM nodes WHERE run_id = ? AND grade_reason IS NULL "
+                f"AND question_id IN ({marks})",
+                [run_id, *chunk],
+            )
+            out.extend(NodeRecord(**row) for row in rows)
+        return out
 
     def set_credit(self, updates: Iterable[tuple[str, float, int]]) -> None:
         """Values and labels of one question's nodes, all in one transaction."""

@@ -32,6 +32,7 @@ from malt_local.evaluate.settings import BASE, EvalSettings, eval_run_id, identi
 from malt_local.evaluate.tables import ensure_eval_run
 from malt_local.progress import Progress
 from malt_local.prompts import PromptSet
+from malt_local.tasks import task_identities
 
 
 def run_eval(
@@ -87,7 +88,8 @@ def run_eval(
     if role_models:
         # Other served names for some roles are other weights: another evaluation.
         model_sha += "|roles:" + json.dumps(role_models, sort_keys=True)
-    ident = identity(settings, model_sha, prompts_digest(hashes))
+    tasks = task_identities(q.task for b in benchmarks for q in b.questions)
+    ident = identity(settings, model_sha, prompts_digest(hashes), tasks)
     run_id = eval_run_id(ident)
 
     engine = make_engine(kind.name, engine_options)
@@ -104,7 +106,8 @@ def run_eval(
                     "id": run_id,
                     "created_at": utcnow(),
                     "model": model.model,
-                    **{k: v for k, v in ident.items()},
+                    # The graders are in `config` (and so in the id), not a column of their own.
+                    **{k: v for k, v in ident.items() if k != "tasks"},
                     "prompt_hashes": json.dumps(hashes, sort_keys=True),
                     "tool_version": __version__,
                     "config": json.dumps(ident, sort_keys=True),

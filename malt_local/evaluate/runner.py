@@ -45,10 +45,10 @@ from malt_local.evaluate.tables import (
     load_generations,
     record_samples,
 )
-from malt_local.grading import grade
 from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions.loading import Question
+from malt_local.tasks import get_task
 
 
 @dataclass
@@ -93,7 +93,8 @@ def graded_generation(
 ) -> EvalGeneration:
     """The row of one generated turn, graded: its answer and whether that answer is right."""
     q = info.slot.question
-    answer, correct = grade(c.text, q.ground_truth, q.task, list(q.options) or None)
+    graded = get_task(q.task).grade(c.text, q)
+    answer, correct = graded.answer, graded.correct
     return EvalGeneration(
         id=c.key,
         eval_run_id=run_id,
@@ -108,12 +109,17 @@ def graded_generation(
         finish_reason=c.finish_reason,
         answer=answer,
         # A critique that states no answer has no grade; answers always have one.
-        correct=None if info.role == "verifier" and answer is None else int(correct),
+        correct=(
+            None
+            if correct is None or (info.role == "verifier" and answer is None)
+            else int(correct)
+        ),
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
         seed=info.seed if c.seed is None else c.seed,
         duration_ms=int(c.seconds * 1000),
         created_at=utcnow(),
+        grade_reason=graded.reason,
     )
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from malt_local.engines.base import SamplingParams, check_sampling
 from malt_local.errors import MaltError
-from malt_local.grading import TASKS
 from malt_local.roles import ROLES
+from malt_local.tasks import check_task
 
 MODES = ("sa", "ma", "all")
 # Upper bounds: each is a loop over passes, seeds or questions, so a typo (--votes 10**22)
@@ -57,8 +57,7 @@ class EvalSettings:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             max_tokens=self.max_tokens, seed=self.seed,
         )  # fmt: skip
-        if self.task is not None and self.task not in TASKS:
-            raise MaltError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        check_task(self.task)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -81,7 +80,9 @@ class EvalSettings:
         )
 
 
-def identity(settings: EvalSettings, model_sha256: str, prompts_sha256: str) -> dict:
+def identity(
+    settings: EvalSettings, model_sha256: str, prompts_sha256: str, tasks: dict | None = None
+) -> dict:
     """What shapes a generation; its hash is the eval run id.
 
     Mode, votes, samples and seeds are not in it: they only choose which generations are
@@ -96,6 +97,8 @@ def identity(settings: EvalSettings, model_sha256: str, prompts_sha256: str) -> 
         "seed": settings.seed,
         "task": settings.task,
         "prompts_sha256": prompts_sha256,
+        # The graders (`Task.identity`): other graders make other grades, so another evaluation.
+        "tasks": tasks or {},
     }
 
 

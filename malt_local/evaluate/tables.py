@@ -42,6 +42,8 @@ class EvalGeneration:
     seed: int
     duration_ms: int | None
     created_at: str
+    # Why it got its grade, where the task says (the code task: "passed", "timed out ...").
+    grade_reason: str | None = None
 
 
 def ensure_eval_run(store: Store, row: dict) -> dict:

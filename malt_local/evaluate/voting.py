@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from malt_local.grading import Options, answers_equal, normalize_answer
+from malt_local.grading import Options
+from malt_local.tasks import get_task
 
 Same = Callable[[str, str], bool]
 
@@ -90,15 +91,27 @@ def majority_vote(answers: Sequence[str | None], same: Same) -> VoteResult:
     return VoteResult(best.answer, best.first, best.count, len(answers), frozen)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """The part of a question voting knows: its options (a task's key may need them)."""
+
+    options: tuple[tuple[str, str], ...]
+    text: str = ""
+    ground_truth: str = ""
+
+
 def grader_same(task: str, options: Options = None) -> Same:
     """`same` for a task: the grader's notion of equal answers, cheap key comparison first."""
 
+    rules = get_task(task)
+    shape = _Shape(tuple(options or ()))
+
     def same(a: str, b: str) -> bool:
-        ka, kb = normalize_answer(a, task, options), normalize_answer(b, task, options)
-        if ka is not None and ka == kb:
-            return True
         try:
-            return answers_equal(a, b, task, options)
+            ka, kb = rules.key(a, shape), rules.key(b, shape)
+            if ka is not None and ka == kb:
+                return True
+            return rules.equal(a, b, shape)
         except Exception:
             # A grader failure on one pair must not end an evaluation: the two answers simply
             # stay separate votes.

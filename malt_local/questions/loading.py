@@ -3,7 +3,8 @@ benchmarks ship (`malt_local.questions.formats` reads the files as the tools tha
 
 The shape of a row decides the task (and so the grader): GSM8K rows have an `answer` ending in
 `#### N`, MATH rows a `problem` and an `answer` or a `\\boxed{}` solution, CSQA rows `options`
-and a letter. Anything else with `question` and `answer`/`ground_truth` is graded by exact match.
+and a letter, code rows (HumanEval, MBPP) a `test` (or MBPP's `test_list`). Anything else with
+`question` and `answer`/`ground_truth` is graded by exact match; `--task` names any other task.
 A question's id is a hash of its content, so re-running a grown file only adds the new rows.
 A question and its ground truth are the field's text as written, less leading and trailing
 whitespace (a cell's trailing line break is not part of the question, and ids ignore it too).
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from malt_local.errors import MaltError
-from malt_local.grading import TASKS, last_boxed
+from malt_local.grading import last_boxed
 from malt_local.questions.formats import read_rows
+from malt_local.tasks import check_task
 
 # "judge" is never detected: `--task judge` asks for the LLM judge (free-form answers).
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Ja-j])[.):]\s*(.+?)\s*$")
@@ -54,8 +56,7 @@ def question_id(text: str, ground_truth: str, options: tuple[tuple[str, str], ..
 def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
     """Read and validate every row; any bad row is a `MaltError` naming the line."""
     p = Path(path)
-    if task is not None and task not in TASKS:
-        raise MaltError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    check_task(task)
     if not p.exists():
         raise MaltError(f"questions file not found: {p}")
     if p.is_dir():
@@ -72,6 +73,8 @@ def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
 
 def detect_task(row: dict) -> str:
     """The task a row's shape implies."""
+    if row.get("test") or row.get("test_list"):
+        return "code"
     if row.get("options") or row.get("choices"):
         return "csqa"
     if "problem" in row:
@@ -92,13 +95,37 @@ def _to_question(row: dict, line: int, forced: str | None, source: str) -> Quest
     shape = detect_task(row)
     task = forced or shape
     options = _parse_options(row.get("options") or row.get("choices"), where)
-    truth = _ground_truth(row, shape, task, where)
+    code = task == "code"
+    truth = _code_tests(row, where) if code else _ground_truth(row, shape, task, where)
     if task == "csqa":
         if not options:
             raise MaltError(f"{where}: task csqa needs 'options'")
         truth = _csqa_letter(truth, options, where)
-    extra = {k: v for k, v in row.items() if k in ("subject", "level", "unique_id", "id")}
+    keep = ("subject", "level", "unique_id", "id", "task_id", "entry_point")
+    extra = {k: v for k, v in row.items() if k in keep}
     return Question(text, truth, task, options, source, line, extra)
+
+
+def _code_tests(row: dict, where: str) -> str:
+    """A code question's ground truth: the test program run after the answer.
+
+    HumanEval ships `test` defining `check(candidate)` and the `entry_point` to call it with;
+    MBPP ships `test_list`, asserts that call the function by name (and `test_setup_code`).
+    """
+    tests = row.get("test") or row.get("test_list")
+    if isinstance(tests, (list, tuple)):
+        tests = "\n".join(str(t) for t in tests)
+    if not isinstance(tests, str) or not tests.strip():
+        raise MaltError(f"{where}: task code needs 'test' (test code or a list of asserts)")
+    setup = str(row.get("test_setup_code") or "").strip()
+    program = (setup + "\n\n" if setup else "") + tests.strip() + "\n"
+    entry = str(row.get("entry_point") or "").strip()
+    if entry:
+        if not entry.isidentifier():
+            raise MaltError(f"{where}: entry_point {entry!r} is not a Python name")
+        if "def check" in tests:
+            program += f"\n\ncheck({entry})\n"
+    return program
 
 
 def _ground_truth(row: dict, shape: str, task: str, where: str) -> str:

@@ -53,6 +53,7 @@ from malt_local.run.settings import (
     with_defaults,
 )
 from malt_local.run.tree import TreeRunner
+from malt_local.tasks import task_identities
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def run_tree(
         model_revision=identity.revision,
         adapters=identity_of(adapters),
         adapter_files={r: [str(i.path) for i in infos] for r, infos in adapters.items()},
+        tasks=task_identities(q.task for q in questions),
     )
     if run is not None:
         check_same(run, spec, str(db_path))

@@ -18,7 +18,7 @@ from malt_local import __version__
 from malt_local.db.store import Store, utcnow
 from malt_local.engines.base import check_sampling
 from malt_local.errors import MaltError
-from malt_local.grading import TASKS
+from malt_local.tasks import check_task
 
 # Settings that change the nodes, in the order a mismatch message lists them.
 IDENTITY = (
@@ -35,6 +35,7 @@ IDENTITY = (
     "ignore_eos",
     "role_models",
     "adapters",
+    "tasks",
 )
 
 
@@ -77,8 +78,7 @@ class RunSettings:
         )  # fmt: skip
         if self.theta is not None and not 0 <= self.theta <= 1:  # NaN fails it too
             raise MaltError(f"--theta must be in [0, 1] (got {self.theta})")
-        if self.task is not None and self.task not in TASKS:
-            raise MaltError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+        check_task(self.task)
 
 
 @dataclass
@@ -114,6 +114,9 @@ class RunSpec:
     adapters: dict = field(default_factory=dict)
     # Where those files were (not identity), for the export's record.
     adapter_files: dict = field(default_factory=dict)
+    # The tasks grading its questions: name -> "name@version:source-sha256" (`Task.identity`).
+    # Identity: stored rewards were given by these graders. {} in runs made before tasks had one.
+    tasks: dict = field(default_factory=dict)
 
     def row(self, run_id: str) -> dict:
         cfg = asdict(self)
@@ -185,6 +188,11 @@ def differences(old: RunSpec, new: RunSpec) -> list[str]:
     out = []
     for name in IDENTITY:
         a, b = getattr(old, name), getattr(new, name)
+        if name == "tasks":
+            # A task the run did not use yet is not a change; a run from before tasks had
+            # identities ({}) is continued as it is.
+            a = {k: v for k, v in a.items() if k in b}
+            b = {k: v for k, v in b.items() if k in a}
         if a != b:
             label = {"model_sha256": "model", "prompts_sha256": "prompts"}.get(name, name)
             if name == "model_sha256":
@@ -193,6 +201,9 @@ def differences(old: RunSpec, new: RunSpec) -> list[str]:
                 a, b = "templates " + a[:8], "templates " + b[:8]
             elif name == "adapters":
                 a, b = _adapters_label(a), _adapters_label(b)
+            elif name == "tasks":
+                label = "task grader"
+                a, b = ", ".join(a.values()), ", ".join(b.values())
             out.append(f"{label} {a} (now {b})")
     return out
 

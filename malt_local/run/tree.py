@@ -21,6 +21,7 @@ stored once the claim is held, and stores each node only while it still holds th
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import json
 import time
@@ -30,19 +31,27 @@ from dataclasses import dataclass
 from malt_local.db.claims import CLAIM_RETRY, ClaimCursor, ClaimingQueue, Claims
 from malt_local.db.store import NodeRecord, Store, node_id, utcnow
 from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue, SamplingParams
-from malt_local.grading import extract_answer, grade
 from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions.loading import Question
 from malt_local.roles import ROLES, NodePath, role_at, tree_size
 from malt_local.run import credit
 from malt_local.run.settings import Run
+from malt_local.tasks import Grade, RuleLess, SlowGrading, get_task
 
 
 def derive_seed(run_seed: int, question_id: str, path: NodePath) -> int:
     """Each node's own seed, from the run seed and its place in the tree (stable across runs)."""
     text = f"{run_seed}:{question_id}:{'.'.join(map(str, path))}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _extract(task: SlowGrading, text: str, q: Question) -> str | None:
+    """The answer a slow grader's node states, stored until its grade arrives."""
+    try:
+        return task.extract(text, q)
+    except Exception:
+        return None
 
 
 # The task whose leaves the LLM judge rewards (malt_local.run.judge), not a deterministic grader.
@@ -159,6 +168,10 @@ class TreeRunner:
         )
         self._cursor: ClaimCursor | None = None
         self._next_try = 0.0
+        # Slow graders (the code task) run here, beside generation; the store is written from
+        # this thread only, when a grade is collected.
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._grading: dict[cf.Future[Grade], tuple[str, Question, bool]] = {}
 
     # planning -----------------------------------------------------------------------------
 
@@ -179,6 +192,7 @@ class TreeRunner:
                 self._assign_credit(q)
             else:
                 unfinished.append(q.id)
+        self._regrade_pending()
         progress = Progress(total=tree_size(self.n) * len(self.questions), done=done, stage="trees")
         progress.questions_complete = len(self.questions) - len(unfinished)
         self.claims.reopen(unfinished)
@@ -264,24 +278,73 @@ class TreeRunner:
         Returns when every question is finished, by this process or another: while others hold
         unfinished questions, it waits, and takes over any whose holder stops renewing.
         """
-        progress = self.plan()
-        if self.on_progress:
-            self.on_progress(progress)
-        assert self._cursor is not None
-        with self.claims:
-            if self._by_role is not None:
-                self._execute_by_role(progress)
-                return self._recount(progress)
-            while True:
-                for completion in self.engine.generate(self.queue):
-                    self._on_completion(completion, progress)
-                self._next_try = 0.0
-                if self._claim_next():
-                    continue
-                if not self._cursor.waiting:
-                    break
-                self._cursor.pause()
+        try:
+            progress = self.plan()
+            if self.on_progress:
+                self.on_progress(progress)
+            assert self._cursor is not None
+            with self.claims:
+                if self._by_role is not None:
+                    self._execute_by_role(progress)
+                else:
+                    while True:
+                        for completion in self.engine.generate(self.queue):
+                            self._on_completion(completion, progress)
+                        self._next_try = 0.0
+                        if self._claim_next():
+                            continue
+                        if not self._cursor.waiting:
+                            break
+                        self._cursor.pause()
+            self._collect_grades(wait=True)
+        finally:
+            if self._pool is not None:
+                # Interrupted: what is not graded stays NULL, and the next run grades it.
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
         return self._recount(progress)
+
+    # slow grading ---------------------------------------------------------------------------
+
+    def _submit_grade(
+        self, task: SlowGrading, text: str, q: Question, nid: str, leaf: bool
+    ) -> None:
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(task.workers, thread_name_prefix="malt-grade")
+        self._grading[self._pool.submit(task.grade, text, q)] = (nid, q, leaf)
+
+    def _regrade_pending(self) -> None:
+        """Grade what a killed run stored but never graded (its `grade_reason` is NULL)."""
+        slow = [q.id for q in self.questions if isinstance(get_task(q.task), SlowGrading)]
+        if not slow:
+            return
+        for r in self.store.ungraded_nodes(self.run_id, slow):
+            q = self.questions[self._qindex[r.question_id]]
+            task = get_task(q.task)
+            assert isinstance(task, SlowGrading)
+            self._submit_grade(task, r.output, q, r.id, r.depth == 3)
+
+    def _collect_grades(self, *, wait: bool = False) -> None:
+        """Store the grades that are ready (all of them with `wait`), then credit every tree
+        whose last leaf was just graded."""
+        if not self._grading:
+            return
+        if wait:
+            cf.wait(self._grading)
+        finished: set[str] = set()
+        for future in [f for f in self._grading if f.done()]:
+            nid, q, leaf = self._grading.pop(future)
+            try:
+                g = future.result()
+            except Exception as exc:  # a grader must not end the run: the node is wrong
+                g = Grade(None, 0, f"grader failed: {type(exc).__name__}: {exc}"[:200])
+            reward = get_task(q.task).reward(g) if leaf else None
+            correct = None if g.correct is None or (g.answer is None and not leaf) else g.correct
+            self.store.set_grade(nid, g.answer, correct, reward, g.reason or "graded")
+            if leaf:
+                finished.add(q.id)
+        for qid in finished:
+            self._assign_credit(self.questions[self._qindex[qid]])
 
     def _execute_by_role(self, progress: Progress) -> None:
         """Claim a wave of questions, then build it one role at a time under its adapters."""
@@ -307,6 +370,7 @@ class TreeRunner:
                     self._on_completion(completion, progress)
 
     def _on_completion(self, completion: Completion, progress: Progress) -> None:
+        self._collect_grades()
         record = self._store(completion)
         if record is None:
             return
@@ -357,12 +421,16 @@ class TreeRunner:
         q = info.question
         depth = len(info.path)
         is_leaf = depth == 3
-        if q.task == JUDGE_TASK:
-            # No rule can grade it: the judge pass sets the leaf's reward (and correct) later.
-            answer, correct, reward = extract_answer(c.text, q.task), None, None
+        task = get_task(q.task)
+        slow = isinstance(task, SlowGrading)
+        # A slow grader's verdict comes from the pool later (`_collect_grades`).
+        verdict = Grade(_extract(task, c.text, q), None) if slow else task.grade(c.text, q)
+        answer, correct = verdict.answer, verdict.correct
+        if slow or isinstance(task, RuleLess):
+            # Graded later: by the pool (slow) or the judge pass (no rule), reward and correct.
+            correct = reward = None
         else:
-            answer, correct = grade(c.text, q.ground_truth, q.task, list(q.options) or None)
-            reward = float(correct) if is_leaf else None
+            reward = task.reward(verdict) if is_leaf else None
         # `correct` is recorded for every leaf and for any node that states an answer.
         graded = None if correct is None or (answer is None and not is_leaf) else int(correct)
         record = NodeRecord(
@@ -388,6 +456,7 @@ class TreeRunner:
             duration_ms=int(c.seconds * 1000),
             created_at=utcnow(),
             builder=self.claims.holder,
+            grade_reason=verdict.reason,
         )
         with self.store.immediate():
             if not self.claims.keep(q.id):
@@ -395,6 +464,9 @@ class TreeRunner:
                 self._cursor.watch(q.id)
                 return None
             self.store.insert_node(record)
+        if slow:
+            assert isinstance(task, SlowGrading)
+            self._submit_grade(task, c.text, q, record.id, is_leaf)
         return record
 
     def _assign_credit(self, q: Question) -> None:
