@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -65,6 +66,7 @@ class FakeOpenAI:
         hang_seconds: float = 30.0,
         json_schema_format: bool = True,
         loras: tuple[str, ...] | None = None,
+        reply: Callable[[dict, int], str] | None = None,
     ) -> None:
         self.models = models
         self.api_key = api_key
@@ -76,6 +78,9 @@ class FakeOpenAI:
         self.json_schema_format = json_schema_format
         # Paths listed at GET /lora-adapters, as llama-server lists its --lora files (None: 404).
         self.loras = loras
+        # What the fake model says to a request (its body and choice index): `reply_text` unless
+        # a test scripts its own (known-good and known-bad code for the code task).
+        self.reply = reply or reply_text
         self.script: list[str | bytes | None] = []
         self.chats: list[ChatRequest] = []
         self.killed = threading.Event()
@@ -194,7 +199,7 @@ class FakeOpenAI:
         if self.delay:
             time.sleep(self.delay)
         n = int(body.get("n", 1)) if self.slots is not None else 1
-        texts = [reply_text(body, i) for i in range(n)]
+        texts = [self.reply(body, i) for i in range(n)]
         data = {
             "id": "chatcmpl-1",
             "object": "chat.completion",

@@ -44,11 +44,13 @@ from malt_local.evaluate.tables import (
     insert_generation,
     load_generations,
     record_samples,
+    set_generation_grade,
 )
 from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions.loading import Question
-from malt_local.tasks import get_task
+from malt_local.tasks import Grade, SlowGrading, get_task
+from malt_local.tasks.pool import GradingPool
 
 
 @dataclass
@@ -88,12 +90,27 @@ def turn_context(
     return ctx, parent_id
 
 
+def _correct(role: str, answer: str | None, correct: int | None) -> int | None:
+    """A critique that states no answer has no grade; answers always have one."""
+    return None if correct is None or (role == "verifier" and answer is None) else int(correct)
+
+
 def graded_generation(
     run_id: str, adapter_set: str, info: _Pending, c: Completion
 ) -> EvalGeneration:
-    """The row of one generated turn, graded: its answer and whether that answer is right."""
+    """The row of one generated turn, graded: its answer and whether that answer is right.
+
+    A `SlowGrading` task's turn is stored ungraded (`grade_reason` NULL): the runner's pool
+    grades it beside generation."""
     q = info.slot.question
-    graded = get_task(q.task).grade(c.text, q)
+    task = get_task(q.task)
+    if isinstance(task, SlowGrading):
+        try:
+            graded = Grade(task.extract(c.text, q), None)
+        except Exception:
+            graded = Grade(None, None)
+    else:
+        graded = task.grade(c.text, q)
     answer, correct = graded.answer, graded.correct
     return EvalGeneration(
         id=c.key,
@@ -108,12 +125,7 @@ def graded_generation(
         output=c.text,
         finish_reason=c.finish_reason,
         answer=answer,
-        # A critique that states no answer has no grade; answers always have one.
-        correct=(
-            None
-            if correct is None or (info.role == "verifier" and answer is None)
-            else int(correct)
-        ),
+        correct=_correct(info.role, answer, correct),
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
         seed=info.seed if c.seed is None else c.seed,
@@ -148,6 +160,8 @@ class EvalRunner:
         self.on_progress = on_progress
         self.params = settings.params()
         self._claims = Claims(store, "eval", run_id, remember_done=False)
+        # Slow graders (the code task) beside generation: (generation id, role), written here.
+        self._grades: GradingPool[tuple[str, str]] = GradingPool()
         if any(not a.is_base for a in self.adapter_sets) and not isinstance(engine, AdapterEngine):
             raise MaltError(
                 f"the {engine.name} engine cannot apply LoRA adapters: serve each role's adapter "
@@ -209,13 +223,33 @@ class EvalRunner:
         progress = Progress(total=len(wanted), done=sum(1 for g in wanted if g in stored))
         if self.on_progress:
             self.on_progress(progress)
-        with self._claims:
-            for aset in self.adapter_sets:
-                for role in roles:
-                    self._role_pass(aset, role, slots, progress)
+        try:
+            self._regrade_pending(stored)
+            with self._claims:
+                for aset in self.adapter_sets:
+                    for role in roles:
+                        self._role_pass(aset, role, slots, progress)
+            self._collect_grades(wait=True)
+        finally:
+            self._grades.close()  # interrupted: what is not graded yet, the next run grades
         stored = load_generations(self.store, self.run_id)
         progress.done = sum(1 for g in wanted if g in stored)
         return progress
+
+    def _regrade_pending(self, stored: dict[str, EvalGeneration]) -> None:
+        """Grade the slow task's turns a killed evaluation stored but never graded."""
+        questions = {s.question.id: s.question for s in self.slots()}
+        for gen in stored.values():
+            q = questions.get(gen.question_id)
+            if gen.grade_reason is None and q is not None:
+                task = get_task(q.task)
+                if isinstance(task, SlowGrading):
+                    self._grades.submit(task, gen.output, q, (gen.id, gen.role))
+
+    def _collect_grades(self, *, wait: bool = False) -> None:
+        for (gid, role), g in self._grades.ready(wait=wait):
+            correct = _correct(role, g.answer, g.correct)
+            set_generation_grade(self.store, gid, g.answer, correct, g.reason or "graded")
 
     def _item(self, aset: AdapterSet, role: str, question_id: str) -> str:
         return f"{aset.id}/{role}/{question_id}"
@@ -254,6 +288,7 @@ class EvalRunner:
             self.engine.use_adapters(aset.for_role(role))
         while True:
             for completion in self.engine.generate(queue):
+                self._collect_grades()
                 info = pending.pop(completion.key)
                 item = self._item(aset, role, info.slot.question.id)
                 gen = self._store(aset, info, completion, item)
@@ -331,6 +366,9 @@ class EvalRunner:
             if not self._claims.keep(item):
                 return None
             insert_generation(self.store, gen)
+        task = get_task(info.slot.question.task)
+        if isinstance(task, SlowGrading):
+            self._grades.submit(task, c.text, info.slot.question, (gen.id, info.role))
         return gen
 
     # results ------------------------------------------------------------------------------

@@ -85,6 +85,17 @@ def insert_generation(store: Store, gen: EvalGeneration) -> None:
         store.db["eval_generations"].insert(asdict(gen))
 
 
+def set_generation_grade(
+    store: Store, gid: str, answer: str | None, correct: int | None, reason: str
+) -> None:
+    """A turn's grade, given after it was stored (a `SlowGrading` task's pool)."""
+    with store.db.atomic():
+        store.db.conn.execute(
+            "UPDATE eval_generations SET answer = ?, correct = ?, grade_reason = ? WHERE id = ?",
+            (answer, correct, reason, gid),
+        )
+
+
 def load_generations(
     store: Store, run_id: str, question: Question | None = None
 ) -> dict[str, EvalGeneration]:

@@ -21,7 +21,6 @@ stored once the claim is held, and stores each node only while it still holds th
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import json
 import time
@@ -38,6 +37,7 @@ from malt_local.roles import ROLES, NodePath, role_at, tree_size
 from malt_local.run import credit
 from malt_local.run.settings import Run
 from malt_local.tasks import Grade, RuleLess, SlowGrading, get_task
+from malt_local.tasks.pool import GradingPool
 
 
 def derive_seed(run_seed: int, question_id: str, path: NodePath) -> int:
@@ -170,8 +170,7 @@ class TreeRunner:
         self._next_try = 0.0
         # Slow graders (the code task) run here, beside generation; the store is written from
         # this thread only, when a grade is collected.
-        self._pool: cf.ThreadPoolExecutor | None = None
-        self._grading: dict[cf.Future[Grade], tuple[str, Question, bool]] = {}
+        self._grades: GradingPool[tuple[str, Question, bool]] = GradingPool()
 
     # planning -----------------------------------------------------------------------------
 
@@ -298,10 +297,7 @@ class TreeRunner:
                         self._cursor.pause()
             self._collect_grades(wait=True)
         finally:
-            if self._pool is not None:
-                # Interrupted: what is not graded stays NULL, and the next run grades it.
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+            self._grades.close()  # interrupted: what is not graded yet, the next run grades
         return self._recount(progress)
 
     # slow grading ---------------------------------------------------------------------------
@@ -309,9 +305,7 @@ class TreeRunner:
     def _submit_grade(
         self, task: SlowGrading, text: str, q: Question, nid: str, leaf: bool
     ) -> None:
-        if self._pool is None:
-            self._pool = cf.ThreadPoolExecutor(task.workers, thread_name_prefix="malt-grade")
-        self._grading[self._pool.submit(task.grade, text, q)] = (nid, q, leaf)
+        self._grades.submit(task, text, q, (nid, q, leaf))
 
     def _regrade_pending(self) -> None:
         """Grade what a killed run stored but never graded (its `grade_reason` is NULL)."""
@@ -327,17 +321,8 @@ class TreeRunner:
     def _collect_grades(self, *, wait: bool = False) -> None:
         """Store the grades that are ready (all of them with `wait`), then credit every tree
         whose last leaf was just graded."""
-        if not self._grading:
-            return
-        if wait:
-            cf.wait(self._grading)
         finished: set[str] = set()
-        for future in [f for f in self._grading if f.done()]:
-            nid, q, leaf = self._grading.pop(future)
-            try:
-                g = future.result()
-            except Exception as exc:  # a grader must not end the run: the node is wrong
-                g = Grade(None, 0, f"grader failed: {type(exc).__name__}: {exc}"[:200])
+        for (nid, q, leaf), g in self._grades.ready(wait=wait):
             reward = get_task(q.task).reward(g) if leaf else None
             correct = None if g.correct is None or (g.answer is None and not leaf) else g.correct
             self.store.set_grade(nid, g.answer, correct, reward, g.reason or "graded")

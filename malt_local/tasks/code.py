@@ -37,13 +37,20 @@ _PYTHON_TAGS = {"", "python", "py", "python3"}
 GRADER_FILES = [Path(__file__).with_name("sandbox.py")]
 
 
-def extract_code(text: str) -> str | None:
-    """The program an output states: its last Python code block, else the whole output when it
-    is valid Python, else None."""
+def extract_code(text: str, entry_point: str | None = None) -> str | None:
+    """The program an output states, else None.
+
+    Its last Python code block that defines the entry point (or, without one, any function):
+    models follow a solution with a block of example calls, which is not the answer. Without
+    such a block the last block; without any block the whole output when it is valid Python.
+    """
     blocks = [m.group(2) for m in _FENCE_RE.finditer(text) if m.group(1).lower() in _PYTHON_TAGS]
     blocks = [b for b in blocks if b.strip()]
     if blocks:
-        return blocks[-1].rstrip() + "\n"
+        name = re.escape(entry_point) if entry_point else r"\w+"
+        pattern = r"^\s*(?:async\s+)?def\s+" + name + r"\s*\("
+        defining = [b for b in blocks if re.search(pattern, b, re.M)]
+        return (defining or blocks)[-1].rstrip() + "\n"
     stripped = text.strip()
     if not stripped:
         return None
@@ -64,6 +71,13 @@ def program(code: str, question: QuestionLike) -> str:
     return f"{prompt_imports(question.text)}\n{code}\n\n{question.ground_truth}\n"
 
 
+def _entry_point(question: QuestionLike) -> str | None:
+    """HumanEval's entry point, which a loaded question keeps in `extra`."""
+    extra = getattr(question, "extra", None) or {}
+    value = extra.get("entry_point")
+    return value if isinstance(value, str) and value.isidentifier() else None
+
+
 class Code(SlowGrading):
     name = "code"
     version = "1"
@@ -76,7 +90,7 @@ class Code(SlowGrading):
     memory_mb: ClassVar[int] = 1024
 
     def extract(self, text: str, question: QuestionLike) -> str | None:
-        return extract_code(text)
+        return extract_code(text, _entry_point(question))
 
     def key(self, answer: str | None, question: QuestionLike) -> str | None:
         """Programs equal up to formatting and comments (what voting can group)."""
@@ -91,7 +105,7 @@ class Code(SlowGrading):
         from malt_local.tasks.sandbox import Limits, run_program
 
         try:
-            code = extract_code(text)
+            code = extract_code(text, _entry_point(question))
         except Exception:  # a pathological output: no code, not a crash
             code = None
         if code is None:

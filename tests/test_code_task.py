@@ -1,0 +1,234 @@
+"""The code task: answers are programs, graded by running them against the question's tests.
+
+The sandbox itself is tested program by program in tests/test_sandbox.py. Here: extraction,
+the HumanEval / MBPP question shapes, grading in the pool beside generation (a resumed run grades
+what a killed one left ungraded), rewards both ways through run -> export -> eval with a
+scripted OpenAI-compatible server answering known-good, known-bad and hostile code, and a real
+run of the small model on HumanEval questions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from malt_local.questions.loading import load_questions
+from malt_local.tasks import get_task
+from malt_local.tasks.code import extract_code, program, prompt_imports
+from malt_local.tasks.sandbox import run_program
+from tests.conftest import TEST_DATA, malt
+from tests.openaiserver import FakeOpenAI
+
+HUMANEVAL = TEST_DATA / "humaneval" / "humaneval-20.jsonl"
+PROBLEMS = {row["entry_point"]: row for row in map(json.loads, HUMANEVAL.read_text().splitlines())}
+
+
+def test_extraction_takes_the_last_python_block_or_a_whole_program():
+    two = (
+        "First try:\n```python\ndef f():\n    return 1\n```\n"
+        "Better:\n```py\ndef f():\n    return 2\n```\n"
+    )
+    assert extract_code(two) == "def f():\n    return 2\n"
+    # A cut-off output's unclosed block still counts; other languages' blocks do not.
+    assert extract_code("```python\ndef f():\n    return 3") == "def f():\n    return 3\n"
+    assert extract_code("```text\nhello\n```\n```bash\nls\n```") is None
+    # The solution, not the example calls after it; the entry point's block when there are two.
+    usage = "```python\ndef f(x):\n    return x\n```\nUsage:\n```python\nprint(f(2))\n```"
+    assert extract_code(usage) == "def f(x):\n    return x\n"
+    helper = "```python\ndef g():\n    pass\n```\n```python\ndef h():\n    pass\n```"
+    assert extract_code(helper, "g") == "def g():\n    pass\n"
+    assert extract_code(helper) == "def h():\n    pass\n"
+    assert extract_code("def g(x):\n    return x * 2\n") == "def g(x):\n    return x * 2\n"
+    assert extract_code("The answer is to loop over the list.") is None
+    assert extract_code("") is None
+
+
+def test_prompt_imports_head_the_program():
+    q = load_questions(HUMANEVAL)[0]
+    assert prompt_imports(q.text) == "from typing import List\n"
+    source = program("def has_close_elements(numbers, threshold):\n    return False\n", q)
+    assert source.startswith("from typing import List\n")
+    assert source.rstrip().endswith("check(has_close_elements)")
+
+
+def test_humaneval_and_mbpp_rows_become_code_questions(tmp_path):
+    questions = load_questions(HUMANEVAL)
+    assert len(questions) == 20 and {q.task for q in questions} == {"code"}
+    q = questions[0]
+    assert q.text == PROBLEMS["has_close_elements"]["prompt"].strip()
+    assert q.ground_truth.startswith(PROBLEMS["has_close_elements"]["test"].strip()[:40])
+    assert q.extra["entry_point"] == "has_close_elements"
+    mbpp = tmp_path / "mbpp.jsonl"
+    row = {"question": "Write a function add(a, b) that returns a + b.",
+           "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}  # fmt: skip
+    mbpp.write_text(json.dumps(row) + "\n")
+    (m,) = load_questions(mbpp)
+    assert m.task == "code"
+    assert m.ground_truth == "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
+    task = get_task("code")
+    good = task.grade("```python\ndef add(a, b):\n    return a + b\n```", m)
+    assert (good.correct, good.reason) == (1, "passed")
+    bad = task.grade("```python\ndef add(a, b):\n    return a - b\n```", m)
+    assert bad.correct == 0 and "AssertionError" in bad.reason
+    assert task.grade("I would add them.", m).reason == "no code block"
+
+
+def test_a_bad_entry_point_is_refused_naming_the_row(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "def f(): ...", "test": "def check(c): pass",
+                               "entry_point": "f(); import os"}) + "\n")  # fmt: skip
+    r = malt("run", "--db", str(tmp_path / "m.db"), str(bad))
+    assert r.returncode == 2 and "bad.jsonl:1: entry_point" in r.stderr, r.stderr
+    assert not (tmp_path / "m.db").exists()
+
+
+# --- the whole pipeline against a scripted server ----------------------------------------------
+
+
+def entry_point_of(body: dict) -> str:
+    first_user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+    return next(name for name in PROBLEMS if f"def {name}(" in first_user)
+
+
+def kind_of(seed: int) -> str:
+    """Which answer the scripted model gives for a seed: right, wrong, or right but hostile."""
+    return ("good", "bad", "hostile")[seed % 3]
+
+
+def scripted_reply(home_marker: Path):
+    def reply(body: dict, index: int) -> str:
+        row = PROBLEMS[entry_point_of(body)]
+        kind = kind_of(int(body["seed"]) + index)
+        if kind == "good":
+            code = row["prompt"] + row["canonical_solution"]
+        elif kind == "bad":
+            code = row["prompt"] + "    return None\n"
+        else:  # a right answer that also tries to leave the sandbox: graded 0, nothing written
+            code = (
+                f"import os\nopen({str(home_marker)!r}, 'w').write(str(dict(os.environ)))\n"
+                + row["prompt"] + row["canonical_solution"]
+            )  # fmt: skip
+        return f"Here is my solution.\n```python\n{code}```\n"
+
+    return reply
+
+
+def test_rewards_both_ways_through_run_export_and_eval(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALT_TEST_SECRET", "s3cr3t-value")
+    marker = Path.home() / f"malt-code-task-escape-{os.getpid()}"
+    questions = tmp_path / "he.jsonl"
+    lines = HUMANEVAL.read_text().splitlines()
+    questions.write_text("\n".join(lines[:3]) + "\n")
+    db = tmp_path / "m.db"
+    with FakeOpenAI(reply=scripted_reply(marker)) as server:
+        common = ["--engine", "openai", "--endpoint", server.url, "--model", "fake-model",
+                  "--db", str(db), "--max-tokens", "256"]  # fmt: skip
+        r = malt("run", "--n", "2", *common, str(questions))
+        assert r.returncode == 0, r.stderr
+        conn = sqlite3.connect(db)
+        conn.row_factory = sqlite3.Row
+        nodes = list(conn.execute("SELECT * FROM nodes"))
+        assert len(nodes) == 3 * (2 + 4 + 8)
+        for n in nodes:
+            kind = kind_of(n["seed"])
+            assert n["correct"] == (kind == "good"), (kind, n["grade_reason"])
+            assert (
+                n["grade_reason"] == "passed" if kind == "good" else n["grade_reason"] != "passed"
+            )
+            if n["depth"] == 3:
+                assert n["reward"] == float(kind == "good")
+        assert any(kind_of(n["seed"]) == "hostile" for n in nodes)
+        assert all(n["value"] is not None and n["label"] is not None for n in nodes)
+        assert not marker.exists()
+
+        out = tmp_path / "export"
+        r = malt("export", "--db", str(db), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        sft = [json.loads(x) for x in (out / "refiner.sft.jsonl").read_text().splitlines()]
+        good_leaves = {n["output"] for n in nodes if n["depth"] == 3 and n["reward"] == 1.0}
+        assert {row["messages"][-1]["content"] for row in sft} == good_leaves
+
+        r = malt("eval", "--mode", "ma", "--votes", "1", "--samples", "3", "--seeds", "1",
+                 "--json", *common, str(questions))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        gens = list(conn.execute("SELECT * FROM eval_generations"))
+        assert len(gens) == 3 * 3
+        for g in gens:
+            if g["role"] != "verifier":
+                assert g["correct"] == (kind_of(g["seed"]) == "good"), g["grade_reason"]
+        report = json.loads(r.stdout)["benchmarks"][0]["accuracy"]
+        refined = [g for g in gens if g["role"] == "refiner"]
+        assert report["MA"]["mean"] == pytest.approx(100 * sum(g["correct"] for g in refined) / 3)
+    assert not marker.exists()
+
+
+def test_a_killed_runs_ungraded_nodes_are_graded_by_the_next_run(tmp_path):
+    """kill -9 between storing a node and grading it leaves `grade_reason` NULL: the next run
+    grades those nodes and assigns the credit it could not, generating nothing."""
+    questions = tmp_path / "he.jsonl"
+    questions.write_text(HUMANEVAL.read_text().splitlines()[3] + "\n")
+    db = tmp_path / "m.db"
+    with FakeOpenAI(reply=scripted_reply(tmp_path / "never")) as server:
+        argv = ["run", "--engine", "openai", "--endpoint", server.url, "--model", "fake-model",
+                "--db", str(db), "--n", "2", str(questions)]  # fmt: skip
+        assert malt(*argv).returncode == 0
+        conn = sqlite3.connect(db)
+        before = conn.execute("SELECT id, correct, reward, value, label FROM nodes").fetchall()
+        with conn:  # the state a kill -9 before the pool finished leaves
+            conn.execute("UPDATE nodes SET correct = NULL, reward = NULL, value = NULL, "
+                         "label = NULL, grade_reason = NULL WHERE depth >= 2")  # fmt: skip
+        requests = len(server.chats)
+        r = malt(*argv)
+        assert r.returncode == 0, r.stderr
+        assert len(server.chats) == requests  # nothing generated again
+        after = conn.execute("SELECT id, correct, reward, value, label FROM nodes").fetchall()
+        assert sorted(after) == sorted(before)
+        left = conn.execute("SELECT COUNT(*) FROM nodes WHERE grade_reason IS NULL").fetchone()
+        assert left == (0,)
+
+        # The same for an evaluation.
+        i = argv.index("--n")
+        argv[i : i + 2] = []
+        argv[:1] = ["eval", "--mode", "ma", "--votes", "2", "--seeds", "1"]
+        assert malt(*argv).returncode == 0
+        query = "SELECT id, answer, correct, grade_reason FROM eval_generations"
+        before = conn.execute(query).fetchall()
+        assert len(before) == 6 and all(g[3] for g in before)
+        with conn:
+            conn.execute("UPDATE eval_generations SET correct = NULL, grade_reason = NULL")
+        requests = len(server.chats)
+        r = malt(*argv)
+        assert r.returncode == 0, r.stderr
+        assert len(server.chats) == requests
+        assert sorted(conn.execute(query).fetchall()) == sorted(before)
+
+
+# --- the real model --------------------------------------------------------------------------
+
+
+def test_a_real_run_of_the_code_task_on_humaneval(tmp_path, small_model):
+    questions = tmp_path / "he.jsonl"
+    questions.write_text("\n".join(HUMANEVAL.read_text().splitlines()[:2]) + "\n")
+    db = tmp_path / "m.db"
+    r = malt("run", "--n", "2", "--max-tokens", "96", "--model", str(small_model),
+             "--db", str(db), str(questions))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    nodes = list(conn.execute("SELECT * FROM nodes"))
+    assert len(nodes) == 2 * (2 + 4 + 8)
+    qs = {q.id: q for q in load_questions(questions)}
+    for n in nodes:
+        assert n["grade_reason"] is not None
+        code = extract_code(n["output"], qs[n["question_id"]].extra["entry_point"])
+        if code is None:
+            assert (n["answer"], n["grade_reason"]) == (None, "no code block")
+            continue
+        again = run_program(program(code, qs[n["question_id"]]))
+        assert n["correct"] == int(again.passed) and n["grade_reason"] == again.reason
+    assert all(n["reward"] in (0.0, 1.0) for n in nodes if n["depth"] == 3)
+    assert all(n["value"] is not None for n in nodes)
