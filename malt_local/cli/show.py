@@ -42,16 +42,18 @@ def print_tree(data: dict, width: int = 100) -> None:
         mark = {1: "[green]✓[/]", 0: "[red]✗[/]"}.get(node["label"], "[dim]·[/]")
         value = "-" if node["value"] is None else f"{node['value']:.2f}"
         extra = f" reward={node['reward']:.0f}" if node["reward"] is not None else ""
-        answer = escape(str(node["answer"])) if node["answer"] is not None else "—"
+        # A code answer is a whole program: one line of it, and why it passed or failed.
+        answer = snippet(str(node["answer"])) if node["answer"] is not None else "—"
+        why = f" ({escape(node['grade_reason'])})" if node.get("grade_reason") else ""
         return (
             f"{mark} [bold]{node['role'][0].upper()}{node['path']}[/] value={value}{extra} "
-            f"answer={answer}  [dim]{snippet(node['output'])}[/]"
+            f"answer={answer}{why}  [dim]{snippet(node['output'])}[/]"
         )
 
     root = Tree(
         f"[bold]{data['question_id']}[/] ({data['task']}, run {data['run_id']}) "
         f"{escape(data['question'][:width])}\n"
-        f" ground truth: [bold]{escape(data['ground_truth'])}[/]"
+        f" ground truth: [bold]{snippet(data['ground_truth'])}[/]"
     )
     branches = {None: root}
     for node in sorted(data["nodes"], key=lambda n: [int(b) for b in n["path"].split(".")]):

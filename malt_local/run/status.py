@@ -159,6 +159,7 @@ def tree(db_path: Path, question_id: str, run_id: str | None = None) -> dict:
                 "label": r.label,
                 "finish_reason": r.finish_reason,
                 "completion_tokens": r.completion_tokens,
+                "grade_reason": r.grade_reason,
             }
             for r in store.nodes(run_id, q["id"])
         ]
