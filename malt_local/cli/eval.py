@@ -14,9 +14,11 @@ from malt_local.cli._options import (
     adapter_flags,
     db_option,
     engine_flags,
+    field_flags,
     json_option,
     model_option,
     pop_engine_options,
+    pop_fields,
     prompts_option,
     setting,
 )
@@ -27,7 +29,7 @@ from malt_local.paths import default_db_path
 
 
 @click.command(name="eval")
-@click.argument("questions", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("questions", nargs=-1, required=True)
 @setting(
     EvalSettings,
     "mode",
@@ -61,11 +63,12 @@ from malt_local.paths import default_db_path
     help="Base seed: question samples and turn seeds derive from it.",
 )
 @setting(EvalSettings, "task", help=f"Grader: {'|'.join(TASKS)} [detected from each file].")
+@field_flags
 @prompts_option
 @engine_flags
 @json_option
 def command(
-    questions: tuple[Path, ...],
+    questions: tuple[str, ...],
     model: str | None,
     adapters: tuple[str, ...],
     adapters_dir: Path | None,
@@ -78,11 +81,13 @@ def command(
     """Evaluate the roles at test time: SA, SA+MV, MA, MA+MV, and with --adapter the same
     with per-role LoRA adapters, as mean ± std over seeds.
 
-    QUESTIONS are one or more benchmark files (a row each). Every turn is stored in the
+    QUESTIONS are one or more benchmark files (a row each) or splits of datasets fetched by
+    `malt pull --dataset` (hf:OWNER/NAME[/CONFIG]:SPLIT). Every turn is stored in the
     database; re-running the same command generates only what is missing.
     """
     from malt_local.evaluate.pipeline import run_eval
 
+    fields = pop_fields(flags)
     engine_name, options = pop_engine_options(flags, flags["max_tokens"])
     settings = EvalSettings(**flags)
     settings.validate()
@@ -99,6 +104,7 @@ def command(
             options=options,
             engine_kind_name=engine_name,
             on_progress=bar,
+            fields=fields,
         )
     if json_:
         click.echo(json.dumps(result, indent=2))
