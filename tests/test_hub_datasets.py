@@ -221,6 +221,14 @@ def test_cut_download_resumes_in_a_new_process(hub: FakeHub, env) -> None:
 
 
 def test_pinned_revision_and_offline_pull(hub: FakeHub, env, monkeypatch) -> None:
+    hub.faults.cut_after = CUT  # a pinned commit's half pull is not a pulled dataset either
+    assert malt("pull", "--dataset", f"{REPO}@{COMMIT}").exit_code == 2
+    assert (folder(env) / "snapshots" / COMMIT / "README.md").is_file()
+    with pytest.raises(
+        MaltError, match=f"dataset {REPO} is not pulled; run `malt pull --dataset {REPO}@{COMMIT}`"
+    ):
+        load_source(f"hf:{REPO}@{COMMIT}/main:train")
+    hub.faults.cut_after = None
     result = malt("pull", "--dataset", f"{REPO}@{COMMIT}", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["revision"] == COMMIT

@@ -8,7 +8,8 @@ against the Hub's ETag (LFS files: Parquet, large JSON) or its git sha1 (files k
 dataset card, small JSON), a mismatch deleted.
 
 Why the ref is written last: `hf:` sources are resolved offline through ``refs/<revision>``, so a
-pull that stopped half-way must not look like a pulled dataset. The files a finished pull left
+pull that stopped half-way must not look like a pulled dataset (a pinned commit has no ref: a
+marker with the lock files, removed at the end, says the same). The files a finished pull left
 are kept and verified again by the next one, which fetches only what is missing.
 
 Only what malt can read is fetched: the data files (`DATA_SUFFIXES`) and ``README.md`` (its
@@ -25,7 +26,13 @@ from pathlib import Path
 
 from malt_local.errors import MaltError
 from malt_local.models.download import Fetched, NullProgress, Progress, fetch_blob
-from malt_local.models.hf_cache import HubConfig, repo_folder, write_ref
+from malt_local.models.hf_cache import (
+    HubConfig,
+    cache_dirs,
+    refuse_symlink,
+    repo_folder,
+    write_ref,
+)
 from malt_local.models.hub_http import Target, Transient, Unreachable, get_json, head_file
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
@@ -126,12 +133,22 @@ def pulled_commit(cache_dir: Path, repo: str, revision: str) -> str | None:
     network (a pinned commit needs no ref: its snapshot folder is the proof)."""
     folder = repo_folder(cache_dir, repo, REPO_TYPE)
     if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision if (folder / "snapshots" / revision).is_dir() else None
-    try:
-        commit = (folder / "refs" / revision).read_text(encoding="utf-8").strip()
-    except OSError:
+        commit = revision
+    else:
+        try:
+            commit = (folder / "refs" / revision).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+    if not commit or not (folder / "snapshots" / commit).is_dir():
         return None
-    return commit if commit and (folder / "snapshots" / commit).is_dir() else None
+    return None if _unfinished(cache_dir, repo, commit).exists() else commit
+
+
+def _unfinished(cache_dir: Path, repo: str, commit: str) -> Path:
+    """The marker of a pull of `commit` under way or stopped: a pinned commit has no ref to
+    write last, so this says its snapshot is not whole yet. It sits with the lock files,
+    where huggingface_hub's tools look for nothing else."""
+    return cache_dir / ".locks" / repo_folder(cache_dir, repo, REPO_TYPE).name / f"{commit}.pulling"
 
 
 def _list_files(cfg: HubConfig, ref: DatasetRef) -> tuple[str, list[str]]:
@@ -183,6 +200,10 @@ def pull_dataset(
             f"(expected {', '.join(DATA_SUFFIXES)})"
         )
     wanted = ([CARD] if CARD in files else []) + data
+    unfinished = _unfinished(cfg.cache_dir, ref.repo, commit)
+    cache_dirs(cfg.cache_dir, unfinished.parent.relative_to(cfg.cache_dir))
+    refuse_symlink(unfinished)
+    unfinished.touch()
     fetched: dict[str, Fetched] = {}
     for name in wanted:
         t = Target(ref.repo, name, commit, ref.display, REPO_TYPE)
@@ -195,4 +216,5 @@ def pull_dataset(
             ) from None
         fetched[name] = fetch_blob(cfg, t, remote, progress, remote.sha256, check_git_blob=True)
     write_ref(folder, ref.revision, commit)
+    unfinished.unlink()
     return DatasetPull(ref, commit, folder / "snapshots" / commit, fetched)
