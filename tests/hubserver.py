@@ -7,6 +7,11 @@ with `X-Error-Code`. `cdn=True` makes the HEAD answer like an LFS file on the re
 another host name (`localhost` instead of `127.0.0.1`) carrying `X-Linked-Etag` and
 `X-Linked-Size`.
 
+Dataset repositories (`add_dataset`) are served the same way under
+`/datasets/{org}/{repo}/resolve/...`, with their file list at
+`GET /api/datasets/{org}/{repo}/revision/{revision}` (`sha` and `siblings`, as the Hub answers);
+a card (`README.md`) is a file kept in git, its ETag the git blob sha1, not a sha256.
+
 Faults are switched on per test: cut the connection after K body bytes, stall after K bytes
 (so a test can Ctrl-C or kill the client mid-body), flip one byte of the body, answer 200 to a
 Range request, gate a repository, require a token, send a hostile commit or ETag. Every request is
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import socket
 import threading
 import urllib.parse
@@ -54,7 +60,8 @@ class FakeHub:
     """`with FakeHub() as hub:` - hub.url is the endpoint to put in HF_ENDPOINT."""
 
     def __init__(self, *, cdn: bool = False) -> None:
-        self.files: dict[tuple[str, str], bytes] = {}
+        self.files: dict[tuple[str, str], bytes] = {}  # dataset repos are "datasets/ORG/NAME"
+        self.git_files: set[tuple[str, str]] = set()  # served with a git sha1 ETag, no CDN
         self.faults = Faults()
         self.cdn = cdn
         self.requests: list[Request] = []
@@ -68,6 +75,15 @@ class FakeHub:
 
     def add(self, repo: str, file: str, data: bytes) -> str:
         self.files[(repo, file)] = data
+        return hashlib.sha256(data).hexdigest()
+
+    def add_dataset(self, repo: str, file: str, data: bytes, lfs: bool | None = None) -> str:
+        """A file of dataset `repo`; `lfs` (default: anything but a .md) says how its ETag is
+        made. Returns the file's sha256."""
+        key = ("datasets/" + repo, file)
+        self.files[key] = data
+        if not (lfs if lfs is not None else not file.endswith(".md")):
+            self.git_files.add(key)
         return hashlib.sha256(data).hexdigest()
 
     @property
@@ -166,9 +182,14 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/blob/"):
             return self._serve_blob(path[len("/blob/") :], body)
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
+        if parts[:2] == ["api", "datasets"] and len(parts) == 6 and parts[4] == "revision":
+            return self._serve_listing("datasets/" + "/".join(parts[2:4]), parts[5])
+        kind = ""
+        if parts[:1] == ["datasets"]:
+            kind, parts = "datasets/", parts[1:]
         if len(parts) < 5 or parts[2] != "resolve":
             return self._error(404, "RepoNotFound", "not a resolve URL")
-        repo, revision, file = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+        repo, revision, file = kind + "/".join(parts[:2]), parts[3], "/".join(parts[4:])
         f = fake.faults
         if f.status is not None:
             return self._error(f.status, None, "injected")
@@ -190,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             return self._error(404, "EntryNotFound", "Entry not found")
         sha = hashlib.sha256(data).hexdigest()
+        if (repo, file) in fake.git_files:
+            git = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            return self._send_file(data, git, body)
         if fake.cdn:
             host = f"localhost:{fake.port}"
             self.send_response(302)
@@ -202,6 +226,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return None
         return self._send_file(data, sha, body)
+
+    def _serve_listing(self, repo: str, revision: str) -> None:
+        """The Hub's `GET /api/datasets/{repo}/revision/{revision}`: the commit and its files."""
+        fake, f = self.fake, self.fake.faults
+        if f.token is not None and self.headers.get("Authorization") != f"Bearer {f.token}":
+            return self._error(401, "RepoNotFound", "Repository not found")
+        names = sorted(file for r, file in fake.files if r == repo)
+        if not names:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        if revision not in ("main", COMMIT) and not f.any_revision:
+            return self._error(404, "RevisionNotFound", "Invalid rev id", commit=False)
+        payload = json.dumps(
+            {
+                "id": repo.split("/", 1)[1],
+                "sha": f.commit or COMMIT,
+                "siblings": [{"rfilename": n} for n in names],
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        return None
 
     def _serve_blob(self, sha: str, body: bool) -> None:
         for data in self.fake.files.values():
@@ -249,7 +297,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         chunk = bytearray(data[start:])
-        if f.flip_byte_at is not None and f.flip_byte_at >= start:
+        if f.flip_byte_at is not None and start <= f.flip_byte_at < len(data):
             chunk[f.flip_byte_at - start] ^= 0xFF
         if fake.take_cut():
             assert f.cut_after is not None

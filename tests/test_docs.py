@@ -365,7 +365,7 @@ def _command(*path: str) -> click.Command:
 
 
 def test_a_page_without_an_option_is_reported():
-    page = "malt pull SPEC [--file PATH] [--revision REV] [-q | --quiet] [--json]"
+    page = "malt pull SPEC [--file PATH] [--revision REV] [--dataset D] [-q | --quiet] [--json]"
     assert missing_options(page, _command("pull")) == ["--trust"]
     assert missing_options(page + " --trust", _command("pull")) == []
 

@@ -75,7 +75,9 @@ SHARED = {"--temperature": "float", "--top-p": "float", "--top-k": "int",
           "--max-tokens": "int", "--seed": "int", "--task": "text", "--max-in-flight": "int",
           "--request-timeout": "float", "--model-revision": "text", "--model-sha256": "text",
           "--role-model": "text", "--api-key-env": "text", "--model": "text",
-          "--endpoint": "text"}  # fmt: skip
+          "--endpoint": "text", "--question-field": "text", "--answer-field": "text",
+          "--options-field": "text", "--tests-field": "text",
+          "--entry-point-field": "text"}  # fmt: skip
 RUN_OPTIONS = {**SHARED, "--n": "int", "--theta": "float", "--limit": "int", "--run": "text"}
 EVAL_OPTIONS = {**SHARED, "--mode": "text", "--votes": "count", "--samples": "count",
                 "--seeds": "count", "--adapter": "text"}  # fmt: skip

@@ -220,3 +220,28 @@ def _pop_server_settings(kind: str, flags: dict) -> object | None:
         model_sha256=given["model_sha256"],
         timeout=given["request_timeout"],
     )
+
+
+_FIELD_FLAGS = (
+    ("question", "--question-field", "Column holding the question text."),
+    ("answer", "--answer-field", "Column holding the ground truth."),
+    ("options", "--options-field", "Column holding the multiple-choice options."),
+    ("test", "--tests-field", "Column holding a code question's tests (a string or a list)."),
+    ("entry_point", "--entry-point-field", "Column holding a code question's function name."),
+)
+
+
+def field_flags(func: Callable) -> Callable:
+    """--question-field and the other column mappings (`malt_local.datasets.fields`)."""
+    options = [
+        click.option(flag, f"{name}_field", metavar="COLUMN", help=help)
+        for name, flag, help in _FIELD_FLAGS
+    ]
+    return _apply(options, func)
+
+
+def pop_fields(flags: dict) -> Any:
+    """The column mapping the flags give (a `FieldMap`, empty when none was given)."""
+    from malt_local.datasets.fields import FieldMap
+
+    return FieldMap(**{name: flags.pop(f"{name}_field", None) for name, _, _ in _FIELD_FLAGS})

@@ -14,9 +14,11 @@ from malt_local.cli._options import (
     adapter_flags,
     db_option,
     engine_flags,
+    field_flags,
     json_option,
     model_option,
     pop_engine_options,
+    pop_fields,
     prompts_option,
     setting,
 )
@@ -26,7 +28,7 @@ from malt_local.paths import default_db_path
 
 
 @click.command(name="eval")
-@click.argument("questions", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("questions", nargs=-1, required=True)
 @setting(
     EvalSettings,
     "mode",
@@ -65,11 +67,12 @@ from malt_local.paths import default_db_path
     help="Task (grader): a name from `malt tasks` or package.module:NAME "
     "[detected from each file].",
 )
+@field_flags
 @prompts_option
 @engine_flags
 @json_option
 def command(
-    questions: tuple[Path, ...],
+    questions: tuple[str, ...],
     model: str | None,
     adapters: tuple[str, ...],
     adapters_dir: Path | None,
@@ -82,11 +85,13 @@ def command(
     """Evaluate the roles at test time: SA, SA+MV, MA, MA+MV, and with --adapter the same
     with per-role LoRA adapters, as mean ± std over seeds.
 
-    QUESTIONS are one or more benchmark files (a row each). Every turn is stored in the
+    QUESTIONS are one or more benchmark files (a row each) or splits of datasets fetched by
+    `malt pull --dataset` (hf:OWNER/NAME[/CONFIG]:SPLIT). Every turn is stored in the
     database; re-running the same command generates only what is missing.
     """
     from malt_local.evaluate.pipeline import run_eval
 
+    fields = pop_fields(flags)
     engine_name, options = pop_engine_options(flags, flags["max_tokens"])
     settings = EvalSettings(**flags)
     settings.validate()
@@ -103,6 +108,7 @@ def command(
             options=options,
             engine_kind_name=engine_name,
             on_progress=bar,
+            fields=fields,
         )
     if json_:
         click.echo(json.dumps(result, indent=2))

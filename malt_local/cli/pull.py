@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
@@ -42,8 +43,24 @@ def _summary(result: PullResult) -> str:
     return f"{name}: {verb}; sha256 {r.sha256} ({checked})"
 
 
+def _interrupted(ctx: click.Context, progress: Any, exc: PullInterrupted, what: str) -> NoReturn:
+    """Ctrl-C: say what was kept and how to resume, and exit as the signal asks."""
+    progress.close()
+    click.echo(
+        f"Interrupted: {human_size(exc.have)} of {human_size(exc.total)} kept in "
+        f"{exc.partial}; run `malt pull {what}` again to resume.",
+        err=True,
+    )
+    ctx.exit(exit_code())
+
+
 @click.command(name="pull")
-@click.argument("spec")
+@click.argument("spec", required=False)
+@click.option(
+    "--dataset",
+    metavar="OWNER/NAME[@REVISION]",
+    help="Fetch a Hub dataset's data files instead (questions for hf:OWNER/NAME[/CONFIG]:SPLIT).",
+)
 @click.option(
     "--file",
     "file_",
@@ -59,7 +76,8 @@ def _summary(result: PullResult) -> str:
 @click.pass_context
 def command(
     ctx: click.Context,
-    spec: str,
+    spec: str | None,
+    dataset: str | None,
     file_: Path | None,
     trust: bool,
     revision: str | None,
@@ -72,13 +90,26 @@ def command(
     An interrupted download resumes where it stopped when the same command runs again.
     The GGUF's path is printed on stdout.
 
+    With --dataset OWNER/NAME[@REVISION] a dataset's Parquet, JSON and CSV files and its card
+    are fetched the same way; `malt run hf:OWNER/NAME[/CONFIG]:SPLIT` then reads them offline.
+
     \b
     Examples:
         malt pull smollm2-135m
         malt pull llama3.1-8b:Q8_0
         malt pull bartowski/Meta-Llama-3.1-8B-Instruct-GGUF/Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf
         malt pull llama3.1-8b --file /media/usb/Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf
+        malt pull --dataset openai/gsm8k
     """
+    if dataset is not None:
+        if spec is not None or file_ is not None or trust or revision is not None:
+            raise click.UsageError(
+                "--dataset takes no SPEC, --file, --trust or --revision (pin with @REVISION)"
+            )
+        _pull_dataset(ctx, dataset, quiet, json_)
+        return
+    if spec is None:
+        raise click.UsageError("give a SPEC (a model) or --dataset OWNER/NAME")
     if trust and file_ is None:
         raise click.UsageError("--trust only applies to --file")
     parsed = parse_spec(spec, revision=revision)
@@ -89,13 +120,7 @@ def command(
         else:
             result = pull(parsed, progress=progress)
     except PullInterrupted as exc:
-        progress.close()
-        click.echo(
-            f"Interrupted: {human_size(exc.have)} of {human_size(exc.total)} kept in "
-            f"{exc.partial}; run `malt pull {spec}` again to resume.",
-            err=True,
-        )
-        ctx.exit(exit_code())
+        _interrupted(ctx, progress, exc, spec)
     finally:
         progress.close()
     notice = licence_notice_for(result.record.alias)
@@ -107,3 +132,36 @@ def command(
         click.echo(json.dumps({**result.as_dict(), "licence_notice": notice}, indent=2))
     else:
         click.echo(result.record.path)
+
+
+def _pull_dataset(ctx: click.Context, value: str, quiet: bool, json_: bool) -> None:
+    """`--dataset`: the library fetches; this prints each file, the sources and the folder."""
+    from malt_local.datasets.hub import DatasetRef, pull_dataset
+    from malt_local.datasets.splits import example_sources, splits_of
+
+    ref = DatasetRef.parse(value)
+    progress = transfer_progress(quiet)
+    try:
+        result = pull_dataset(ref, progress=progress)
+    except PullInterrupted as exc:
+        _interrupted(ctx, progress, exc, ref.display)
+    finally:
+        progress.close()
+    sources = example_sources(ref.repo, splits_of(result.snapshot))
+    if not quiet:
+        for name, f in result.files.items():
+            verb = {
+                "downloaded": f"downloaded {human_size(f.transferred)}",
+                "resumed": f"resumed at byte {f.resumed_from}, downloaded "
+                f"{human_size(f.transferred)}",
+                "cached": "already pulled",
+            }.get(f.action, f.action)
+            click.echo(f"{name}: {verb}; sha256 {f.sha256}", err=True)
+        where = " (HF_HUB_OFFLINE: from the cache)" if result.offline else ""
+        click.echo(f"{ref.repo} at commit {result.commit}{where}", err=True)
+        if sources:
+            click.echo(f"questions: {', '.join(sources)}", err=True)
+    if json_:
+        click.echo(json.dumps({**result.as_dict(), "sources": sources}, indent=2))
+    else:
+        click.echo(result.snapshot)

@@ -13,9 +13,11 @@ from malt_local.cli._options import (
     adapter_flags,
     db_option,
     engine_flags,
+    field_flags,
     json_option,
     model_option,
     pop_engine_options,
+    pop_fields,
     prompts_option,
     setting,
 )
@@ -25,7 +27,7 @@ from malt_local.run.settings import RunSettings
 
 
 @click.command(name="run")
-@click.argument("questions", type=click.Path(path_type=Path))
+@click.argument("questions")
 @setting(
     RunSettings,
     "n",
@@ -48,6 +50,7 @@ from malt_local.run.settings import RunSettings
 )
 @setting(RunSettings, "theta", type=float, help="A node is positive when its value is > θ.")
 @click.option("--limit", type=int, help="Only the first K questions of the file.")
+@field_flags
 @prompts_option
 @click.option("--run", "run_id", help="Continue this run id instead of the latest.")
 @click.option("--new-run", is_flag=True, help="Start a new run even if the latest one matches.")
@@ -59,7 +62,7 @@ from malt_local.run.settings import RunSettings
 @click.option("--judge-model", help="Judge GGUF path or alias [the run's model]; implies --judge.")
 @json_option
 def command(
-    questions: Path,
+    questions: str,
     db_path: Path | None,
     prompts_dir: Path | None,
     limit: int | None,
@@ -77,12 +80,14 @@ def command(
     """Build the MALT tree for every question, storing each node as it is made.
 
     QUESTIONS is a .jsonl, .json, .csv, .tsv, .txt or .parquet file (GSM8K, MATH, CSQA or
-    question/answer rows), UTF-8 or with a byte-order mark.
+    question/answer rows), UTF-8 or with a byte-order mark, or a split of a dataset fetched
+    by `malt pull --dataset`: hf:OWNER/NAME[/CONFIG]:SPLIT (hf:openai/gsm8k/main:test).
     Re-running the same command continues where it stopped. With --adapters (a malt train
     folder) or --adapter each role's nodes are made with its trained LoRA adapters.
     """
     from malt_local.run.pipeline import run_tree
 
+    fields = pop_fields(flags)
     engine_name, options = pop_engine_options(flags, flags["max_tokens"])
     given = RunSettings(**flags)
     given.validate()
@@ -104,6 +109,7 @@ def command(
             adapter_values=adapters,
             adapters_dir=adapters_dir,
             allow_mismatch=allow_mismatch,
+            fields=fields,
         )
     if json_:
         click.echo(json.dumps(result.as_dict(), indent=2))

@@ -29,8 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from malt_local.datasets.fields import FieldMap
+from malt_local.datasets.sources import load_source, source_label
+from malt_local.datasets.splits import is_hf_source
 from malt_local.evaluate.settings import BASE, EvalSettings
-from malt_local.questions.loading import Question, load_questions
+from malt_local.questions.loading import Question
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Benchmark:
     """One questions file: a row of the results table."""
 
     label: str
-    path: Path
+    path: Path | str  # a file, or an hf: source (`malt_local.datasets.sources`)
     questions: tuple[Question, ...]
 
 
@@ -48,16 +51,19 @@ def benchmark_label(path: Path) -> str:
     return f"{parent}/{path.name}" if parent else path.name
 
 
-def load_benchmarks(paths: Sequence[Path], task: str | None) -> list[Benchmark]:
+def load_benchmarks(
+    paths: Sequence[Path | str], task: str | None, fields: FieldMap | None = None
+) -> list[Benchmark]:
     out: list[Benchmark] = []
-    seen: dict[Path, str] = {}
+    seen: dict[Path | str, str] = {}
     labels: set[str] = set()
-    for path in paths:
-        resolved = path.resolve()
+    for given in paths:
+        path: Path | str = source_label(given) if is_hf_source(given) else Path(given)
+        resolved = path if isinstance(path, str) else path.resolve()
         if resolved in seen:
             continue
-        questions = tuple(load_questions(path, task))
-        label = base = benchmark_label(path)
+        questions = tuple(load_source(path, task, fields))
+        label = base = path if isinstance(path, str) else benchmark_label(path)
         k = 2
         while label in labels:
             label = f"{base} ({k})"

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from malt_local import __version__
+from malt_local.datasets.fields import FieldMap
 from malt_local.db.store import Store, utcnow
 from malt_local.diskspace import disk_guard
 from malt_local.engines.registry import EngineOptions, engine_kind, identify_model, make_engine
@@ -36,7 +37,7 @@ from malt_local.tasks import task_identities
 
 
 def run_eval(
-    paths: Sequence[Path],
+    paths: Sequence[Path | str],
     settings: EvalSettings,
     *,
     db_path: Path,
@@ -48,6 +49,7 @@ def run_eval(
     options: EngineOptions | None = None,
     engine_kind_name: str = "batched",
     on_progress: Callable[[Progress], None] | None = None,
+    fields: FieldMap | None = None,
 ) -> dict:
     """Check everything a user can get wrong, load the model once, evaluate, report.
 
@@ -62,7 +64,7 @@ def run_eval(
     settings.validate()
     if not paths:
         raise MaltError("no questions file given")
-    benchmarks = load_benchmarks(paths, settings.task)
+    benchmarks = load_benchmarks(paths, settings.task, fields)
     prompts = PromptSet(prompts_dir)
     prompts.check([q for b in benchmarks for q in b.questions])
     hashes = prompts.hashes()

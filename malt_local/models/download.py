@@ -352,47 +352,90 @@ def _download(
     progress: Progress,
     home: Path | None,
 ) -> PullResult:
-    folder = repo_folder(cfg.cache_dir, spec.repo)
-    # Every folder the pull writes in, checked before the first byte: none may be a link.
-    blobs = cache_dirs(cfg.cache_dir, Path(folder.name, "blobs"))
-    refuse_symlinks(folder, Path("snapshots", remote.commit, spec.file).parent)
-    refuse_symlinks(folder, Path("refs", spec.revision).parent)
-    blob = blobs / remote.etag
     expected = spec.sha256 or remote.sha256
     against = (
         VERIFIED_MODELS_TOML if spec.sha256 else VERIFIED_ETAG if remote.sha256 else VERIFIED_NONE
     )
-    with download_lock(cfg.cache_dir, spec.repo, remote.etag):
+    fetched = fetch_blob(cfg, t, remote, progress, expected)
+    write_ref(repo_folder(cfg.cache_dir, spec.repo), spec.revision, remote.commit)
+    record = _make_record(spec, fetched.snapshot, fetched.sha256, against, "hub", remote.commit)
+    save_record(record, home)
+    return PullResult(record, fetched.action, fetched.transferred, fetched.resumed_from)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One file of a Hub repository, verified in the cache: what `fetch_blob` did."""
+
+    snapshot: Path  # snapshots/<commit>/<file>, a link to its blob
+    sha256: str
+    action: str  # downloaded | resumed | cached
+    transferred: int = 0
+    resumed_from: int | None = None
+
+
+def _git_blob_sha1(path: Path) -> str:
+    """The git object id of a file's bytes: the Hub's ETag for a file kept in git, not LFS."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode(), usedforsecurity=False)
+    hash_into(h, path)
+    return h.hexdigest()
+
+
+def fetch_blob(
+    cfg: HubConfig,
+    t: Target,
+    remote: RemoteFile,
+    progress: Progress,
+    expected: str | None,
+    *,
+    check_git_blob: bool = False,
+) -> Fetched:
+    """Make ``blobs/<etag>`` and ``snapshots/<commit>/<file>`` for one file of `t.repo`, verified.
+
+    `expected` is the sha256 the bytes must have (None: nothing to check them against). With
+    `check_git_blob`, a file without a sha256 whose ETag is a git sha1 (a small file kept in git,
+    like a dataset card) is checked against that instead. A blob already in the cache is reused,
+    a partial ``.incomplete`` continued; what fails its check is deleted. The caller writes the
+    ref (a dataset's ref waits until all its files are in) and any record.
+    """
+    folder = repo_folder(cfg.cache_dir, t.repo, t.repo_type)
+    # Every folder the pull writes in, checked before the first byte: none may be a link.
+    blobs = cache_dirs(cfg.cache_dir, Path(folder.name, "blobs"))
+    refuse_symlinks(folder, Path("snapshots", remote.commit, t.file).parent)
+    refuse_symlinks(folder, Path("refs", t.revision).parent)
+    blob = blobs / remote.etag
+    git_sha1 = check_git_blob and expected is None and len(remote.etag) == 40
+
+    def good(path: Path, digest: str) -> bool:
+        if git_sha1:
+            return _git_blob_sha1(path) == remote.etag
+        return expected is None or digest == expected
+
+    with download_lock(cfg.cache_dir, t.repo, remote.etag, t.repo_type):
         if blob.is_file():
-            digest = _verify(blob, progress, f"verifying {spec.display}")
-            if expected is None or digest == expected:
-                snapshot = link_snapshot(folder, remote.commit, spec.file, blob)
-                write_ref(folder, spec.revision, remote.commit)
-                record = _make_record(spec, snapshot, digest, against, "hub", remote.commit)
-                save_record(record, home)
-                return PullResult(record, "cached")
+            digest = _verify(blob, progress, f"verifying {t.display}")
+            if good(blob, digest):
+                return Fetched(link_snapshot(folder, remote.commit, t.file, blob), digest, "cached")
             blob.unlink()
             progress.note(f"the cached copy {blob} was corrupt (sha256 {digest}): deleted it")
         part = blobs / f"{remote.etag}.incomplete"
         refuse_symlink(part)
-        progress.note(
-            f"pulling {spec.display}: {spec.repo}/{spec.file} ({human_size(remote.size)})"
-        )
+        what = f"{t.display}: " if t.repo_type == "model" else ""  # an alias, or the path alone
+        progress.note(f"pulling {what}{t.repo}/{t.file} ({human_size(remote.size)})")
         with disk_guard(part):
             digest, transferred, resumed_from = _fetch(cfg, t, remote, part, progress)
-        if expected is not None and digest != expected:
+        if not good(part, digest):
+            kind, digest = ("git sha1", _git_blob_sha1(part)) if git_sha1 else ("sha256", digest)
             part.unlink(missing_ok=True)
             raise MaltError(
-                f"sha256 mismatch for {spec.file}: expected {expected}, got {digest}; "
-                f"the corrupt download was deleted, run `malt pull {spec.display}` again"
+                f"{kind} mismatch for {t.file}: expected {remote.etag if git_sha1 else expected}, "
+                f"got {digest}; "
+                f"the corrupt download was deleted, run `malt pull {t.display}` again"
             )
         os.replace(part, blob)
-        snapshot = link_snapshot(folder, remote.commit, spec.file, blob)
-        write_ref(folder, spec.revision, remote.commit)
-    record = _make_record(spec, snapshot, digest, against, "hub", remote.commit)
-    save_record(record, home)
+        snapshot = link_snapshot(folder, remote.commit, t.file, blob)
     action = "resumed" if resumed_from else "downloaded"
-    return PullResult(record, action, transferred, resumed_from)
+    return Fetched(snapshot, digest, action, transferred, resumed_from)
 
 
 def _fetch(

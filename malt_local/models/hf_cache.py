@@ -119,8 +119,9 @@ class HubConfig:
 # --------------------------------------------------------------------------- the cache layout
 
 
-def repo_folder(cache_dir: Path, repo: str) -> Path:
-    return cache_dir / ("models--" + repo.replace("/", "--"))
+def repo_folder(cache_dir: Path, repo: str, repo_type: str = "model") -> Path:
+    """``models--OWNER--REPO`` (or ``datasets--OWNER--NAME``), as huggingface_hub names it."""
+    return cache_dir / (f"{repo_type}s--" + repo.replace("/", "--"))
 
 
 def refuse_symlink(path: Path) -> None:
@@ -157,9 +158,11 @@ def cache_dirs(cache_dir: Path, relative: Path) -> Path:
 
 
 @contextlib.contextmanager
-def download_lock(cache_dir: Path, repo: str, etag: str) -> Iterator[None]:
+def download_lock(
+    cache_dir: Path, repo: str, etag: str, repo_type: str = "model"
+) -> Iterator[None]:
     """One writer per blob. Same lock file huggingface_hub uses, so the two never collide."""
-    lock_dir = cache_dirs(cache_dir, Path(".locks", repo_folder(cache_dir, repo).name))
+    lock_dir = cache_dirs(cache_dir, Path(".locks", repo_folder(cache_dir, repo, repo_type).name))
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(exclusive_lock(lock_dir / f"{etag}.lock", wait=False))

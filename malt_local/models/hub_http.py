@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import re
 import sys
 import urllib.error
@@ -115,11 +116,15 @@ class Target:
     file: str
     revision: str
     display: str  # what the user typed, for "run `malt pull X` again"
+    repo_type: str = "model"  # or "dataset": its URLs and cache folder say so
 
 
-def resolve_url(endpoint: str, repo: str, file: str, revision: str) -> str:
+def resolve_url(
+    endpoint: str, repo: str, file: str, revision: str, repo_type: str = "model"
+) -> str:
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
     return (
-        f"{endpoint}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/"
+        f"{endpoint}/{prefix}{repo}/resolve/{urllib.parse.quote(revision, safe='')}/"
         f"{urllib.parse.quote(file)}"
     )
 
@@ -128,7 +133,7 @@ def http_error(cfg: HubConfig, status: int, headers: Any, t: Target) -> MaltErro
     """One line for each way the Hub says no; 5xx and 429 are left to the caller."""
     code = headers.get("X-Error-Code", "") or ""
     message = " ".join((headers.get("X-Error-Message", "") or "").split())
-    where = f"{cfg.endpoint}/{t.repo}"
+    where = f"{cfg.endpoint}/{'' if t.repo_type == 'model' else t.repo_type + 's/'}{t.repo}"
     if code == "GatedRepo" or (status == 403 and "gated" in message.lower()):
         return MaltError(
             f"{t.repo} is a gated repository: accept its licence at {where} while logged in, "
@@ -163,9 +168,18 @@ def _strip_etag(value: str) -> str:
     return value.strip('"')
 
 
+def _check_status(cfg: HubConfig, status: int, headers: Any, t: Target) -> None:
+    """Nothing for a success; `Transient` for 429 and 5xx (another try may work), else the
+    one line `http_error` makes of the refusal."""
+    if status == 429 or status >= 500:
+        raise Transient(f"the Hub answered HTTP {status}")
+    if status >= 400:
+        raise http_error(cfg, status, headers, t)
+
+
 def head_file(cfg: HubConfig, t: Target) -> RemoteFile:
     """HEAD the resolve URL: commit, ETag (the sha256 of LFS files), size and where to GET."""
-    url = resolve_url(cfg.endpoint, t.repo, t.file, t.revision)
+    url = resolve_url(cfg.endpoint, t.repo, t.file, t.revision, t.repo_type)
     for _ in range(MAX_REDIRECTS):
         response = _open(url, "HEAD", _headers(cfg, url), cfg.etag_timeout)
         with contextlib.closing(response):
@@ -176,10 +190,7 @@ def head_file(cfg: HubConfig, t: Target) -> RemoteFile:
                 url = target  # a renamed repository, a revision alias: same Hub, follow
                 continue
             return _remote_from(cfg, headers, target, redirected=True, t=t)
-        if status == 429 or status >= 500:
-            raise Transient(f"the Hub answered HTTP {status}")
-        if status >= 400:
-            raise http_error(cfg, status, headers, t)
+        _check_status(cfg, status, headers, t)
         return _remote_from(cfg, headers, url, redirected=False, t=t)
     raise MaltError(f"too many redirects for {t.repo}/{t.file} at {cfg.endpoint}")
 
@@ -231,3 +242,36 @@ def content_range_start(value: str | None) -> int | None:
     """The first byte of a ``Content-Range: bytes N-...`` header, or None."""
     match = re.match(r"^\s*bytes\s+(\d+)-", value or "")
     return int(match.group(1)) if match else None
+
+
+MAX_JSON_BYTES = 64 << 20  # a repository listing: large datasets list tens of thousands of files
+
+
+def get_json(cfg: HubConfig, url: str, t: Target) -> Any:
+    """GET a Hub API URL and parse its JSON; same-host redirects (a renamed repository) are
+    followed, a refusal is `http_error`'s one line, no answer at all `Unreachable`."""
+    for _ in range(MAX_REDIRECTS):
+        response = _open(url, "GET", _headers(cfg, url), cfg.etag_timeout)
+        with contextlib.closing(response):
+            status, headers = response.getcode(), response.headers
+            if 300 <= status < 400 and headers.get("Location"):
+                target = urllib.parse.urljoin(url, headers["Location"])
+                if _host(target) != _host(url):
+                    raise MaltError(f"{cfg.endpoint} redirected the listing of {t.repo} elsewhere")
+                url = target
+                continue
+            _check_status(cfg, status, headers, t)
+            try:
+                body = response.read(MAX_JSON_BYTES + 1)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise Transient(f"connection lost: {error_reason(exc)}") from None
+        if len(body) > MAX_JSON_BYTES:
+            raise MaltError(f"the Hub's listing of {t.repo} is larger than {MAX_JSON_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise MaltError(
+                f"{cfg.endpoint} answered the listing of {t.repo} with something that is not "
+                "JSON: is HF_ENDPOINT a Hugging Face Hub?"
+            ) from None
+    raise MaltError(f"too many redirects listing {t.repo} at {cfg.endpoint}")

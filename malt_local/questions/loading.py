@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,22 +54,46 @@ def question_id(text: str, ground_truth: str, options: tuple[tuple[str, str], ..
     return "q" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def load_questions(path: str | Path, task: str | None = None) -> list[Question]:
-    """Read and validate every row; any bad row is a `MaltError` naming the line."""
+# (row, "file:line") -> the row with malt's field names
+RowMap = Callable[[dict, str], dict]
+
+
+def load_questions(
+    path: str | Path, task: str | None = None, map_row: RowMap | None = None
+) -> list[Question]:
+    """Read and validate every row; any bad row is a `MaltError` naming the line. `map_row`
+    renames a row's columns first (`--question-field`...: `malt_local.datasets.fields`)."""
     p = Path(path)
     check_task(task)
     if not p.exists():
         raise MaltError(f"questions file not found: {p}")
     if p.is_dir():
         raise MaltError(f"questions path is a folder, not a file: {p}")
-    questions = [_to_question(row, line, task, str(p)) for line, row in read_rows(p)]
+    rows = ((str(p), line, row) for line, row in read_rows(p))
+    return questions_from_rows(rows, task, str(p), map_row)
+
+
+def questions_from_rows(
+    rows: Iterable[tuple[str, int, dict]],
+    task: str | None,
+    what: str,
+    map_row: RowMap | None = None,
+) -> list[Question]:
+    """Questions from (source, line, row) triples, however they were read (a file, the shards
+    of a Hub dataset's split); `what` names them all when there are none."""
+    check_task(task)
+    questions = [
+        _to_question(map_row(row, f"{source}:{line}") if map_row else row, line, task, source)
+        for source, line, row in rows
+    ]
     if not questions:
-        raise MaltError(f"no questions in {p}")
+        raise MaltError(f"no questions in {what}")
     # The same question twice is one tree: ids are content hashes.
     unique: dict[str, Question] = {}
     for q in questions:
         unique.setdefault(q.id, q)
     return list(unique.values())
+
 
 
 def detect_task(row: dict) -> str:

@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from malt_local.datasets.fields import FieldMap
+from malt_local.datasets.sources import load_source
 from malt_local.db.store import Store
 from malt_local.diskspace import disk_guard
 from malt_local.engines import (
@@ -29,7 +31,7 @@ from malt_local.engines import (
 from malt_local.errors import MaltError
 from malt_local.progress import OnProgress
 from malt_local.prompts import PromptSet
-from malt_local.questions.loading import Question, load_questions
+from malt_local.questions.loading import Question
 from malt_local.role_adapters import check_values, identity_of, load_adapters, resolve_adapters
 from malt_local.run import too_long
 from malt_local.run.judge import (
@@ -82,7 +84,7 @@ class RunSummary:
 
 
 def run_tree(
-    questions_path: Path,
+    questions_path: Path | str,
     given: RunSettings,
     *,
     db_path: Path,
@@ -99,13 +101,15 @@ def run_tree(
     adapter_values: tuple[str, ...] | list[str] = (),
     adapters_dir: Path | None = None,
     allow_mismatch: bool = False,
+    fields: FieldMap | None = None,
 ) -> RunSummary:
     """Build (or continue) the run's trees, then judge them if asked, and say what was done.
     `on_progress` hears every stored node, then every verdict.
 
     With adapters (`adapters_dir`, a malt train folder, and `adapter_values`, `--adapter`
     ROLE=PATH[:SCALE]) each role's nodes are made under that role's LoRA stack, and the stack is
-    part of the run's identity: a resume under other adapters is refused."""
+    part of the run's identity: a resume under other adapters is refused. `questions_path` may
+    be an ``hf:`` source (`malt_local.datasets.sources`); `fields` renames its columns."""
     if limit is not None and limit < 1:
         raise MaltError(f"--limit must be at least 1 (got {limit})")
     kind = engine_kind(engine_kind_name)
@@ -124,7 +128,7 @@ def run_tree(
             model_spec = run["model"] if kind.local else previous.served_model
     else:
         settings = with_defaults(given)
-    questions = load_questions(questions_path, settings.task)[:limit]
+    questions = load_source(questions_path, settings.task, fields)[:limit]
     prompts = PromptSet(prompts_dir)
     prompts.check(questions)
     hashes = prompts.hashes()
