@@ -232,3 +232,134 @@ def test_a_real_run_of_the_code_task_on_humaneval(tmp_path, small_model):
         assert n["correct"] == int(again.passed) and n["grade_reason"] == again.reason
     assert all(n["reward"] in (0.0, 1.0) for n in nodes if n["depth"] == 3)
     assert all(n["value"] is not None for n in nodes)
+
+
+def test_mbpp_and_humaneval_rows_from_the_hub_become_code_questions():
+    """The Hub datasets' columns, through their default mapping (`hf:` sources), are graded by
+    the code task: a right answer passes, a wrong one does not."""
+    from malt_local.datasets.fields import defaults_for, map_row
+    from malt_local.questions.loading import questions_from_rows
+
+    mbpp = {"task_id": 2, "text": "Write a function to find the shared elements of two lists.",
+            "code": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))",
+            "test_list": ["assert set(similar_elements((3, 4, 5, 6), (5, 7, 4, 10))) == {4, 5}"],
+            "test_setup_code": "", "challenge_test_list": []}  # fmt: skip
+    he = PROBLEMS["has_close_elements"]
+    rows = [
+        ("hf:mbpp:test", 1, map_row(mbpp, defaults_for("mbpp"))),
+        ("hf:openai_humaneval:test", 1, map_row(he, defaults_for("openai_humaneval"))),
+    ]
+    m, h = questions_from_rows(rows, None, "hub rows")
+    assert (m.task, h.task) == ("code", "code")
+    task = get_task("code")
+    assert task.grade(f"```python\n{mbpp['code']}\n```", m).correct == 1
+    assert task.grade("```python\ndef similar_elements(a, b):\n    return ()\n```", m).correct == 0
+    right = f"```python\n{he['prompt']}{he['canonical_solution']}```"
+    assert task.grade(right, h).reason == "passed"
+
+
+# --- hostile answers in a run ----------------------------------------------------------------
+
+FAST_CODE = '''
+from malt_local.tasks.code import Code
+
+
+class FastCode(Code):
+    """The code task with a 3 s limit, so a test's endless loops end soon."""
+
+    name = "fastcode"
+    seconds = 3.0
+'''
+
+
+def hostile_programs(marker: Path, sentinel: Path, port: int, tag: str) -> dict[str, str]:
+    """Each hostile answer, as the body of the entry point's module (the tests then fail)."""
+    return {
+        "loop": "while True:\n    pass\n",
+        "fork": "import os\nwhile True:\n    os.fork()\n",
+        "alloc": "b = bytearray(10 * 2**30)\n",
+        "home": f"open({str(marker)!r}, 'w').write('escaped')\n",
+        "socket": f"import socket\nsocket.create_connection(('127.0.0.1', {port})).send(b'x')\n",
+        "delete": f"import os, shutil\nos.remove({str(sentinel)!r})\n"
+        f"shutil.rmtree({str(sentinel.parent)!r})\n",
+        "environ": "import os\nprint(dict(os.environ))\nraise SystemExit(str(dict(os.environ)))\n",
+        "print": "import sys\nwhile True:\n    sys.stdout.write('x' * 10**6)\n",
+    } | {"tag": f"# {tag}\n"}
+
+
+def test_hostile_answers_are_graded_0_and_nothing_escapes(tmp_path, monkeypatch):
+    import itertools
+    import socket
+    import threading
+
+    monkeypatch.setenv("MALT_TEST_SECRET", "s3cr3t-hostile")
+    tag = f"malt-hostile-{os.getpid()}-{tmp_path.name}"
+    marker = Path.home() / f"{tag}-escaped"
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    sentinel = keep / "sentinel.txt"
+    sentinel.write_text("still here")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    accepted: list = []
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept())
+            except OSError:
+                continue
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    programs = hostile_programs(marker, sentinel, listener.getsockname()[1], tag)
+    kinds = itertools.cycle([k for k in programs if k != "tag"])
+    said: dict[str, str] = {}
+
+    def reply(body: dict, index: int) -> str:
+        kind = next(kinds)
+        text = f"```python\n{programs['tag']}# kind: {kind}\n{programs[kind]}```\n"
+        said[text] = kind
+        return text
+
+    (tmp_path / "fastcode_task.py").write_text(FAST_CODE)
+    (tmp_path / "he.jsonl").write_text(HUMANEVAL.read_text().splitlines()[2] + "\n")
+    try:
+        with FakeOpenAI(reply=reply) as server:
+            r = malt("run", "--engine", "openai", "--endpoint", server.url, "--model", "fake-model",
+                     "--task", "fastcode_task:FastCode", "--n", "2", "--db", "m.db", "he.jsonl",
+                     cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop.set()
+        watcher.join()
+        listener.close()
+    conn = sqlite3.connect(tmp_path / "m.db")
+    rows = conn.execute("SELECT output, correct, reward, grade_reason, depth FROM nodes").fetchall()
+    assert len(rows) == 14
+    reasons: dict[str, set[str]] = {}
+    for output, correct, reward, reason, depth in rows:
+        assert correct == 0 and (depth < 3 or reward == 0.0), (said[output], reason)
+        reasons.setdefault(said[output], set()).add(reason)
+        assert "s3cr3t-hostile" not in reason
+    assert set(reasons) == set(programs) - {"tag"}  # every kind was answered and graded
+    assert reasons["loop"] == {"timed out after 3 s"}
+    assert all("fork" in r for r in reasons["fork"]), reasons["fork"]
+    assert all("not allowed" in r for r in reasons["home"] | reasons["delete"])
+    assert reasons["alloc"] == {"memory limit (1024 MB)"}
+    assert all(r.startswith("output over") for r in reasons["print"]), reasons["print"]
+    # Nothing escaped: no file in $HOME, the sentinel and its folder intact, no connection, and
+    # no process of the sandbox left (each program carries the tag in its source).
+    assert not marker.exists()
+    assert sentinel.read_text() == "still here"
+    assert accepted == []
+    assert conn.execute("SELECT COUNT(*) FROM nodes WHERE value IS NULL").fetchone() == (0,)
+    left = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if tag.encode() in (proc / "cmdline").read_bytes():
+                left.append(proc.name)
+        except OSError:
+            continue
+    assert left == []

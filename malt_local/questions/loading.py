@@ -25,7 +25,8 @@ from pathlib import Path
 from malt_local.errors import MaltError
 from malt_local.grading import last_boxed
 from malt_local.questions.formats import read_rows
-from malt_local.tasks import check_task
+from malt_local.tasks import check_task, get_task
+from malt_local.tasks.code import Code
 
 # "judge" is never detected: `--task judge` asks for the LLM judge (free-form answers).
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Ja-j])[.):]\s*(.+?)\s*$")
@@ -120,7 +121,8 @@ def _to_question(row: dict, line: int, forced: str | None, source: str) -> Quest
     shape = detect_task(row)
     task = forced or shape
     options = _parse_options(row.get("options") or row.get("choices"), where)
-    code = task == "code"
+    # A code task (the built-in or a subclass of it) reads the row's tests as its ground truth.
+    code = isinstance(get_task(task), Code)
     truth = _code_tests(row, where) if code else _ground_truth(row, shape, task, where)
     if task == "csqa":
         if not options:
