@@ -336,30 +336,39 @@ def test_deleting_files_outside_is_refused(mode, how, tmp_path):
 @BOTH
 def test_the_environment_keeps_no_secrets(mode, monkeypatch):
     if mode == "os-only":
-        needs("uid")  # as the caller's own user, /proc/<caller>/environ is readable
+        needs("uid")  # as the caller's own user, /proc/<its pid>/environ is readable
     secret, token = f"s3cret-{uuid.uuid4().hex}", f"hf_{uuid.uuid4().hex}"
     monkeypatch.setenv("MALT_TEST_SECRET", secret)
     monkeypatch.setenv("HF_TOKEN", token)
-    program = textwrap.dedent(f"""\
-        import os, sys
-        seen = [repr(dict(os.environ))]
-        for path in ["/proc/self/environ", "/proc/{os.getpid()}/environ",
-                     "/proc/{os.getppid()}/environ"]:
-            try:
-                seen.append(open(path, "rb").read().decode(errors="replace"))
-            except OSError as error:
-                print("cannot read", path, error)
-        found = [s for s in seen if "MALT_TEST_SECRET" in s or "HF_TOKEN" in s]
-        print(*found)
-        sys.exit(0 if found else "no secret found")
-        """)
-    control = unsandboxed(program)
-    assert control.returncode == 0 and secret in control.stdout and token in control.stdout
-    outcome = run(program, mode)
+    # /proc/PID/environ shows the environment a process started with, not later putenv()s:
+    # a process started now with the secrets stands for a malt started with HF_TOKEN set.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        program = textwrap.dedent(f"""\
+            import os, sys
+            seen = [repr(dict(os.environ))]
+            for pid in ["self", {holder.pid}, {os.getpid()}, os.getppid()]:
+                try:
+                    with open(f"/proc/{{pid}}/environ", "rb") as f:
+                        seen.append(f.read().decode("utf-8", "replace"))
+                except OSError as error:
+                    print("cannot read", pid, error)
+            found = [s for s in seen if "MALT_TEST_SECRET" in s or "HF_TOKEN" in s]
+            print(*found)
+            sys.exit(0 if found else "no secret found")
+            """)
+        control = unsandboxed(program)
+        assert control.returncode == 0 and secret in control.stdout and token in control.stdout
+        outcome = run(program, mode)
+    finally:
+        holder.kill()
+        holder.wait()
     assert not outcome.passed, outcome
     assert outcome.reason == "exit 1", outcome  # "no secret found", on stderr
     for value in (secret, token):
         assert value not in outcome.output and value not in outcome.reason
+    if mode == "hook":
+        assert f"cannot read {holder.pid} sandbox:" in outcome.output, outcome.output
 
 
 def test_printing_a_gigabyte_hits_the_output_cap():

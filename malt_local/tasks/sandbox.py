@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import itertools
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -55,7 +57,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
 MS_REC, MS_PRIVATE, MS_RELATIME = 16384, 1 << 18, 1 << 21
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 # Root runs each concurrent program as a user id of its own, from this block ("MAL\0"), far
 # above the ids of real accounts; a lock file per id keeps two runs (threads or processes) from
@@ -241,6 +243,8 @@ def _watch(
                     for line in lines:
                         with contextlib.suppress(ValueError):
                             statuses.append(json.loads(line))
+                    if any("exit" in s or "signal" in s for s in statuses):
+                        return False, False
                 else:
                     return False, False
 
@@ -259,16 +263,20 @@ def _drain(out: int, kept: _Tail) -> None:
 def _end(proc: subprocess.Popen[bytes] | None, user: _User | None, *, pid_namespace: bool) -> None:
     """Kill every process of the run, also after a pass. The process group holds the launcher
     and the program; a PID namespace dies with its first process; without one, a process that
-    left the group (setsid) is found by its user id."""
+    left the group (setsid) is found by its user id. Only root can drop to a user id of the
+    run's own; a normal user without a PID namespace has the process group and the audit hook
+    (which refuses fork) alone."""
     if proc is None:
         return
+    if user is not None and user.own and not pid_namespace:
+        user.sweep()  # the launcher, a subreaper, then reaps them all and ends
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         proc.kill()
     proc.wait()
-    if user is not None and user.own and not pid_namespace:
-        user.sweep()
 
 
 def _remove(folder: str) -> None:
@@ -326,6 +334,10 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
+_next_slot = itertools.count()
+_next_slot_lock = threading.Lock()
+
+
 class _User:
     """A user id for one run. `own`: an id of the run's own (locked), else `nobody`."""
 
@@ -338,7 +350,9 @@ class _User:
     def take(cls) -> _User:
         if not _maps(UID_BASE, UID_SLOTS):
             return cls(NOBODY, None)
-        slots = list(range(UID_SLOTS))
+        with _next_slot_lock:  # rotate, so that an id just given back rests a while
+            first = next(_next_slot) % UID_SLOTS
+        slots = [(first + i) % UID_SLOTS for i in range(UID_SLOTS)]
         for blocking in (False, True):
             for slot in slots if not blocking else slots[:1]:
                 path = os.path.join(tempfile.gettempdir(), f"malt-uid-{UID_BASE + slot}.lock")
@@ -541,6 +555,9 @@ def _launch(config: dict) -> int:
     if config["audit_hook"]:
         layers.append("audit-hook")
     launcher = os.getpid()
+    # Orphans of the program (a daemon that left with setsid) become the launcher's children.
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     child = os.fork()
     if child == 0:
         try:
@@ -565,7 +582,15 @@ def _launch(config: dict) -> int:
     else:
         report = {"exit": os.waitstatus_to_exitcode(wait_status)}
     os.write(status, (json.dumps(report) + "\n").encode())
-    return 0
+    # Reap what the program left (the caller kills it: the PID namespace, or kill(-1) as the
+    # run's user id), so that no zombie of this user id counts against the next run's NPROC.
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
 
 
 def _become_program(config: dict, uid: int | None, python: str, launcher: int, *, pidns: bool):
