@@ -352,7 +352,9 @@ class _User:
             return cls(NOBODY, None)
         with _next_slot_lock:  # rotate, so that an id just given back rests a while
             first = next(_next_slot) % UID_SLOTS
+        busy = _uids_in_use()  # a zombie nobody reaps would count against RLIMIT_NPROC
         slots = [(first + i) % UID_SLOTS for i in range(UID_SLOTS)]
+        slots = [slot for slot in slots if UID_BASE + slot not in busy] or slots
         for blocking in (False, True):
             for slot in slots if not blocking else slots[:1]:
                 path = os.path.join(tempfile.gettempdir(), f"malt-uid-{UID_BASE + slot}.lock")
@@ -390,6 +392,19 @@ class _User:
         if self.lock is not None:
             os.close(self.lock)
             self.lock = None
+
+
+def _uids_in_use() -> set[int]:
+    """The user ids of the block that some process (a zombie too) has now."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    uid = entry.stat().st_uid
+                    if UID_BASE <= uid < UID_BASE + UID_SLOTS:
+                        found.add(uid)
+    return found
 
 
 def _maps(first: int, count: int) -> bool:
