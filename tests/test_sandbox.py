@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -114,15 +115,22 @@ def assert_nothing_left(outcome: Outcome) -> None:
     assert processes_of(outcome) == []
 
 
-def sandbox_folders() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob(f"{sandbox.PREFIX}*")}
+SYSTEM_TMP = Path(tempfile.gettempdir())
 
 
 @pytest.fixture(autouse=True)
-def no_folder_left():
-    before = sandbox_folders()
-    yield
-    assert sandbox_folders() - before == set()
+def no_folder_left(monkeypatch):
+    """Each test's runs make their folders in a temp dir of the test's own (other processes
+    on the machine may be running the sandbox too), which must be empty afterwards. It is
+    open to other users (0711), as the system temp dir is: the run's user id must reach it."""
+    parent = Path(tempfile.mkdtemp(prefix="malt-sbx-tests-", dir=SYSTEM_TMP))
+    parent.chmod(0o711)
+    monkeypatch.setattr(tempfile, "tempdir", str(parent))
+    try:
+        yield parent
+        assert [p.name for p in parent.iterdir()] == []
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def unsandboxed(source: str) -> subprocess.CompletedProcess[str]:
@@ -178,7 +186,7 @@ def test_the_standard_library_is_there():
 def test_isolation_names_the_layers():
     layers = isolation()
     assert {"session", "minimal-env", "rlimits", "audit-hook"} <= set(layers)
-    if os.geteuid() == 0:  # CI: root, which must not run the program as itself
+    if privileged():  # CI: root, which must not run the program as itself
         assert any(a.startswith("uid:") for a in layers), layers
 
 
@@ -271,7 +279,7 @@ def test_writing_the_callers_home_is_refused(mode):
 def test_writing_outside_the_sandbox_folder_is_refused(mode, where, tmp_path):
     if mode == "os-only":
         needs("readonly-fs")  # /tmp itself is writable for every user id
-    folder = tmp_path if where == "tmp_path" else Path(tempfile.gettempdir())
+    folder = tmp_path if where == "tmp_path" else SYSTEM_TMP
     target = folder / f"malt-escape-{uuid.uuid4().hex}"
     program = f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n"
     try:
@@ -401,6 +409,7 @@ def test_the_folder_is_removed_even_when_the_program_locks_it():
     assert outcome.passed, outcome
     folder = Path(outcome.output.splitlines()[0])
     assert folder.name.startswith(sandbox.PREFIX)
+    assert folder.parent == Path(tempfile.gettempdir())  # the test's own (no_folder_left)
     assert not folder.exists()
 
 

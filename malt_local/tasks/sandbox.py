@@ -68,6 +68,9 @@ UID_SLOTS = 64
 NOBODY = 65534
 SETUP_FAILED = 125  # the launcher's exit status when it could not set the sandbox up
 PREFIX = "malt-sandbox-"
+# The user-id locks live in one place for every process of the machine, whatever TMPDIR each
+# has, so that two malt processes never share a user id.
+LOCK_DIR = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,12 @@ def _run(source: str, limits: Limits, *, audit_hook: bool) -> Outcome:
         with open(program, "w", encoding="utf-8") as f:
             f.write(source)
         if user is not None:
-            os.chown(program, user.uid, user.uid)
-            os.chown(folder, user.uid, user.uid)
+            try:
+                os.chown(program, user.uid, user.uid)
+                os.chown(folder, user.uid, user.uid)
+            except OSError:  # root without CAP_CHOWN (a container): run as the caller
+                user.release()
+                user = None
         status_r, status_w = os.pipe()
         config = {
             "folder": folder,
@@ -261,22 +268,26 @@ def _drain(out: int, kept: _Tail) -> None:
 
 
 def _end(proc: subprocess.Popen[bytes] | None, user: _User | None, *, pid_namespace: bool) -> None:
-    """Kill every process of the run, also after a pass. The process group holds the launcher
-    and the program; a PID namespace dies with its first process; without one, a process that
-    left the group (setsid) is found by its user id. Only root can drop to a user id of the
-    run's own; a normal user without a PID namespace has the process group and the audit hook
-    (which refuses fork) alone."""
+    """Kill every process of the run, also after a pass: the launcher kills its descendants
+    (it is their subreaper, so setsid and double forks do not lose them); a PID namespace dies
+    with its first process; the process group is killed; and with a user id of the run's own,
+    kill(-1) as that id reaches anything still left."""
     if proc is None:
         return
-    if user is not None and user.own and not pid_namespace:
-        user.sweep()  # the launcher, a subreaper, then reaps them all and ends
+    if proc.poll() is None:
+        # The launcher kills and reaps its descendants when the program has ended, or now,
+        # on SIGTERM (a timeout, too much output); SIGKILL for the group if it does not.
+        with contextlib.suppress(OSError):
+            proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=2)
+            proc.wait(timeout=3)
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         proc.kill()
     proc.wait()
+    if user is not None and user.own and not pid_namespace:
+        user.sweep()
 
 
 def _remove(folder: str) -> None:
@@ -357,7 +368,7 @@ class _User:
         slots = [slot for slot in slots if UID_BASE + slot not in busy] or slots
         for blocking in (False, True):
             for slot in slots if not blocking else slots[:1]:
-                path = os.path.join(tempfile.gettempdir(), f"malt-uid-{UID_BASE + slot}.lock")
+                path = os.path.join(LOCK_DIR, f"malt-uid-{UID_BASE + slot}.lock")
                 try:
                     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
                 except OSError:
@@ -524,8 +535,12 @@ def _map_own_user() -> None:
 
 def _can_run_as(uid: int, paths: list[tuple[str, int]]) -> bool:
     """Whether `uid` may use each (path, os.access mode), tested with that effective id."""
-    os.setegid(uid)
-    os.seteuid(uid)
+    try:
+        os.setegid(uid)
+        os.seteuid(uid)
+    except OSError:  # root without CAP_SETUID / CAP_SETGID
+        os.setegid(0)
+        return False
     try:
         return all(os.access(path, mode) for path, mode in paths)
     finally:
@@ -583,29 +598,52 @@ def _launch(config: dict) -> int:
                 os.write(2, f"\nsandbox: {error}\n".encode())
         os._exit(SETUP_FAILED)
     os.write(status, (json.dumps({"layers": layers}) + "\n").encode())
-    while True:
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, stop)  # the caller's "time is up"
+    report: dict = {}
+    try:
+        _, wait_status = os.waitpid(child, 0)
+        if os.WIFSIGNALED(wait_status):
+            report = {"signal": os.WTERMSIG(wait_status)}
+        else:
+            report = {"exit": os.waitstatus_to_exitcode(wait_status)}
+    except (_Stop, ChildProcessError):
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if report:
+        os.write(status, (json.dumps(report) + "\n").encode())
+    _kill_descendants(launcher)
+    return 0
+
+
+class _Stop(Exception):
+    """SIGTERM in the launcher: end the program now."""
+
+
+def _kill_descendants(me: int, seconds: float = 5.0) -> None:
+    """SIGKILL every child of the launcher until none is left, and reap them. The launcher is
+    a subreaper, so a process that the program left behind (a daemon that double-forked and
+    left the session) is reparented to it and found here; no zombie is left to count against
+    the next run's RLIMIT_NPROC."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+                if parent == me:
+                    os.kill(int(entry.name), signal.SIGKILL)
         try:
-            _, wait_status = os.waitpid(child, 0)
-            break
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
         except ChildProcessError:
-            wait_status = 0
-            break
-        except InterruptedError:
-            continue
-    if os.WIFSIGNALED(wait_status):
-        report = {"signal": os.WTERMSIG(wait_status)}
-    else:
-        report = {"exit": os.waitstatus_to_exitcode(wait_status)}
-    os.write(status, (json.dumps(report) + "\n").encode())
-    # Reap what the program left (the caller kills it: the PID namespace, or kill(-1) as the
-    # run's user id), so that no zombie of this user id counts against the next run's NPROC.
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return 0
-        except InterruptedError:
-            continue
+            return
+        time.sleep(0.01)
 
 
 def _become_program(config: dict, uid: int | None, python: str, launcher: int, *, pidns: bool):
