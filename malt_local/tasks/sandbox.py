@@ -542,7 +542,7 @@ def _can_run_as(uid: int, paths: list[tuple[str, int]]) -> bool:
         os.setegid(0)
         return False
     try:
-        return all(os.access(path, mode) for path, mode in paths)
+        return all(os.access(path, mode, effective_ids=True) for path, mode in paths)
     finally:
         os.seteuid(0)
         os.setegid(0)
