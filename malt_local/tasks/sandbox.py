@@ -582,6 +582,10 @@ def _launch(config: dict) -> int:
         else:
             layers.append(f"no-uid:{uid}-cannot-reach-python")
             uid = None
+    elif "userns" in layers:
+        # Since Linux 5.14 RLIMIT_NPROC counts per user namespace: only this run's processes.
+        # (Before, it counted all of the user's, and a program could start fewer or none.)
+        layers.append("nproc")
     if config["audit_hook"]:
         layers.append("audit-hook")
     launcher = os.getpid()
@@ -592,7 +596,9 @@ def _launch(config: dict) -> int:
     if child == 0:
         try:
             os.close(status)
-            _become_program(config, uid, python, launcher, pidns="pidns" in layers)
+            _become_program(
+                config, uid, python, launcher, pidns="pidns" in layers, nproc="nproc" in layers
+            )
         except BaseException as error:  # noqa: BLE001 - nothing may run on after a failure
             with contextlib.suppress(OSError):
                 os.write(2, f"\nsandbox: {error}\n".encode())
@@ -646,7 +652,9 @@ def _kill_descendants(me: int, seconds: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def _become_program(config: dict, uid: int | None, python: str, launcher: int, *, pidns: bool):
+def _become_program(
+    config: dict, uid: int | None, python: str, launcher: int, *, pidns: bool, nproc: bool
+) -> None:
     """Stage 3, in the forked child: limits, user id, then exec the runner."""
     import resource
 
@@ -659,7 +667,7 @@ def _become_program(config: dict, uid: int | None, python: str, launcher: int, *
         (resource.RLIMIT_FSIZE, config["file_bytes"]),
         (resource.RLIMIT_NOFILE, config["open_files"]),
     ]
-    if uid is not None and config["own_uid"]:
+    if nproc:
         limits.append((resource.RLIMIT_NPROC, 1 + config["processes"]))
     for which, value in limits:
         resource.setrlimit(which, (value, value))
