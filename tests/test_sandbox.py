@@ -175,6 +175,21 @@ def test_an_exit_status_is_the_reason():
     assert (outcome.passed, outcome.reason, outcome.output) == (False, "exit 3", "done\n")
 
 
+ODD_SOURCES = {
+    "lone surrogate": ("x = '\udc80'\nassert x == '\udc80'\n", True),  # written as "?"
+    "NUL byte": ("print(1)\0\n", False),
+    "empty": ("", True),
+}
+
+
+@pytest.mark.parametrize("name", ODD_SOURCES)
+def test_odd_sources_are_outcomes_not_errors(name):
+    source, passes = ODD_SOURCES[name]
+    outcome = run(source)
+    assert outcome.passed == passes, outcome
+    assert outcome.reason
+
+
 def test_the_standard_library_is_there():
     outcome = run(
         "import math, re, collections, itertools, functools, heapq, typing, hashlib\n"

@@ -102,8 +102,13 @@ class Outcome:
 def run_program(source: str, limits: Limits | None = None) -> Outcome:
     """Run the Python program `source` in the sandbox; exit status 0 means it passed.
 
-    Safe to call from several threads at once. Never raises for what the program does."""
-    return _run(source, limits or Limits(), audit_hook=True)
+    Safe to call from several threads at once. Never raises: a program that breaks the
+    sandbox's own set-up (or a bug of it) is a failed outcome whose reason says so, so that one
+    answer cannot stop the grading of the others."""
+    try:
+        return _run(source, limits or Limits(), audit_hook=True)
+    except Exception as error:  # noqa: BLE001
+        return Outcome(False, f"sandbox failed: {type(error).__name__}: {error}", 0.0, "")
 
 
 @functools.lru_cache(maxsize=1)
@@ -137,8 +142,8 @@ def _run(source: str, limits: Limits, *, audit_hook: bool) -> Outcome:
     try:
         user = _User.take() if os.geteuid() == 0 else None
         program = os.path.join(folder, "program.py")
-        with open(program, "w", encoding="utf-8") as f:
-            f.write(source)
+        with open(program, "w", encoding="utf-8", errors="replace") as f:
+            f.write(source)  # a lone surrogate cannot be UTF-8: "?", and Python says why
         if user is not None:
             try:
                 os.chown(program, user.uid, user.uid)
