@@ -597,6 +597,11 @@ def _launch(config: dict) -> int:
     # Orphans of the program (a daemon that left with setsid) become the launcher's children.
     with contextlib.suppress(OSError, AttributeError):
         _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, stop)  # the caller's "time is up", from here on
     child = os.fork()
     if child == 0:
         try:
@@ -608,14 +613,9 @@ def _launch(config: dict) -> int:
             with contextlib.suppress(OSError):
                 os.write(2, f"\nsandbox: {error}\n".encode())
         os._exit(SETUP_FAILED)
-    os.write(status, (json.dumps({"layers": layers}) + "\n").encode())
-
-    def stop(_signum: int, _frame: object) -> None:
-        raise _Stop
-
-    signal.signal(signal.SIGTERM, stop)  # the caller's "time is up"
     report: dict = {}
     try:
+        os.write(status, (json.dumps({"layers": layers}) + "\n").encode())
         _, wait_status = os.waitpid(child, 0)
         if os.WIFSIGNALED(wait_status):
             report = {"signal": os.WTERMSIG(wait_status)}
@@ -663,19 +663,21 @@ def _become_program(
     """Stage 3, in the forked child: limits, user id, then exec the runner."""
     import resource
 
+    # CPU seconds: one more than the wall clock allows (which normally ends the run first);
+    # SIGXCPU at the soft limit, SIGKILL a second later.
     seconds = max(1, int(config["seconds"] + 0.999)) + 1
     memory = config["memory_mb"] * 2**20
     limits = [
-        (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_CPU, seconds),
-        (resource.RLIMIT_AS, memory),
-        (resource.RLIMIT_FSIZE, config["file_bytes"]),
-        (resource.RLIMIT_NOFILE, config["open_files"]),
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_CPU, seconds, seconds + 1),
+        (resource.RLIMIT_AS, memory, memory),
+        (resource.RLIMIT_FSIZE, config["file_bytes"], config["file_bytes"]),
+        (resource.RLIMIT_NOFILE, config["open_files"], config["open_files"]),
     ]
     if nproc:
-        limits.append((resource.RLIMIT_NPROC, 1 + config["processes"]))
-    for which, value in limits:
-        resource.setrlimit(which, (value, value))
+        limits.append((resource.RLIMIT_NPROC, 1 + config["processes"], 1 + config["processes"]))
+    for which, soft, hard in limits:
+        resource.setrlimit(which, (soft, hard))
     if uid is not None:
         os.setgroups([])
         os.setgid(uid)
