@@ -15,16 +15,18 @@ Three processes take part:
    a fresh single-threaded interpreter.
 2. the launcher (this file run as a script, with the caller's user id) enters new mount,
    network and PID namespaces where the kernel allows it (an unprivileged user gets a user
-   namespace first), makes every mount read-only but the sandbox folder, forks the program's
-   process, writes the active layers and the child's exit status to the status pipe.
+   namespace first), makes every mount read-only but the sandbox folder, becomes the
+   subreaper of what follows, forks the program's process, writes the active layers and the
+   child's exit status to the status pipe, then kills and reaps every descendant left.
 3. the program's process sets its resource limits, drops root to a user id of its own (one per
    concurrent run, so that RLIMIT_NPROC counts only this run's processes and a final
    `kill(-1)` as that user reaches every process it left), asks for SIGKILL when the launcher
    dies, and execs Python with the audit-hook runner, which then runs the program.
 
-The caller reads the merged stdout and stderr with a cap, kills the process group when the cap
-or the wall clock is passed, always kills the group (and, without a PID namespace, every process
-of the run's user id) at the end, even after a pass, and removes the folder.
+The caller reads the merged stdout and stderr with a cap, stops the launcher (SIGTERM: it kills
+its descendants) when the cap or the wall clock is passed, always kills the process group (and,
+without a PID namespace, every process of the run's user id) at the end, even after a pass, and
+removes the folder.
 """
 
 from __future__ import annotations
@@ -296,18 +298,20 @@ def _end(proc: subprocess.Popen[bytes] | None, user: _User | None, *, pid_namesp
 
 
 def _remove(folder: str) -> None:
-    """Remove the sandbox folder, also where the program took away its own permissions."""
-
-    def allow_and_retry(function, path, _info) -> None:  # type: ignore[no-untyped-def]
+    """Remove the sandbox folder, also where the program took its permissions away (a normal
+    user, unlike root, cannot list or empty a folder of mode 0): every folder is opened up
+    first, with a stack rather than recursion, as the tree may be deep."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if not os.path.lexists(folder):
+        return
+    stack = [folder]
+    while stack:
+        path = stack.pop()
         with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(path), 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                function(path)
-
-    shutil.rmtree(folder, onerror=allow_and_retry)
+            os.chmod(path, 0o700)
+        with contextlib.suppress(OSError), os.scandir(path) as entries:
+            stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _reason(limits: Limits, status: dict, output: str, *, timed_out: bool, over: bool) -> str:
