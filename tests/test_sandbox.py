@@ -204,8 +204,9 @@ def test_the_standard_library_is_there():
 def test_isolation_names_the_layers():
     layers = isolation()
     assert {"session", "minimal-env", "rlimits", "audit-hook"} <= set(layers)
-    if privileged():  # CI: root, which must not run the program as itself
+    if privileged():  # CI: root, where every layer must be there
         assert any(a.startswith("uid:") for a in layers), layers
+        assert {"nproc", "mountns", "readonly-fs", "netns", "pidns"} <= set(layers), layers
 
 
 # -- hostile programs ---------------------------------------------------------------------------
@@ -396,6 +397,26 @@ def test_the_environment_keeps_no_secrets(mode, monkeypatch):
         assert value not in outcome.output and value not in outcome.reason
     if mode == "hook":
         assert f"cannot read {holder.pid} sandbox:" in outcome.output, outcome.output
+
+
+@BOTH
+def test_a_process_outside_cannot_be_killed(mode):
+    if mode == "os-only":
+        needs("uid", "pidns")  # another user id, or a PID namespace that does not see it
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        outcome = run(f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)\n", mode)
+        refused(outcome, mode)
+        time.sleep(0.2)
+        assert victim.poll() is None, "the sandbox killed a process outside"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_a_signal_is_the_reason():
+    outcome = run("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    assert (outcome.passed, outcome.reason) == (False, "killed by signal 11 (SIGSEGV)")
 
 
 def test_printing_a_gigabyte_hits_the_output_cap():

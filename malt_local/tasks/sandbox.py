@@ -16,11 +16,12 @@ Three processes take part:
 2. the launcher (this file run as a script, with the caller's user id) enters new mount,
    network and PID namespaces where the kernel allows it (an unprivileged user gets a user
    namespace first), makes every mount read-only but the sandbox folder, becomes the
-   subreaper of what follows, forks the program's process, writes the active layers and the
-   child's exit status to the status pipe, then kills and reaps every descendant left.
+   subreaper of what follows, forks the program's process (with a PID namespace, a small PID 1
+   that forks it), writes the active layers and the program's exit status to the status pipe,
+   then kills and reaps every descendant left.
 3. the program's process sets its resource limits, drops root to a user id of its own (one per
    concurrent run, so that RLIMIT_NPROC counts only this run's processes and a final
-   `kill(-1)` as that user reaches every process it left), asks for SIGKILL when the launcher
+   `kill(-1)` as that user reaches every process it left), asks for SIGKILL when its parent
    dies, and execs Python with the audit-hook runner, which then runs the program.
 
 The caller reads the merged stdout and stderr with a cap, stops the launcher (SIGTERM: it kills
@@ -609,10 +610,10 @@ def _launch(config: dict) -> int:
     child = os.fork()
     if child == 0:
         try:
+            if "pidns" in layers:
+                _init(config, uid, python, status, nproc="nproc" in layers)
             os.close(status)
-            _become_program(
-                config, uid, python, launcher, pidns="pidns" in layers, nproc="nproc" in layers
-            )
+            _become_program(config, uid, python, launcher, nproc="nproc" in layers)
         except BaseException as error:  # noqa: BLE001 - nothing may run on after a failure
             with contextlib.suppress(OSError):
                 os.write(2, f"\nsandbox: {error}\n".encode())
@@ -632,6 +633,32 @@ def _launch(config: dict) -> int:
         os.write(status, (json.dumps(report) + "\n").encode())
     _kill_descendants(launcher)
     return 0
+
+
+def _init(config: dict, uid: int | None, python: str, status: int, *, nproc: bool) -> None:
+    """PID 1 of the new PID namespace. The program runs as its child, not as PID 1 itself:
+    the kernel ignores the signals a PID 1 sends itself without a handler (`os.kill(os.getpid(),
+    SIGKILL)`, `signal.alarm`), which would make a program behave unlike anywhere else. PID 1
+    reports the program's status and ends, and with it, by the kernel, every process left in
+    the namespace."""
+    program = os.fork()
+    if program == 0:
+        os.close(status)
+        _become_program(config, uid, python, 1, nproc=nproc)
+    while True:
+        try:
+            _, wait_status = os.waitpid(program, 0)
+            break
+        except InterruptedError:
+            continue
+        except BaseException:  # noqa: BLE001 - SIGTERM from the launcher: end now
+            os._exit(SETUP_FAILED)
+    if os.WIFSIGNALED(wait_status):
+        report = {"signal": os.WTERMSIG(wait_status)}
+    else:
+        report = {"exit": os.waitstatus_to_exitcode(wait_status)}
+    os.write(status, (json.dumps(report) + "\n").encode())
+    os._exit(0)
 
 
 class _Stop(Exception):
@@ -662,7 +689,7 @@ def _kill_descendants(me: int, seconds: float = 5.0) -> None:
 
 
 def _become_program(
-    config: dict, uid: int | None, python: str, launcher: int, *, pidns: bool, nproc: bool
+    config: dict, uid: int | None, python: str, parent: int, *, nproc: bool
 ) -> None:
     """Stage 3, in the forked child: limits, user id, then exec the runner."""
     import resource
@@ -686,10 +713,10 @@ def _become_program(
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-    # After setuid, which clears it: SIGKILL when the launcher dies (on a timeout, say).
+    # After setuid, which clears it: SIGKILL when the parent (launcher, or PID 1) dies.
     with contextlib.suppress(OSError, AttributeError):
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if not pidns and os.getppid() != launcher:
+    if os.getppid() != parent:  # it died before PDEATHSIG was set
         os._exit(SETUP_FAILED)
     os.chdir(config["folder"])
     argv = [python, "-I", "-S", "-B", "-u", "-c", RUNNER, config["folder"]]
