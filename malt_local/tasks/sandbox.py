@@ -190,7 +190,8 @@ def _run(source: str, limits: Limits, *, audit_hook: bool) -> Outcome:
         )
     finally:
         layers = next((s["layers"] for s in statuses if "layers" in s), [])
-        _end(proc, user, pid_namespace="pidns" in layers)
+        finished = any("exit" in s or "signal" in s for s in statuses)
+        _end(proc, user, pid_namespace="pidns" in layers, finished=finished)
         if proc is not None and proc.stdout is not None:
             _drain(proc.stdout.fileno(), kept)
             proc.stdout.close()
@@ -275,7 +276,9 @@ def _drain(out: int, kept: _Tail) -> None:
             kept.add(chunk)
 
 
-def _end(proc: subprocess.Popen[bytes] | None, user: _User | None, *, pid_namespace: bool) -> None:
+def _end(
+    proc: subprocess.Popen[bytes] | None, user: _User | None, *, pid_namespace: bool, finished: bool
+) -> None:
     """Kill every process of the run, also after a pass: the launcher kills its descendants
     (it is their subreaper, so setsid and double forks do not lose them); a PID namespace dies
     with its first process; the process group is killed; and with a user id of the run's own,
@@ -285,8 +288,9 @@ def _end(proc: subprocess.Popen[bytes] | None, user: _User | None, *, pid_namesp
     if proc.poll() is None:
         # The launcher kills and reaps its descendants when the program has ended, or now,
         # on SIGTERM (a timeout, too much output); SIGKILL for the group if it does not.
-        with contextlib.suppress(OSError):
-            proc.terminate()
+        if not finished:
+            with contextlib.suppress(OSError):
+                proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=3)
     with contextlib.suppress(OSError):
@@ -602,40 +606,56 @@ def _launch(config: dict) -> int:
     # Orphans of the program (a daemon that left with setsid) become the launcher's children.
     with contextlib.suppress(OSError, AttributeError):
         _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # RLIMIT_NPROC counts the program and its children; in a user namespace also our PID 1,
+    # which runs as the same user (as root it does not count against the run's user id).
+    nproc = None
+    if "nproc" in layers:
+        nproc = 1 + config["processes"] + ("userns" in layers and "pidns" in layers)
+    forked: list[int] = []
 
     def stop(_signum: int, _frame: object) -> None:
-        raise _Stop
+        """The caller's "time is up" (SIGTERM): kill the program's process, or PID 1 and with
+        it the namespace; the waitpid below then returns. Not in a child before its exec."""
+        if os.getpid() == launcher and forked:
+            with contextlib.suppress(OSError):
+                os.kill(forked[0], signal.SIGKILL)
 
-    signal.signal(signal.SIGTERM, stop)  # the caller's "time is up", from here on
+    signal.signal(signal.SIGTERM, stop)
     child = os.fork()
     if child == 0:
         try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if "pidns" in layers:
-                _init(config, uid, python, status, nproc="nproc" in layers)
+                _init(config, uid, python, status, nproc)
             os.close(status)
-            _become_program(config, uid, python, launcher, nproc="nproc" in layers)
+            _become_program(config, uid, python, launcher, nproc)
         except BaseException as error:  # noqa: BLE001 - nothing may run on after a failure
             with contextlib.suppress(OSError):
                 os.write(2, f"\nsandbox: {error}\n".encode())
         os._exit(SETUP_FAILED)
-    report: dict = {}
-    try:
-        os.write(status, (json.dumps({"layers": layers}) + "\n").encode())
-        _, wait_status = os.waitpid(child, 0)
-        if os.WIFSIGNALED(wait_status):
-            report = {"signal": os.WTERMSIG(wait_status)}
-        else:
-            report = {"exit": os.waitstatus_to_exitcode(wait_status)}
-    except (_Stop, ChildProcessError):
-        pass
+    forked.append(child)
+    _report(status, {"layers": layers})
+    with contextlib.suppress(ChildProcessError):
+        # With a PID namespace PID 1 has written the program's status already; the caller
+        # reads the first status only, so this one then says nothing new.
+        _report(status, _status(os.waitpid(child, 0)[1]))
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if report:
-        os.write(status, (json.dumps(report) + "\n").encode())
     _kill_descendants(launcher)
     return 0
 
 
-def _init(config: dict, uid: int | None, python: str, status: int, *, nproc: bool) -> None:
+def _report(status: int, record: dict) -> None:
+    with contextlib.suppress(OSError):  # a caller that stopped listening
+        os.write(status, (json.dumps(record) + "\n").encode())
+
+
+def _status(wait_status: int) -> dict:
+    if os.WIFSIGNALED(wait_status):
+        return {"signal": os.WTERMSIG(wait_status)}
+    return {"exit": os.waitstatus_to_exitcode(wait_status)}
+
+
+def _init(config: dict, uid: int | None, python: str, status: int, nproc: int | None) -> None:
     """PID 1 of the new PID namespace. The program runs as its child, not as PID 1 itself:
     the kernel ignores the signals a PID 1 sends itself without a handler (`os.kill(os.getpid(),
     SIGKILL)`, `signal.alarm`), which would make a program behave unlike anywhere else. PID 1
@@ -644,25 +664,9 @@ def _init(config: dict, uid: int | None, python: str, status: int, *, nproc: boo
     program = os.fork()
     if program == 0:
         os.close(status)
-        _become_program(config, uid, python, 1, nproc=nproc)
-    while True:
-        try:
-            _, wait_status = os.waitpid(program, 0)
-            break
-        except InterruptedError:
-            continue
-        except BaseException:  # noqa: BLE001 - SIGTERM from the launcher: end now
-            os._exit(SETUP_FAILED)
-    if os.WIFSIGNALED(wait_status):
-        report = {"signal": os.WTERMSIG(wait_status)}
-    else:
-        report = {"exit": os.waitstatus_to_exitcode(wait_status)}
-    os.write(status, (json.dumps(report) + "\n").encode())
+        _become_program(config, uid, python, 1, nproc)
+    _report(status, _status(os.waitpid(program, 0)[1]))
     os._exit(0)
-
-
-class _Stop(Exception):
-    """SIGTERM in the launcher: end the program now."""
 
 
 def _kill_descendants(me: int, seconds: float = 5.0) -> None:
@@ -689,7 +693,7 @@ def _kill_descendants(me: int, seconds: float = 5.0) -> None:
 
 
 def _become_program(
-    config: dict, uid: int | None, python: str, parent: int, *, nproc: bool
+    config: dict, uid: int | None, python: str, parent: int, nproc: int | None
 ) -> None:
     """Stage 3, in the forked child: limits, user id, then exec the runner."""
     import resource
@@ -705,8 +709,8 @@ def _become_program(
         (resource.RLIMIT_FSIZE, config["file_bytes"], config["file_bytes"]),
         (resource.RLIMIT_NOFILE, config["open_files"], config["open_files"]),
     ]
-    if nproc:
-        limits.append((resource.RLIMIT_NPROC, 1 + config["processes"], 1 + config["processes"]))
+    if nproc is not None:
+        limits.append((resource.RLIMIT_NPROC, nproc, nproc))
     for which, soft, hard in limits:
         resource.setrlimit(which, (soft, hard))
     if uid is not None:
