@@ -214,7 +214,7 @@ def test_a_real_run_of_the_code_task_on_humaneval(tmp_path, small_model):
     questions = tmp_path / "he.jsonl"
     questions.write_text("\n".join(HUMANEVAL.read_text().splitlines()[:2]) + "\n")
     db = tmp_path / "m.db"
-    r = malt("run", "--n", "2", "--max-tokens", "96", "--model", str(small_model),
+    r = malt("run", "--n", "2", "--max-tokens", "64", "--model", str(small_model),
              "--db", str(db), str(questions))  # fmt: skip
     assert r.returncode == 0, r.stderr
     conn = sqlite3.connect(db)

@@ -96,7 +96,6 @@ def questions_from_rows(
     return list(unique.values())
 
 
-
 def detect_task(row: dict) -> str:
     """The task a row's shape implies."""
     if row.get("test") or row.get("test_list"):
