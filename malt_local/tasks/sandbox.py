@@ -51,6 +51,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 # Namespaces (linux/sched.h) and mount flags (linux/mount.h), for ctypes on Python < 3.12.
 CLONE_NEWNS = 0x00020000
@@ -110,7 +111,7 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
     answer cannot stop the grading of the others."""
     try:
         return _run(source, limits or Limits(), audit_hook=True)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # a bug of the sandbox must not stop the grading either
         return Outcome(False, f"sandbox failed: {type(error).__name__}: {error}", 0.0, "")
 
 
@@ -445,7 +446,8 @@ def _maps(first: int, count: int) -> bool:
 # -- the launcher (stage 2) and the program's process (stage 3) -------------------------------
 
 
-def _libc():  # type: ignore[no-untyped-def]
+def _libc() -> Any:
+    """libc, for unshare, mount and prctl (ctypes: only the launcher loads it)."""
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
@@ -464,7 +466,9 @@ def _unshare(flags: int) -> bool:
         return False
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None):
+def _mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+) -> None:
     import ctypes
 
     def encode(text: str | None) -> bytes | None:
@@ -629,7 +633,7 @@ def _launch(config: dict) -> int:
                 _init(config, uid, python, status, nproc)
             os.close(status)
             _become_program(config, uid, python, launcher, nproc)
-        except BaseException as error:  # noqa: BLE001 - nothing may run on after a failure
+        except BaseException as error:  # nothing may run on after a failure: exit below
             with contextlib.suppress(OSError):
                 os.write(2, f"\nsandbox: {error}\n".encode())
         os._exit(SETUP_FAILED)
