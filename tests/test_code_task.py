@@ -9,6 +9,7 @@ run of the small model on HumanEval questions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -363,3 +364,97 @@ def test_hostile_answers_are_graded_0_and_nothing_escapes(tmp_path, monkeypatch)
         except OSError:
             continue
     assert left == []
+
+
+PATIENT_CODE = '''
+from malt_local.tasks.code import Code
+
+
+class Patient(Code):
+    """The code task with a 120 s limit: an interrupted run must not wait for it."""
+
+    name = "patientcode"
+    seconds = 120.0
+'''
+
+
+def test_ctrl_c_while_grading_stops_at_once_and_the_next_run_grades_the_rest(tmp_path):
+    """Programs still running when Ctrl-C comes are stopped (not waited for, up to 120 s each),
+    their nodes stay ungraded, and the next run grades them."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import uuid
+
+    from tests.conftest import default_signals
+
+    tag = f"malt-sigint-{uuid.uuid4().hex}"
+    flag = Path("/tmp") / tag  # world-readable: the program, as its own user, can see it
+    flag.touch()
+    flag.chmod(0o644)
+    row = PROBLEMS["has_close_elements"]
+    # Right code that spins while the flag exists: the first run's gradings never end by
+    # themselves; once the flag is gone the same stored answers pass.
+    code = f"import os\nwhile os.path.exists({str(flag)!r}):\n    pass\n" + row["prompt"]
+    code += row["canonical_solution"]
+    (tmp_path / "patient_task.py").write_text(PATIENT_CODE)
+    (tmp_path / "he.jsonl").write_text(HUMANEVAL.read_text().splitlines()[0] + "\n")
+    db = tmp_path / "m.db"
+    try:
+        with FakeOpenAI(reply=lambda body, i: f"```python\n{code}```\n") as server:
+            argv = [sys.executable, "-m", "malt_local", "run", "--engine", "openai",
+                    "--endpoint", server.url, "--model", "fake-model", "--task",
+                    "patient_task:Patient", "--n", "2", "--db", str(db), "he.jsonl"]  # fmt: skip
+            p = subprocess.Popen(argv, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=default_signals)  # fmt: skip
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+                if db.exists():
+                    with contextlib.suppress(sqlite3.Error), sqlite3.connect(db) as c:
+                        if c.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] >= 3:
+                            break
+            # The sandboxes grading this run's answers now (their programs carry the tag).
+            ours = [f for f in Path(tempfile.gettempdir()).glob("malt-sandbox-*") if _ours(f, tag)]
+            assert ours, "no grading in flight when interrupted"
+            interrupted = time.monotonic()
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=120)
+            waited = time.monotonic() - interrupted
+            assert p.returncode == 130, err
+            assert waited < 60, f"exit took {waited:.1f} s: the run waited for its programs"
+            conn = sqlite3.connect(db)
+            pending = conn.execute("SELECT COUNT(*) FROM nodes WHERE grade_reason IS NULL")
+            assert pending.fetchone()[0] >= 1
+            # Every process of those sandboxes is gone, and so are their folders.
+            names = [f.name for f in ours]
+            left = [p.name for p in Path("/proc").glob("[0-9]*") if _has(p, names)]
+            assert left == []
+            assert not any(f.exists() for f in ours)
+
+            flag.unlink()
+            r = malt(*argv[3:], cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+        rows = conn.execute("SELECT correct, grade_reason FROM nodes").fetchall()
+        assert len(rows) == 14 and set(rows) == {(1, "passed")}
+    finally:
+        flag.unlink(missing_ok=True)
+
+
+def _ours(folder: Path, tag: str) -> bool:
+    try:
+        return tag in (folder / "program.py").read_text()
+    except OSError:
+        return False
+
+
+def _has(proc: Path, names: list[str]) -> bool:
+    """Whether a process runs in (or names) one of the sandbox folders."""
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+        cwd = os.readlink(proc / "cwd")
+    except OSError:
+        return False
+    return any(n.encode() in cmdline or n in cwd for n in names)

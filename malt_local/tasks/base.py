@@ -156,3 +156,7 @@ class SlowGrading(Task):
     beside generation and stores each node's grade when it is ready."""
 
     workers: ClassVar[int] = 2
+
+    def cancel(self) -> None:
+        """Stop the gradings in flight now (malt is interrupted); their grades are dropped and
+        the next run grades those outputs again. Default: nothing to stop, they finish."""

@@ -92,6 +92,11 @@ class Code(SlowGrading):
     def extract(self, text: str, question: QuestionLike) -> str | None:
         return extract_code(text, _entry_point(question))
 
+    def cancel(self) -> None:
+        from malt_local.tasks.sandbox import cancel_running
+
+        cancel_running()
+
     def key(self, answer: str | None, question: QuestionLike) -> str | None:
         """Programs equal up to formatting and comments (what voting can group)."""
         if answer is None or not answer.strip():

@@ -22,11 +22,13 @@ class GradingPool(Generic[Token]):
     def __init__(self) -> None:
         self._executor: cf.ThreadPoolExecutor | None = None
         self._jobs: dict[cf.Future[Grade], Token] = {}
+        self._tasks: dict[int, SlowGrading] = {}
 
     def submit(self, task: SlowGrading, text: str, question: QuestionLike, token: Token) -> None:
         if self._executor is None:
             self._executor = cf.ThreadPoolExecutor(task.workers, thread_name_prefix="malt-grade")
         self._jobs[self._executor.submit(task.grade, text, question)] = token
+        self._tasks[id(task)] = task
 
     def ready(self, *, wait: bool = False) -> list[tuple[Token, Grade]]:
         """The grades finished so far (every one with `wait`), each handed out once. A grader
@@ -47,6 +49,9 @@ class GradingPool(Generic[Token]):
         """Stop without waiting: interrupted, what is not graded stays pending for next time."""
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+            if any(not f.done() for f in self._jobs):
+                for task in self._tasks.values():
+                    task.cancel()  # or exiting would wait for each program in flight
             self._executor = None
         self._jobs.clear()
 

@@ -115,6 +115,22 @@ def run_program(source: str, limits: Limits | None = None) -> Outcome:
         return Outcome(False, f"sandbox failed: {type(error).__name__}: {error}", 0.0, "")
 
 
+# Runs in flight, each with the event that stops it early (`cancel_running`).
+_running: set[threading.Event] = set()
+_running_lock = threading.Lock()
+
+
+def cancel_running() -> None:
+    """Stop every program running now, as on a timeout; each comes back failed, "cancelled".
+
+    For Ctrl-C or SIGTERM while a pool grades: without it malt would wait up to `seconds` for
+    each program in flight before it could exit. The grades of cancelled runs are not stored,
+    so the next run grades those answers again."""
+    with _running_lock:
+        for stop in _running:
+            stop.set()
+
+
 @functools.lru_cache(maxsize=1)
 def isolation() -> tuple[str, ...]:
     """The layers a run gets on this machine (one trivial run, then cached)."""
@@ -143,6 +159,9 @@ def _run(source: str, limits: Limits, *, audit_hook: bool) -> Outcome:
     statuses: list[dict] = []
     kept = _Tail(limits.output_bytes)
     timed_out = over = False
+    stop = threading.Event()
+    with _running_lock:
+        _running.add(stop)
     try:
         user = _User.take() if os.geteuid() == 0 else None
         program = os.path.join(folder, "program.py")
@@ -183,13 +202,15 @@ def _run(source: str, limits: Limits, *, audit_hook: bool) -> Outcome:
             os.close(status_w)
         assert proc.stdout is not None
         timed_out, over = _watch(
-            proc.stdout.fileno(), status_r, start + limits.seconds, kept, statuses
+            proc.stdout.fileno(), status_r, start + limits.seconds, kept, statuses, stop
         )
     except OSError as error:  # the sandbox could not start: malt's problem, not the program's
         return Outcome(
             False, f"sandbox failed: {error}", time.monotonic() - start, "", sandbox_id=sandbox_id
         )
     finally:
+        with _running_lock:
+            _running.discard(stop)
         layers = next((s["layers"] for s in statuses if "layers" in s), [])
         finished = any("exit" in s or "signal" in s for s in statuses)
         _end(proc, user, pid_namespace="pidns" in layers, finished=finished)
@@ -203,9 +224,12 @@ def _run(source: str, limits: Limits, *, audit_hook: bool) -> Outcome:
             user.release()
     output = kept.text()
     status = next((s for s in statuses if "exit" in s or "signal" in s), {})
+    cancelled = timed_out and stop.is_set()
     return Outcome(
         passed=not (timed_out or over) and status.get("exit") == 0,
-        reason=_reason(limits, status, output, timed_out=timed_out, over=over),
+        reason="cancelled"
+        if cancelled
+        else _reason(limits, status, output, timed_out=timed_out, over=over),
         seconds=round(time.monotonic() - start, 3),
         output=output,
         isolation=tuple(layers),
@@ -232,7 +256,12 @@ class _Tail:
 
 
 def _watch(
-    out: int, status: int, deadline: float, kept: _Tail, statuses: list[dict]
+    out: int,
+    status: int,
+    deadline: float,
+    kept: _Tail,
+    statuses: list[dict],
+    stop: threading.Event | None = None,
 ) -> tuple[bool, bool]:
     """Read output and status until the launcher is done, the clock runs out (True, _) or the
     output passes its cap (_, True). The status pipe, not the output's end, says when the
@@ -243,9 +272,9 @@ def _watch(
         selector.register(status, selectors.EVENT_READ, "status")
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (stop is not None and stop.is_set()):
                 return True, False
-            for key, _ in selector.select(left):
+            for key, _ in selector.select(min(left, 0.1)):
                 chunk = os.read(key.fd, 65536)
                 if key.data == "out":
                     if not chunk:
