@@ -49,12 +49,17 @@ def data_path(name: str) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as `path` whole: a temporary file beside it, fsynced, then `os.replace`."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` as `path` whole: a temporary file beside it, fsynced, then `os.replace`, so
+    an interrupted write leaves the old file or none, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -75,6 +75,7 @@ from malt_local.cli import (  # noqa: E402 - the group must exist before its com
     export,
     models,
     pull,
+    questions,
     run,
     show,
     status,
@@ -84,5 +85,5 @@ from malt_local.cli import (  # noqa: E402 - the group must exist before its com
 )
 from malt_local.cli import eval as eval_  # noqa: E402 - `eval` would shadow the builtin
 
-for _module in (pull, models, tasks, run, status, show, export, db, eval_, train, view):
+for _module in (pull, models, tasks, questions, run, status, show, export, db, eval_, train, view):
     cli.add_command(_module.command)
