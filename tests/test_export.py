@@ -847,7 +847,8 @@ def synthetic_db(path: Path, trees: int, n: int = 2) -> None:
         store.db.conn.executemany("INSERT INTO run_questions VALUES (?,?,?)", rows_rq)
         # Parents before children: sorted by depth.
         rows_n.sort(key=lambda r: r[5])
-        columns = ", ".join(f.name for f in dataclass_fields(NodeRecord) if f.name != "builder")
+        skip = ("builder", "grade_reason")
+        columns = ", ".join(f.name for f in dataclass_fields(NodeRecord) if f.name not in skip)
         store.db.conn.executemany(
             f"INSERT INTO nodes ({columns}) VALUES (" + ",".join("?" * 21) + ")", rows_n
         )
