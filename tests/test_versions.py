@@ -104,7 +104,8 @@ def dump(path: Path) -> dict[str, list[tuple]]:
         out = {}
         for table in OLD_TABLES:
             cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
-            old_cols = [c for c in cols if c != "builder"]
+            # Columns later migrations added: the old rows must be kept, with them NULL.
+            old_cols = [c for c in cols if c not in ("builder", "grade_reason")]
             out[table] = conn.execute(
                 f"SELECT {', '.join(old_cols)} FROM {table} ORDER BY rowid"
             ).fetchall()
@@ -125,10 +126,12 @@ def test_first_release_database_is_upgraded_in_place_with_every_row_kept(tmp_pat
     names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations ORDER BY id")]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     builders = {r[0] for r in conn.execute("SELECT builder FROM nodes")}
+    reasons = {r[0] for r in conn.execute("SELECT grade_reason FROM nodes")}
     conn.close()
     assert names[0] == "m001_initial" and len(names) == len(set(names)) > 1
     assert {"judgements", "eval_runs", "eval_generations", "claims"} <= tables
     assert builders == {None}  # made before claims: no builder recorded
+    assert reasons == {None}  # graded when stored, before tasks gave reasons
     # The upgraded database reads as any other: status sees the old run's trees.
     r = malt("status", "--db", str(db), "--json")
     assert r.returncode == 0, r.stderr
