@@ -49,7 +49,7 @@ from malt_local.evaluate.tables import (
 from malt_local.progress import Progress
 from malt_local.prompts import PromptSet, TreeContext
 from malt_local.questions.loading import Question
-from malt_local.tasks import Grade, SlowGrading, get_task
+from malt_local.tasks import SlowGrading, get_task
 from malt_local.tasks.pool import GradingPool
 
 
@@ -104,13 +104,7 @@ def graded_generation(
     grades it beside generation."""
     q = info.slot.question
     task = get_task(q.task)
-    if isinstance(task, SlowGrading):
-        try:
-            graded = Grade(task.extract(c.text, q), None)
-        except Exception:
-            graded = Grade(None, None)
-    else:
-        graded = task.grade(c.text, q)
+    graded = task.pending(c.text, q) if isinstance(task, SlowGrading) else task.grade(c.text, q)
     answer, correct = graded.answer, graded.correct
     return EvalGeneration(
         id=c.key,

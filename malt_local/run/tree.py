@@ -36,7 +36,7 @@ from malt_local.questions.loading import Question
 from malt_local.roles import ROLES, NodePath, role_at, tree_size
 from malt_local.run import credit
 from malt_local.run.settings import Run
-from malt_local.tasks import Grade, RuleLess, SlowGrading, get_task
+from malt_local.tasks import RuleLess, SlowGrading, get_task
 from malt_local.tasks.pool import GradingPool
 
 
@@ -44,14 +44,6 @@ def derive_seed(run_seed: int, question_id: str, path: NodePath) -> int:
     """Each node's own seed, from the run seed and its place in the tree (stable across runs)."""
     text = f"{run_seed}:{question_id}:{'.'.join(map(str, path))}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-
-def _extract(task: SlowGrading, text: str, q: Question) -> str | None:
-    """The answer a slow grader's node states, stored until its grade arrives."""
-    try:
-        return task.extract(text, q)
-    except Exception:
-        return None
 
 
 # The task whose leaves the LLM judge rewards (malt_local.run.judge), not a deterministic grader.
@@ -409,7 +401,7 @@ class TreeRunner:
         task = get_task(q.task)
         slow = isinstance(task, SlowGrading)
         # A slow grader's verdict comes from the pool later (`_collect_grades`).
-        verdict = Grade(_extract(task, c.text, q), None) if slow else task.grade(c.text, q)
+        verdict = task.pending(c.text, q) if slow else task.grade(c.text, q)
         answer, correct = verdict.answer, verdict.correct
         if slow or isinstance(task, RuleLess):
             # Graded later: by the pool (slow) or the judge pass (no rule), reward and correct.

@@ -30,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from malt_local import grading
+
+# The defaults below use grading.py's exact-match rules: part of every task's identity.
+GRADER_FILES = [grading.__file__]
+
 
 class QuestionLike(Protocol):
     """What a task reads of a question (`malt_local.questions.loading.Question`)."""
@@ -56,12 +61,6 @@ class Grade:
     reason: str | None = None
 
 
-def _exact_key(answer: str) -> str:
-    """Case-insensitive, whitespace-collapsed, trailing-punctuation-free comparison key."""
-    s = " ".join(answer.strip().strip("*`").split()).casefold()
-    return s.rstrip(".,;:!?\u3002 ")
-
-
 class Task:
     """A task with exact-match defaults: a plugin overrides what its kind of question needs.
 
@@ -75,17 +74,10 @@ class Task:
     prompt_variant: ClassVar[str | None] = None
 
     def extract(self, text: str, question: QuestionLike) -> str | None:
-        lines = [line for line in text.splitlines() if line.strip()]
-        for line in reversed(lines):
-            head, sep, rest = line.partition(":")
-            if sep and head.strip(" *#").casefold() == "final answer" and rest.strip():
-                return rest.strip()
-        return lines[-1].strip() if lines else None
+        return grading.extract_answer(text, "exact")
 
     def key(self, answer: str | None, question: QuestionLike) -> str | None:
-        if answer is None or not answer.strip():
-            return None
-        return _exact_key(answer) or None
+        return grading.normalize_answer(answer, "exact")
 
     def equal(self, a: str | None, b: str | None, question: QuestionLike) -> bool:
         ka, kb = self.key(a, question), self.key(b, question)
@@ -102,6 +94,14 @@ class Task:
         except Exception as exc:
             return Grade(answer, 0, f"comparison failed: {type(exc).__name__}")
 
+    def pending(self, text: str, question: QuestionLike) -> Grade:
+        """The grade a node is stored with before its real one arrives: the stated answer
+        only (a `SlowGrading` task's pool, or the judge, decides `correct` later)."""
+        try:
+            return Grade(self.extract(text, question), None)
+        except Exception:
+            return Grade(None, None)
+
     def reward(self, grade: Grade) -> float | None:
         return None if grade.correct is None else float(grade.correct)
 
@@ -114,10 +114,11 @@ class Task:
 
     def source_files(self) -> list[Path]:
         """The files whose code decides this task's grades (hashed into its identity): the
-        module of every class in its MRO that is not `Task` itself."""
+        module of every class in its MRO, `Task`'s own included (its defaults are many tasks'
+        rules), and the files a module names in `GRADER_FILES`."""
         out: list[Path] = []
         for cls in type(self).__mro__:
-            if cls in (Task, object):
+            if cls is object:
                 continue
             try:
                 path = inspect.getsourcefile(cls)

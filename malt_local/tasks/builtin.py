@@ -1,16 +1,14 @@
 """The built-in tasks, as tasks of the same interface a plugin implements.
 
 Their rules live in `malt_local.grading` (pure functions, fuzzed and unit-tested on their own);
-this module only gives each rule set its task. `GRADER_FILES` puts grading.py into their
-identity: a change to the shared rules is a change to every built-in grader.
+this module only gives each rule set its task. grading.py is in every task's identity
+(`Task.source_files`): a change to the shared rules is a change to every grader.
 """
 
 from __future__ import annotations
 
 from malt_local import grading
 from malt_local.tasks.base import Grade, QuestionLike, RuleLess, Task
-
-GRADER_FILES = [grading.__file__]
 
 
 def _options(question: QuestionLike) -> grading.Options:
