@@ -1,0 +1,1 @@
+"""`malt study`: train on one split, evaluate base and adapters on another, report."""
