@@ -6,7 +6,7 @@ MODEL_DIR ?= $(HOME)/.cache/malt/models
 SMALL_MODEL := $(MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 export MALT_TEST_MODEL ?= $(SMALL_MODEL)
 
-.PHONY: install install-train model llama-server demo test bench lint clean browser screenshots loop
+.PHONY: install install-train model llama-server demo test bench lint clean browser screenshots loop study
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,12 @@ screenshots: install model browser
 # The whole MALT loop on the small model, offline: pull --file, run, export, train, eval.
 loop: install install-train model
 	bash scripts/loop.sh $(SMALL_MODEL) loop
+
+# The committed study (docs/study.md): the paper's protocol on CSQA with the small model, hours
+# on two cores. Every stage resumes: after Ctrl-C or kill -9, `make study` goes on.
+study: install install-train model
+	$(BIN)/malt pull smollm2-135m --file $(SMALL_MODEL)
+	$(BIN)/malt study --config examples/study/csqa.toml --out study/csqa
 
 bench: install model llama-server
 	$(BIN)/python -m malt_local.bench --model $(SMALL_MODEL)

@@ -505,6 +505,13 @@ def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, 
     assert m["adapters"]["verifier-dpo"]["reference"] == "verifier-sft"
     # DPO starts at the SFT model itself: its first loss is log 2.
     assert m["adapters"]["verifier-dpo"]["loss"][0][1] == pytest.approx(0.6931, abs=1e-3)
+    # ... and its reward margins are logged by step, the first one 0 (policy = reference);
+    # SFT has none.
+    dpo = m["adapters"]["verifier-dpo"]
+    assert [s for s, _ in dpo["margins"]] == [1, 2, 3]
+    assert dpo["margins"][0][1] == pytest.approx(0.0, abs=1e-4)
+    assert len(dpo["reward_accuracies"]) == 3
+    assert m["adapters"]["verifier-sft"]["margins"] == []
     assert m["base"]["kind"] == "gguf" and m["base"]["sha256"] == sha256_file(small_model)
     assert m["export"]["manifest_sha256"] == sha256_file(exported / "manifest.json")
     # The prompts the trees were made with, as `malt eval --adapters` compares them.

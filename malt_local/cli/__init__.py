@@ -79,11 +79,26 @@ from malt_local.cli import (  # noqa: E402 - the group must exist before its com
     run,
     show,
     status,
+    study,
     tasks,
     train,
     view,
 )
 from malt_local.cli import eval as eval_  # noqa: E402 - `eval` would shadow the builtin
 
-for _module in (pull, models, tasks, questions, run, status, show, export, db, eval_, train, view):
+for _module in (
+    pull,
+    models,
+    tasks,
+    questions,
+    run,
+    status,
+    show,
+    export,
+    db,
+    eval_,
+    train,
+    study,
+    view,
+):
     cli.add_command(_module.command)

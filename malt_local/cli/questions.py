@@ -14,6 +14,7 @@ from malt_local.questions.arithmetic import (
     to_jsonl,
     write_questions,
 )
+from malt_local.questions.split import split_rows
 
 
 @click.group(name="questions")
@@ -64,3 +65,44 @@ def arithmetic_cmd(
         return
     with disk_guard(out):
         write_questions(out, rows)
+
+
+@command.command(name="split")
+@click.argument("questions", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--test", "test_count", type=int, required=True, help="Questions in the test split.")
+@click.option("--train", "train_count", type=int, help="Questions in the train split [the rest].")
+@click.option(
+    "--test-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="JSONL file of the test split, written whole.",
+)
+@click.option(
+    "--train-out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="JSONL file of the train split, written whole.",
+)
+@click.option("--task", help="Task (grader) the rows are read as [detected].")
+def split_cmd(
+    questions: Path,
+    test_count: int,
+    train_count: int | None,
+    test_out: Path,
+    train_out: Path,
+    task: str | None,
+) -> None:
+    """Split a questions file into disjoint test and train files by question id (a content
+    hash): the same file gives the same splits anywhere, whatever its row order.
+
+    \b
+        malt questions split validation.jsonl --test 300 --train 300 \\
+            --test-out test.jsonl --train-out train.jsonl
+    """
+    if test_out.resolve() == train_out.resolve():
+        raise click.BadParameter("--test-out and --train-out are the same file")
+    test_rows, train_rows = split_rows(questions, test_count, train_count, task)
+    with disk_guard(test_out):
+        write_questions(test_out, test_rows)
+        write_questions(train_out, train_rows)
+    click.echo(f"{test_out}: {len(test_rows)} questions; {train_out}: {len(train_rows)} questions")

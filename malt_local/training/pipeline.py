@@ -322,6 +322,8 @@ def _train_one(
         "steps": result.steps,
         "resumed_from_step": result.resumed_from_step,
         "loss": [[s, loss] for s, loss in result.losses],
+        "margins": [[s, m] for s, m in result.margins],
+        "reward_accuracies": [[s, a] for s, a in result.reward_accuracies],
         "seconds": round(result.seconds, 3),
         "seconds_per_step": round(result.seconds / new_steps, 3) if new_steps else None,
         "learning_rate": settings.lr if st.stage == "sft" else settings.dpo_lr,

@@ -50,6 +50,11 @@ class StageResult:
     resumed_from_step: int
     rows: int
     extra: dict = field(default_factory=dict)
+    # DPO only: TRL's logged reward margin (chosen minus rejected implicit reward) and the share
+    # of pairs whose chosen side wins, by step. Whether DPO moved the model at all is read here
+    # (a loss still at log 2 and margins near 0 mean it did not), not in the loss alone.
+    margins: list[tuple[int, float]] = field(default_factory=list)
+    reward_accuracies: list[tuple[int, float]] = field(default_factory=list)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -223,18 +228,24 @@ def train_stage(
     state = trainer.state
     if stop.requested.is_set() and state.global_step < state.max_steps:
         raise TrainingInterrupted(name, state.global_step)
-    losses = [
-        (int(e["step"]), float(e["loss"]))
-        for e in state.log_history
-        if "loss" in e and "step" in e and math.isfinite(float(e["loss"]))
-    ]
     return trainer.model, StageResult(
         steps=state.global_step,
-        losses=losses,
+        losses=_logged(state.log_history, "loss"),
+        margins=_logged(state.log_history, "rewards/margins"),
+        reward_accuracies=_logged(state.log_history, "rewards/accuracies"),
         seconds=seconds,
         resumed_from_step=resumed_from,
         rows=len(rows),
     )
+
+
+def _logged(history: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of one logged quantity, the steps that logged a finite value."""
+    return [
+        (int(e["step"]), float(e[key]))
+        for e in history
+        if key in e and "step" in e and math.isfinite(float(e[key]))
+    ]
 
 
 def _checkpoint_step(path: Path | None) -> int:
