@@ -225,4 +225,5 @@ class PromptSet:
                 continue
             seen.add(q.task)
             ctx = TreeContext(q, generation="(answer)", critique="(critique)")
-            self.messages("refiner", ctx)
+            for role in ROLES:  # a role with a fresh conversation renders only its own
+                self.messages(role, ctx)
