@@ -19,7 +19,8 @@ new turn. So the engine keeps one llama.cpp context and, for each `GenRequest`:
 A completion whose request expects children keeps its sequence (and cells) until the children's
 request is admitted; leaves are removed from the cache at once. Nothing assumes the child's
 prompt extends the parent's: a role with a conversation of its own (`prompts/paper/`) reuses
-only the common prefix, and the tree does not ask to keep a parent whose children start fresh. With a stream per sequence,
+only the common prefix, and the tree does not ask to keep a parent whose children start fresh.
+With a stream per sequence,
 llama.cpp decodes each run of consecutive sequence ids as its own micro-batch, so the engine
 keeps the live ids in one run: lowest free ids first, and finished nodes' holes filled by moving
 a stream (see `_compact`).
