@@ -242,7 +242,7 @@ def test_sibling_seeds_differ_and_the_same_seeds_repeat(model, unified):
 # -- the tree ------------------------------------------------------------------------------------
 
 
-def tree_run(tmp_path, engine, name: str, n: int = 2, max_tokens: int = 12):
+def tree_run(tmp_path, engine, name: str, n: int = 2, max_tokens: int = 12, prompts=None):
     store = Store(tmp_path / f"{name}.db")
     spec = RunSpec(
         model="m.gguf", model_sha256="0" * 64, n=n, temperature=0.3, top_p=1.0, top_k=0,
@@ -252,7 +252,7 @@ def tree_run(tmp_path, engine, name: str, n: int = 2, max_tokens: int = 12):
     store.insert_run(spec.row("r"))
     questions = load_questions(EXAMPLES / "gsm8k.jsonl")[:1]
     store.add_questions("r", questions)
-    progress = TreeRunner(store, Run("r", spec), questions, engine, PromptSet()).execute()
+    progress = TreeRunner(store, Run("r", spec), questions, engine, PromptSet(prompts)).execute()
     nodes = sorted(store.nodes("r"), key=lambda r: r.path)
     store.close()
     return progress, nodes
@@ -266,20 +266,26 @@ def bookkeeping(node) -> tuple:
 
 
 @LAYOUTS
-def test_tree_through_the_engine_matches_the_high_level_tree(model, tmp_path, unified):
+@pytest.mark.parametrize("prompts", ["default", "paper"])
+def test_tree_through_the_engine_matches_the_high_level_tree(model, tmp_path, unified, prompts):
     eng = engine_for(model, max_tokens=12, unified=unified)
     try:
-        p_b, batched = tree_run(tmp_path, eng, "batched")
+        p_b, batched = tree_run(tmp_path, eng, "batched", prompts=prompts)
     finally:
         eng.close()
-    p_h, simple = tree_run(tmp_path, HighLevelEngine(model), "simple")
+    p_h, simple = tree_run(tmp_path, HighLevelEngine(model), "simple", prompts=prompts)
     assert p_b.done == p_h.done == p_b.total == tree_size(2)
     assert [bookkeeping(n) for n in batched] == [bookkeeping(n) for n in simple]
     for node in batched + simple:
         assert node.prompt_tokens == len(model.prompt_tokens(json.loads(node.messages)))
         assert node.completion_tokens == 12 and node.value is not None
-    # Verifier and refiner prompts extend their parents': most of each was already cached.
-    assert eng.stats.reused_tokens > eng.stats.prefill_tokens
+    if prompts == "default":
+        # Verifier and refiner prompts extend their parents': most of each was already cached.
+        assert eng.stats.reused_tokens > eng.stats.prefill_tokens
+    else:
+        # Each role its own conversation: no parent is kept for its children, nothing reused.
+        assert {len(json.loads(n.messages)) for n in batched} == {2}
+        assert eng.stats.reused_tokens == 0
     assert eng.stats.cache_full == 0
 
 

@@ -18,6 +18,9 @@ def test_wheel_carries_prompts_and_models_toml(tmp_path):
     assert "malt_local/_data/models.toml" in names
     for role in ("generator", "verifier", "refiner"):
         assert f"malt_local/_data/prompts/{role}.j2" in names
+        # The shipped paper set (`--prompts paper`), every task variant included.
+        for variant in ("", ".csqa", ".code"):
+            assert f"malt_local/_data/prompts/paper/{role}{variant}.j2" in names
     # `malt view` serves its templates and stylesheet from the package: nothing from the network.
     for page in ("base", "_charts", "tree", "pairs", "evals", "run", "questions", "training"):
         assert f"malt_local/view/templates/{page}.html" in names
@@ -42,7 +45,7 @@ def test_wheel_carries_prompts_and_models_toml(tmp_path):
     code = (
         "import malt_local.paths as p, malt_local.prompts as pr;"
         "print(p.__file__); print(p.data_path('prompts')); print(p.data_path('models.toml'));"
-        "print(sorted(pr.PromptSet().hashes()))"
+        "print(sorted(pr.PromptSet().hashes())); print(pr.PromptSet('paper').folder)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -55,4 +58,5 @@ def test_wheel_carries_prompts_and_models_toml(tmp_path):
     assert out[0].startswith(str(target))
     assert out[1] == str(target / "malt_local/_data/prompts")
     assert out[2] == str(target / "malt_local/_data/models.toml")
-    assert "generator.csqa.j2" in out[3]
+    assert "generator.csqa.j2" in out[3] and "paper" not in out[3]
+    assert out[4] == str(target / "malt_local/_data/prompts/paper")

@@ -467,7 +467,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flash-attn", choices=tuple(FLASH), default="auto", help="[auto: on]")
     p.add_argument("--kv", choices=tuple(KV), default="auto", help="[auto: unified]")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    p.add_argument("--prompts", type=Path, default=None, help="templates folder [the default]")
+    p.add_argument("--prompts", type=Path, default=None, help="templates folder or set [default]")
     p.add_argument("--ceiling-seconds", type=float, default=10.0)
     p.add_argument(
         "--part",

@@ -59,7 +59,13 @@ model_option = click.option(
     help="GGUF path or pulled alias ($MALT_MODEL); with --engine openai the served model name.",
 )
 prompts_option = click.option(
-    "--prompts", "prompts_dir", type=click.Path(path_type=Path), help="Folder of role templates."
+    "--prompts",
+    "prompts_dir",
+    type=click.Path(path_type=Path),
+    metavar="DIR|NAME",
+    help="Folder of role templates, or a shipped set: default (one shared conversation) or "
+    "paper (each role its own, as in the MALT paper). An existing folder wins over a name. "
+    "[default]",
 )
 
 _adapter_options = [

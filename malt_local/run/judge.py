@@ -42,7 +42,7 @@ from malt_local.engines.base import Completion, Engine, GenRequest, RequestQueue
 from malt_local.errors import MaltError
 from malt_local.paths import data_path
 from malt_local.progress import Progress
-from malt_local.prompts import PromptSet, render_block
+from malt_local.prompts import PromptSet, render_block, resolve_prompts_dir
 from malt_local.run import credit
 from malt_local.run.settings import Run
 from malt_local.run.tree import JUDGE_TASK, assign_question_credit, derive_seed
@@ -161,8 +161,8 @@ class JudgePrompt:
     NAME = "judge.j2"
 
     def __init__(self, prompts_dir: Path | str | None = None) -> None:
-        folder = Path(prompts_dir) if prompts_dir is not None else None
-        if folder is None or not (folder / self.NAME).is_file():
+        folder = resolve_prompts_dir(prompts_dir)
+        if not (folder / self.NAME).is_file():
             folder = data_path("prompts")
         if not (folder / self.NAME).is_file():
             raise MaltError(f"no judge template {self.NAME} in {folder}")

@@ -252,9 +252,14 @@ class TreeRunner:
                 keys=keys,
                 seeds=seeds,
                 params=self.params,
-                # By role, a parent's cache was made under another role's adapters.
+                # By role, a parent's cache was made under another role's adapters. A child
+                # role with a conversation of its own (`PromptSet.fresh`) shares no more than a
+                # few tokens of its parent's prompt: keeping the parent's cells would only cost
+                # room.
                 parent_key=parent.id if parent and self._by_role is None else None,
-                expects_children=depth < 3 and self._by_role is None,
+                expects_children=depth < 3
+                and self._by_role is None
+                and not self.prompts.fresh(role_at(depth + 1), q.task),
                 group=q.id,
                 role=role,
             ),

@@ -1,9 +1,9 @@
 """The tree-aware batched engine: every shared prompt prefilled once, every live sequence decoded
 together, one `llama_decode` per step.
 
-A MALT tree is a prefix tree. The n children of a node share their whole prompt, and a child
-level's prompt is its parent's prompt plus the parent's output plus a new turn. So the engine
-keeps one llama.cpp context and, for each `GenRequest`:
+A MALT tree is a prefix tree. The n children of a node share their whole prompt, and with the
+default prompts a child level's prompt is its parent's prompt plus the parent's output plus a
+new turn. So the engine keeps one llama.cpp context and, for each `GenRequest`:
 
 1. tokenises the prompt once and, when the request's `parent_key` names a completion whose
    sequence is still cached, reuses the longest common token prefix: the parent's sequence id
@@ -17,7 +17,10 @@ keeps one llama.cpp context and, for each `GenRequest`:
    (continuous batching) as soon as a finished node's children arrive or room frees up.
 
 A completion whose request expects children keeps its sequence (and cells) until the children's
-request is admitted; leaves are removed from the cache at once. With a stream per sequence,
+request is admitted; leaves are removed from the cache at once. Nothing assumes the child's
+prompt extends the parent's: a role with a conversation of its own (`prompts/paper/`) reuses
+only the common prefix, and the tree does not ask to keep a parent whose children start fresh.
+With a stream per sequence,
 llama.cpp decodes each run of consecutive sequence ids as its own micro-batch, so the engine
 keeps the live ids in one run: lowest free ids first, and finished nodes' holes filled by moving
 a stream (see `_compact`).
