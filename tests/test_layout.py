@@ -197,7 +197,8 @@ def test_every_command_has_its_package():
     """Each command's work lives in a package of its own (or a shared one it names)."""
     homes = {"run": "run", "status": "run", "show": "run", "export": "export",
              "eval": "evaluate", "train": "training", "pull": "models", "models": "models",
-             "view": "view", "db": "db", "tasks": "tasks", "questions": "questions"}  # fmt: skip
+             "view": "view", "db": "db", "tasks": "tasks", "questions": "questions",
+             "study": "study"}  # fmt: skip
     assert set(homes) == set(cli.commands)
     for command, package in homes.items():
         assert (PACKAGE / package / "__init__.py").exists(), package

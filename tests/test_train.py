@@ -509,7 +509,7 @@ def test_whole_loop_writes_a_gguf_lora_for_every_role_and_stage(loop, exported, 
     # SFT has none.
     dpo = m["adapters"]["verifier-dpo"]
     assert [s for s, _ in dpo["margins"]] == [1, 2, 3]
-    assert dpo["margins"][0][1] == pytest.approx(0.0, abs=1e-4)
+    assert dpo["margins"][0][1] == pytest.approx(0.0, abs=1e-3)
     assert len(dpo["reward_accuracies"]) == 3
     assert m["adapters"]["verifier-sft"]["margins"] == []
     assert m["base"]["kind"] == "gguf" and m["base"]["sha256"] == sha256_file(small_model)
