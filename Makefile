@@ -8,12 +8,17 @@ export MALT_TEST_MODEL ?= $(SMALL_MODEL)
 
 .PHONY: install install-train model llama-server demo test bench lint clean browser screenshots loop study
 
-install: $(VENV)/.installed
-
 # The first install compiles llama.cpp (llama-cpp-python has no wheel on PyPI): about ten
-# minutes on two cores. pip caches the built wheel, so later installs take seconds.
-$(VENV)/.installed: pyproject.toml
+# minutes on two cores. The wheel is built for this CPU and cached per CPU in
+# ~/.cache/malt/wheels/ (scripts/install_llama_cpp.py: pip's own cache keys it by version alone,
+# and another CPU's build crashes here), so later installs take seconds; every `make install`
+# checks that the venv's build is this CPU's.
+install: $(VENV)/.installed
+	@$(BIN)/python scripts/install_llama_cpp.py
+
+$(VENV)/.installed: pyproject.toml scripts/install_llama_cpp.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python scripts/install_llama_cpp.py
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 

@@ -7,10 +7,11 @@ runs: the same kernels, the same chat template code. Nothing is downloaded at te
 fetches the sdist (through its cache and index settings, like `make install`), cmake builds the
 one target (CPU, Release, no curl or TLS, no web UI, no tests or examples, statically linked so
 the binary stands alone), and the binary is moved atomically into
-`~/.cache/malt/llama-server/<version>/`, where `malt_local.bench.llama_server` finds it. The
-version is the installed llama-cpp-python's, so the server always runs the embedded engine's
-llama.cpp. A second call finds the binary and returns at once; the path is printed on stdout. Run
-it with the project's environment (`make llama-server`).
+`~/.cache/malt/llama-server/<version>-<cpu>/`, where `malt_local.bench.llama_server` finds it.
+The version is the installed llama-cpp-python's, so the server always runs the embedded engine's
+llama.cpp; `<cpu>` is `cpu_key()`, since the build is native and another CPU's binary may crash
+here (while `--version` still works). A second call finds the binary and returns at once; the
+path is printed on stdout. Run it with the project's environment (`make llama-server`).
 
     python scripts/build_llama_server.py
 """
@@ -27,7 +28,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from malt_local.bench.llama_server import cached_binary
+from malt_local.bench.llama_server import cached_binary, no_amx_flags
 
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
@@ -41,11 +42,18 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_BUILD_SERVER=ON",
+    # The embedded engine's build leaves out the AMX kernels, which crash (no_amx_flags()).
+    *(
+        [f"-DCMAKE_C_FLAGS={no_amx_flags()}", f"-DCMAKE_CXX_FLAGS={no_amx_flags()}"]
+        if no_amx_flags()
+        else []
+    ),
 ]
 
 
 def works(binary: Path) -> bool:
-    """A cached binary counts only if it runs (a cut copy or a foreign CPU would not)."""
+    """A cached binary counts only if it runs (a cut copy would not; a foreign CPU's build has
+    its own folder, as `--version` alone would not show that it crashes here)."""
     if not binary.is_file():
         return False
     done = subprocess.run([str(binary), "--version"], capture_output=True, timeout=60, check=False)

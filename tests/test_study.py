@@ -15,13 +15,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from malt_local.errors import MaltError
 from malt_local.study.config import StudyConfig, differences, read_toml, to_toml
-from malt_local.study.pipeline import STAGES, adapter_configs
+from malt_local.study.pipeline import STAGES, adapter_configs, resolve_config
 from tests.conftest import EXAMPLES, default_signals, malt
 
 TEST_SUMS = [
@@ -95,8 +96,39 @@ def test_differences_name_each_contradicting_setting():
     a = StudyConfig(train="t", test="u", model="m", training={"lr": 1e-4})
     b = StudyConfig(train="t", test="u", model="other-alias", n=2, training={"lr": 2e-4})
     # The model is compared by sha256 elsewhere: an alias and its file are one model.
-    assert differences(a, b) == ["n 3 (now 2)", "[train] lr 0.0001 (now 0.0002)"]
-    assert differences(a, a) == []
+    both = ["n 3 (now 2)", "[train] lr 0.0001 (now 0.0002)"]
+    assert differences(a, b) == (both, [])  # every stage counts as begun
+    assert differences(a, a) == ([], [])
+    # Each setting belongs to the stage that first reads it: the trees read n, training lr.
+    assert differences(a, b, {"trees"}) == (["n 3 (now 2)"], ["[train] lr 0.0001 (now 0.0002)"])
+    assert differences(a, b, {"trees", "export", "train"}) == (both, [])
+    assert differences(a, b, set()) == ([], both)
+
+
+def test_a_setting_of_a_stage_still_to_come_may_change_and_is_recorded(tmp_path):
+    """The DPO learning rate is chosen by a sweep on the finished trees' export: the study takes
+    it before training begins, writes it into study.toml and lists the change; never after."""
+    out = tmp_path / "study"
+    out.mkdir()
+    config = StudyConfig(train=str(tmp_path / "t.jsonl"), test=str(tmp_path / "u.jsonl"),
+                         model="m", n=2)  # fmt: skip
+    (out / "study.toml").write_text(to_toml(config), encoding="utf-8")
+    (out / "trees.db").write_bytes(b"")  # the trees have begun
+    with pytest.raises(MaltError, match=r"begun with n 2 \(now 3\): use another --out"):
+        resolve_config(out, replace(config, n=3))
+    wanted = replace(config, votes=5, training={"dpo_lr": 1e-4})
+    assert resolve_config(out, wanted) == wanted
+    assert read_toml(out / "study.toml") == wanted
+    state = json.loads((out / "state.json").read_text())
+    assert [c["settings"] for c in state["changes"]] == [
+        ["votes 3 (now 5)", "[train] dpo_lr 5e-06 (now 0.0001)"]
+    ]
+    assert resolve_config(out, wanted) == wanted  # the same again: no change to record
+    assert len(json.loads((out / "state.json").read_text())["changes"]) == 1
+    (out / "adapters.partial").mkdir()  # training has begun: its settings are the study's
+    with pytest.raises(MaltError, match=r"begun with \[train\] dpo_lr 0.0001 \(now 5e-05\)"):
+        resolve_config(out, replace(wanted, training={"dpo_lr": 5e-5}))
+    assert resolve_config(out, replace(wanted, votes=7)).votes == 7  # the evaluation has not
 
 
 def test_adapter_configs_are_the_protocol_and_its_ablations():
@@ -140,6 +172,7 @@ def test_a_study_is_not_continued_under_other_settings(tmp_path, small_model):
     out.mkdir()
     config = StudyConfig(train=str(train), test=str(test), model=str(small_model), n=2)
     (out / "study.toml").write_text(to_toml(config), encoding="utf-8")
+    (out / "trees.db").write_bytes(b"")  # the trees, which read n, have begun
     r = malt("study", "--out", str(out), "--n", "3")
     assert r.returncode == 2
     assert r.stderr.strip() == (
@@ -147,6 +180,42 @@ def test_a_study_is_not_continued_under_other_settings(tmp_path, small_model):
     )
     r = malt("study", "--out", str(tmp_path / "none"))
     assert r.returncode == 2 and "no study in" in r.stderr
+
+
+def test_an_interrupted_stage_keeps_its_time_and_the_pieces_add_up(
+    tmp_path, small_model, monkeypatch
+):
+    """A study spread over several sittings reports each stage's whole time: the piece that
+    Ctrl-C or SIGTERM cut is added when it is cut, not lost."""
+    from malt_local.study import pipeline
+
+    train = write_sums(tmp_path / "train.jsonl", [("What is 2 + 2?", 4)])
+    test = write_sums(tmp_path / "test.jsonl", [("What is 9 + 0?", 9)])
+    out = tmp_path / "study"
+    config = StudyConfig(train=str(train), test=str(test), model=str(small_model))
+
+    def cut(*args):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    def trees(*args):
+        time.sleep(0.1)
+        return {"nodes": 14}
+
+    monkeypatch.setattr(pipeline, "_trees", cut)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_study(out, config)
+    piece = json.loads((out / "state.json").read_text())["stages"]["trees"]
+    assert piece["interrupted"] == 1 and piece["seconds"] >= 0.2 and not piece.get("finished")
+    monkeypatch.setattr(pipeline, "_trees", trees)
+    monkeypatch.setattr(pipeline, "_export", cut)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_study(out, config)
+    stages = json.loads((out / "state.json").read_text())["stages"]
+    assert stages["trees"]["finished"] and stages["trees"]["detail"] == {"nodes": 14}
+    assert stages["trees"]["seconds"] >= piece["seconds"] + 0.099  # both pieces (3 decimals)
+    assert stages["trees"]["interrupted"] == 1
+    assert stages["export"]["interrupted"] == 1 and not stages["export"].get("finished")
 
 
 # --------------------------------------------------------------------------- the split
@@ -254,6 +323,7 @@ def test_study_end_to_end_killed_in_every_stage_continues_without_redoing(tmp_pa
     results = json.loads(r.stdout)
     state = json.loads((out / "state.json").read_text())
     assert all(state["stages"][s]["finished"] for s in STAGES)
+    assert state["stages"]["trees"]["started_at"] < state["stages"]["trees"]["finished_at"]
     # Nothing that finished was made again.
     assert marks["nodes"] == 4 * (2 + 4 + 8)
     assert _count(out / "trees.db", "SELECT count(*) FROM nodes") == marks["nodes"]

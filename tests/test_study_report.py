@@ -133,6 +133,9 @@ def full_results() -> dict:
             "command": "malt study --model smol --train train.jsonl --test test.jsonl",
             "created_at": "2026-12-04T20:00:00Z",
             "finished_at": "2026-12-04T22:30:00Z",
+            "changes": [
+                {"at": "2026-12-04T21:00:00Z", "settings": ["[train] dpo_lr 5e-06 (now 0.0001)"]}
+            ],
         },
         "config": {
             "n": 4,
@@ -325,6 +328,8 @@ def test_full_report_has_the_headline_and_every_section() -> None:
     assert "ab" * 32 in text and "ef" * 32 in text
     assert "| trl | not installed |" in text and "| llama-cpp-python | 0.3.36 |" in text
     assert "```sh\nmalt study --model smol" in text
+    # A setting changed before its stage began is said, with when.
+    assert "Changed at 2026-12-04T21:00:00Z, before its stage began: \\[train\\] dpo\\_lr" in text
     assert "52.0 [" in text  # MALT's MA+MV with its Wilson interval
     assert "1h 00m 02s" in text  # the trees stage
     assert "no\\_pair: 40" in text

@@ -5,14 +5,22 @@ that runs on a CPU and behaves like vLLM where it matters (parallel slots, conti
 `n` with seed + i, a prefix cache, 503 while loading). `make llama-server`
 (`scripts/build_llama_server.py`) builds it once from the llama-cpp-python source distribution of
 the installed version, so the server and the embedded engine run the same llama.cpp; the binary
-is cached under `~/.cache/malt/llama-server/<version>/`. Nothing here downloads or builds: a
-missing binary is an error that names the command that makes it.
+is cached under `~/.cache/malt/llama-server/<version>-<cpu>/`. Nothing here downloads or builds:
+a missing binary is an error that names the command that makes it.
+
+llama.cpp builds for the CPU it is built on (`-march=native`), so a binary or wheel made on one
+machine may crash on another (a general protection fault in libggml-cpu on the first matrix
+product, not an error at start-up): every build malt caches is keyed by `cpu_key()`, and a home
+folder moved to another CPU builds again instead of crashing. Both builds also leave out
+llama.cpp's AMX kernels (`no_amx_flags()`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import socket
 import subprocess
 import tempfile
@@ -29,9 +37,43 @@ BINARY_ENV = "MALT_LLAMA_SERVER"
 CACHE_ROOT = Path.home() / ".cache" / "malt" / "llama-server"
 
 
+def cpu_key(cpuinfo: str | None = None) -> str:
+    """12 hex digits naming what a native build depends on: the machine and its CPU's flags.
+
+    Two CPUs with the same instruction sets share builds whatever their names; a CPU with one
+    flag more or less gets its own (the build would use, or lack, its instructions)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    flags = next(
+        (
+            line.split(":", 1)[1]
+            for line in cpuinfo.splitlines()
+            if line.split(":")[0].strip() in ("flags", "Features")
+        ),
+        platform.processor(),
+    )
+    seen = f"{platform.machine()}:{' '.join(sorted(set(flags.split())))}"
+    return hashlib.sha256(seen.encode()).hexdigest()[:12]
+
+
+def no_amx_flags() -> str:
+    """Compiler flags that keep a native x86 build off AMX ("" elsewhere).
+
+    The vendored llama.cpp's AMX matrix product loads its tile configuration with only 32 of its
+    64 bytes zeroed (ggml_backend_amx_mul_mat: `vmovdqa ymm0` then `ldtilecfg`), so on a Xeon
+    with AMX the rest is stack garbage and the first matrix product dies of a general
+    protection fault. Explicit `-mno-*` flags win over `-march=native` whatever their order."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ""
+    return "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
 def cached_binary(release: str) -> Path:
-    """Where `make llama-server` puts the server built from llama-cpp-python `release`."""
-    return CACHE_ROOT / release / "llama-server"
+    """Where `make llama-server` puts the server built from llama-cpp-python `release` here."""
+    return CACHE_ROOT / f"{release}-{cpu_key()}" / "llama-server"
 
 
 def server_binary() -> Path:

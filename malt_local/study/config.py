@@ -30,6 +30,11 @@ TABLES: dict[str, tuple[str, ...]] = {
     "export": ("keep_length_stopped",),
     "eval": ("votes", "seeds", "samples", "ablations", "ablation_votes"),
 }
+# The stage that first reads each table: a setting may still change until that stage has begun
+# (a DPO learning rate chosen by a sweep on the finished trees' export, before training), never
+# after, so a study never mixes two settings of one stage.
+FIRST_READER = {"study": "trees", "run": "trees", "export": "export", "eval": "eval",
+                "train": "train"}  # fmt: skip
 # Names `--prompts` takes for the prompt sets malt ships, rather than a folder.
 SHIPPED_PROMPTS = ("default", "paper")  # prompts.SHIPPED_SETS, without importing jinja
 TRAIN_FIELDS = (
@@ -195,18 +200,25 @@ def merge(base: StudyConfig, given: dict) -> StudyConfig:
     return replace(base, **changes, training=training)
 
 
-def differences(stored: StudyConfig, wanted: StudyConfig) -> list[str]:
-    """The settings in which `wanted` contradicts the study that was begun, as flag texts.
+def differences(
+    stored: StudyConfig, wanted: StudyConfig, begun: set[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(refused, accepted): the settings in which `wanted` differs from the stored study, as flag
+    texts, split by whether the stage that reads them has begun (`begun`; None: all have).
     The model is compared by its sha256 (an alias and its file are the same model), not here."""
-    out = []
+    refused: list[str] = []
+    accepted: list[str] = []
     a, b = stored.record(), wanted.record()
+    reader = {name: FIRST_READER[table] for table, names in TABLES.items() for name in names}
     for key in a:
         if key == "model":
             continue
         if key == "training":
-            for k in a[key]:
-                if a[key][k] != b[key][k]:
-                    out.append(f"[train] {k} {a[key][k]!r} (now {b[key][k]!r})")
-        elif a[key] != b[key]:
-            out.append(f"{key} {a[key]!r} (now {b[key]!r})")
-    return out
+            texts = [f"[train] {k} {a[key][k]!r} (now {b[key][k]!r})" for k in a[key]
+                     if a[key][k] != b[key][k]]  # fmt: skip
+            stage = FIRST_READER["train"]
+        else:
+            texts = [f"{key} {a[key]!r} (now {b[key]!r})"] if a[key] != b[key] else []
+            stage = reader[key]
+        (refused if begun is None or stage in begun else accepted).extend(texts)
+    return refused, accepted

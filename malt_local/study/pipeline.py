@@ -16,7 +16,10 @@ of any stage: the study only chooses their inputs and folders, all inside OUT:
 Every stage resumes on its own (the trees and the evaluation node by node, training from its
 checkpoints, export and the report are written whole or not at all), and a stage recorded as
 finished in state.json is not run again: the same command after Ctrl-C or kill -9 goes on from
-the stage it was in.
+the stage it was in. A stage's seconds add up over its pieces: an interrupted piece is counted
+when it is interrupted (kill -9 loses only the piece it cut). A setting of a stage that has not
+begun may still change (a learning rate chosen on the finished export); the change is written
+into study.toml and listed in state.json's "changes".
 """
 
 from __future__ import annotations
@@ -92,8 +95,22 @@ def save_state(paths: Paths, state: dict) -> None:
     write_text_atomic(paths.state, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
+def begun_stages(paths: Paths, state: dict) -> set[str]:
+    """The stages that have run at all: recorded in state.json, or with output on disk."""
+    begun = set(state.get("stages", {}))
+    outputs = {
+        "trees": [paths.trees],
+        "export": [paths.export],
+        "train": [paths.adapters, paths.out / "adapters.partial"],
+        "eval": [paths.eval],
+    }
+    begun |= {stage for stage, found in outputs.items() if any(p.exists() for p in found)}
+    return begun
+
+
 def resolve_config(out: Path, given: StudyConfig | None) -> StudyConfig:
-    """The study in OUT, or `given` for a new one; `given` contradicting OUT's is refused."""
+    """The study in OUT, or `given` for a new one. `given` contradicting a setting of a stage
+    that has begun is refused; a setting of a stage still to come is taken and recorded."""
     paths = Paths(out)
     stored = read_toml(paths.config) if paths.config.is_file() else None
     if stored is None:
@@ -102,13 +119,20 @@ def resolve_config(out: Path, given: StudyConfig | None) -> StudyConfig:
         given.validate()
         return given
     if given is not None:
-        diff = differences(stored, given)
-        if diff:
+        state = load_state(paths)
+        refused, accepted = differences(stored, given, begun_stages(paths, state))
+        if refused:
             raise MaltError(
-                f"the study in {out} was begun with {diff[0]}"
-                + (f" and {len(diff) - 1} more" if len(diff) > 1 else "")
+                f"the study in {out} was begun with {refused[0]}"
+                + (f" and {len(refused) - 1} more" if len(refused) > 1 else "")
                 + ": use another --out for another study"
             )
+        if accepted:
+            given.validate()
+            state.setdefault("changes", []).append({"at": _now(), "settings": accepted})
+            write_text_atomic(paths.config, to_toml(given))
+            save_state(paths, state)
+            return given
     stored.validate()
     return stored
 
@@ -235,9 +259,18 @@ def run_study(
             emit("skip", {"name": name, "index": index, "total": len(STAGES)})
             continue
         emit("stage", {"name": name, "index": index, "total": len(STAGES)})
-        started = time.monotonic()
-        detail = runners[name]()
         entry = state["stages"].setdefault(name, {})
+        entry.setdefault("started_at", _now())
+        save_state(paths, state)
+        started = time.monotonic()
+        try:
+            detail = runners[name]()
+        except BaseException:
+            # Ctrl-C, SIGTERM or an error: the piece's time is kept, the stage stays unfinished.
+            entry["seconds"] = round(entry.get("seconds", 0.0) + time.monotonic() - started, 3)
+            entry["interrupted"] = entry.get("interrupted", 0) + 1
+            save_state(paths, state)
+            raise
         entry.update(
             finished=True,
             seconds=round(entry.get("seconds", 0.0) + time.monotonic() - started, 3),

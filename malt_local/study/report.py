@@ -13,7 +13,8 @@ The results dict:
 key               contents
 ================  =========================================================================
 study             name, out, command (the one that reproduces it), created_at, finished_at
-                  (str or None while the study runs)
+                  (str or None while the study runs), changes ([{at, settings: [str]}]:
+                  settings of a stage not yet begun that changed after the study began)
 config            flat settings: n, max_tokens, temperature, seed, votes, seeds, prompts,
                   task, the training settings …
 environment       malt, python, llama_cpp_python, torch, transformers, peft, trl (str or
@@ -217,6 +218,9 @@ def _setup(results: dict) -> list[str]:
     out += [f"Study {_cell(study.get('name'))} in {_cell(study.get('out'))}, {', '.join(when)}."]
     if study.get("command"):
         out += ["", "Reproduce it with:", "", _fence(str(study["command"]))]
+    for change in study.get("changes") or []:
+        settings = "; ".join(_cell(s) for s in change.get("settings") or [])
+        out += ["", f"Changed at {_cell(change.get('at'))}, before its stage began: {settings}."]
     return out + [""]
 
 

@@ -137,6 +137,8 @@ def build_results(config: StudyConfig, paths: Paths, state: dict) -> dict:
             "command": state.get("command", ""),
             "created_at": state.get("created_at"),
             "finished_at": detail.get("eval", {}).get("finished_at"),
+            # Settings of stages still to come that changed after the study began.
+            "changes": state.get("changes", []),
         },
         "config": config.record(),
         "environment": state.get("environment", {}),
